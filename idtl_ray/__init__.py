@@ -1,0 +1,16 @@
+"""idtl-ray: instance-based deep transfer learning on Ray.
+
+Score every target training sample with influence functions, drop the ones whose removal lowers
+the validation loss, fine-tune on the rest. Stages, one module each:
+data → models → influence → scoring (Ray Data) → mask (Parquet) → finetune (Ray Train) → sweep (Ray Tune).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import IdtlError
+from .influence import InfluenceConfig, score_samples
+from .selection import keep_mask
+
+__all__ = ["IdtlError", "InfluenceConfig", "__version__", "keep_mask", "score_samples"]
