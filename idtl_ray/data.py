@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from idtl_ray.errors import DataError
+from .errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DEFAULT_FOLDER_IMAGE_SIZE = 64
@@ -424,7 +424,9 @@ def load_npz(path: str | Path) -> TargetData:
         with np.load(p, allow_pickle=False) as z:
             files = {k: z[k] for k in z.files}
     except Exception as e:
-        raise DataError(f"npz:{p}: not a readable .npz file ({type(e).__name__}: {e}); re-create it with np.savez") from e
+        raise DataError(
+            f"npz:{p}: not a readable .npz file ({type(e).__name__}: {e}); re-create it with np.savez"
+        ) from e
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in files]
     if missing:
         raise DataError(f"npz:{p}: missing key(s) {missing}; the file needs x_train, y_train, x_test, y_test")
