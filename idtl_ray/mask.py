@@ -1,0 +1,192 @@
+"""The Parquet mask: one row per training sample, and the provenance that makes it safe to apply.
+
+Columns (design.md §3): ``sample_id`` int64 (index in the dataset's original training split),
+``label`` int64, ``delta_val_loss`` float64 (predicted change of the summed validation loss when the
+sample is removed; negative = removing it helps), ``keep`` bool.
+
+The file's key-value metadata (key ``idtl_ray``) holds a JSON object with the dataset and split
+fingerprints, model and weights, solver settings and convergence, the validation reference, the sign
+convention and the package version. :func:`check_mask` refuses a mask made for another dataset or split.
+Files are written to a temporary name and renamed, so a crash never leaves a partial mask.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import MaskError
+
+META_KEY = b"idtl_ray"
+SIGN_CONVENTION = (
+    "delta_val_loss = (1/n) * g_val^T (H + damping*I)^-1 grad L(z_i): the predicted change of the summed "
+    "validation loss when sample i is removed and the model re-fit. Negative = removing it lowers "
+    "validation loss; the paper's rule drops samples with delta_val_loss < 0."
+)
+
+SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.int64()),
+        ("label", pa.int64()),
+        ("delta_val_loss", pa.float64()),
+        ("keep", pa.bool_()),
+    ]
+)
+
+
+@dataclass
+class Mask:
+    """A mask read back from disk."""
+
+    sample_id: np.ndarray
+    label: np.ndarray
+    delta_val_loss: np.ndarray
+    keep: np.ndarray
+    meta: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.sample_id)
+
+    @property
+    def kept_ids(self) -> np.ndarray:
+        """Sample ids the mask keeps, sorted."""
+        return np.sort(self.sample_id[self.keep])
+
+    def per_class(self) -> list[tuple[int, int, int]]:
+        """(label, kept, dropped) for every label present."""
+        out = []
+        for c in np.unique(self.label):
+            sel = self.label == c
+            out.append((int(c), int((self.keep & sel).sum()), int((~self.keep & sel).sum())))
+        return out
+
+
+def ensure_writable(path: str | Path) -> Path:
+    """Create the parent directory and check we can write there, before any expensive work."""
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p.parent, prefix=".idtl-write-check-"):
+            pass
+    except OSError as e:
+        raise MaskError(f"cannot write to {p.parent} ({e.strerror or e}): pass --out to a writable directory") from e
+    return p
+
+
+def atomic_write_table(table: pa.Table, path: str | Path) -> None:
+    """Write a Parquet file under a temporary name in the same directory, then rename it into place."""
+    p = ensure_writable(path)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(obj: Any, path: str | Path) -> None:
+    """JSON counterpart of :func:`atomic_write_table`."""
+    p = ensure_writable(path)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, default=_json_default)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def mask_table(sample_id: np.ndarray, label: np.ndarray, delta_val_loss: np.ndarray, keep: np.ndarray,
+               meta: dict[str, Any]) -> pa.Table:
+    """Build the mask table (sorted by sample_id) with its metadata; validates the columns."""
+    sample_id = np.asarray(sample_id, dtype=np.int64)
+    n = len(sample_id)
+    cols = {"label": label, "delta_val_loss": delta_val_loss, "keep": keep}
+    for name, col in cols.items():
+        if len(col) != n:
+            raise MaskError(f"mask column {name} has {len(col)} rows, sample_id has {n}: internal error, please report")
+    if len(np.unique(sample_id)) != n:
+        raise MaskError("mask has duplicate sample ids: internal error, please report")
+    scores = np.asarray(delta_val_loss, dtype=np.float64)
+    if not np.isfinite(scores).all():
+        raise MaskError("refusing to write a mask with non-finite scores: the solver diverged; raise --damping")
+    order = np.argsort(sample_id, kind="stable")
+    table = pa.table(
+        {
+            "sample_id": sample_id[order],
+            "label": np.asarray(label, dtype=np.int64)[order],
+            "delta_val_loss": scores[order],
+            "keep": np.asarray(keep, dtype=bool)[order],
+        },
+        schema=SCHEMA,
+    )
+    full = {"sign_convention": SIGN_CONVENTION, **meta}
+    return table.replace_schema_metadata({META_KEY: json.dumps(full, default=_json_default).encode()})
+
+
+def write_mask(path: str | Path, sample_id: np.ndarray, label: np.ndarray, delta_val_loss: np.ndarray,
+               keep: np.ndarray, meta: dict[str, Any]) -> Path:
+    """Write the mask atomically; returns its path."""
+    atomic_write_table(mask_table(sample_id, label, delta_val_loss, keep, meta), path)
+    return Path(path)
+
+
+def read_mask(path: str | Path) -> Mask:
+    """Read a mask written by :func:`write_mask`; raises MaskError if missing or not a mask."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "mask.parquet"
+    if not p.exists():
+        raise MaskError(f"mask {p} not found: run `idtl-ray score` first or pass the right --mask path")
+    try:
+        table = pq.read_table(p)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise MaskError(f"mask {p} is not a readable Parquet file ({e}); re-run `idtl-ray score`") from e
+    raw = (table.schema.metadata or {}).get(META_KEY)
+    missing = [c for c in SCHEMA.names if c not in table.column_names]
+    if raw is None or missing:
+        raise MaskError(f"{p} is not an idtl-ray mask (missing {missing or 'metadata'}); re-run `idtl-ray score`")
+    meta = json.loads(raw)
+    return Mask(
+        sample_id=table["sample_id"].to_numpy(),
+        label=table["label"].to_numpy(),
+        delta_val_loss=table["delta_val_loss"].to_numpy(),
+        keep=table["keep"].to_numpy(zero_copy_only=False),
+        meta=meta,
+    )
+
+
+def check_mask(mask: Mask, dataset_fingerprint: str, split_fingerprint: str, dataset_name: str = "") -> None:
+    """Refuse a mask made for another dataset or validation split."""
+    m = mask.meta
+    if m.get("dataset_fingerprint") != dataset_fingerprint:
+        raise MaskError(
+            f"the mask was made for dataset {m.get('dataset')!r} (fingerprint {m.get('dataset_fingerprint')}), "
+            f"not for {dataset_name or 'this dataset'} ({dataset_fingerprint}): score this dataset first"
+        )
+    if m.get("split_fingerprint") != split_fingerprint:
+        raise MaskError(
+            f"the mask was made for another train/validation split (fingerprint {m.get('split_fingerprint')}, "
+            f"this one {split_fingerprint}): use the split.json saved beside the mask, or re-score"
+        )

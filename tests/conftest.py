@@ -1,0 +1,28 @@
+"""Shared fixtures: one small local Ray session per test module that needs one (ray-2.60-notes §6)."""
+
+from __future__ import annotations
+
+import os
+
+# Before `import ray` anywhere: quiet, no usage stats, no token auth for throwaway local clusters.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A 2-CPU local Ray for the module, shut down afterwards."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, object_store_memory=400 * 1024**2, log_to_driver=False, include_dashboard=True,
+             logging_level="ERROR")
+    yield ray
+    ray.shutdown()
