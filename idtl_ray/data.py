@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .errors import DataError
 
@@ -150,11 +151,29 @@ def _make(
 
 
 def _check_image_size(name: str, image_size: int | None, native: int) -> None:
-    if image_size is not None and image_size != native:
-        raise DataError(
-            f"{name}: images are {native}x{native} and cannot be resized here; "
-            f"drop --image-size (it applies to folder: and cats-vs-dogs datasets only)"
-        )
+    """Fixed-size loaders read at their native size; :func:`load_dataset` resizes afterwards."""
+
+
+def resize_images(x: np.ndarray, size: int) -> np.ndarray:
+    """Resize uint8 (N, H, W, C) images to (N, size, size, C) with antialiased bilinear interpolation."""
+    if x.shape[1] == size and x.shape[2] == size:
+        return x
+    out = []
+    for i in range(0, len(x), 4096):  # chunks bound the float copy's memory
+        t = torch.from_numpy(np.ascontiguousarray(x[i:i + 4096])).permute(0, 3, 1, 2).float()
+        r = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(r.round().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out) if out else x
+
+
+def resize_dataset(data: TargetData, size: int) -> TargetData:
+    """The same dataset at ``size`` x ``size`` pixels (statistics recomputed; fingerprint changes)."""
+    if size < 4:
+        raise DataError(f"--image-size {size} is too small; use at least 4 pixels")
+    arrays = {k: None if a is None else ImageArrays(resize_images(a.x, size), a.y)
+              for k, a in (("train", data.train), ("test", data.test), ("val", data.val))}
+    name = data.name if data.name.endswith(f"@{size}") else f"{data.name}@{size}"
+    return _make(name, arrays["train"], arrays["test"], data.classes, arrays["val"])
 
 
 def _seeded_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -585,7 +604,10 @@ def load_dataset(
             f"(x_train,y_train,x_test,y_test[,x_val,y_val]) or folder:PATH (train/<class>/*, test/<class>/*)"
         )
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-    return info.loader(root, download, image_size)
+    data = info.loader(root, download, image_size)
+    if image_size is not None and data.image_shape[0] != image_size:
+        data = resize_dataset(data, image_size)
+    return data
 
 
 # --------------------------------------------------------------------------------------------------

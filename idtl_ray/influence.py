@@ -53,9 +53,9 @@ class InfluenceConfig:
     solver: Solver = field(default="cg", metadata={"help": "Inverse-curvature solver: cg, lissa or exact (dense, small models)."})
     curvature: CurvatureKind = field(default="ggn", metadata={"help": "ggn (Gauss-Newton, PSD; default for nets) or exact (true Hessian)."})
     damping: float = field(default=0.01, metadata={"help": "λ in (H + λI)^-1: makes the system well posed; larger = smoother, more biased."})
-    curvature_samples: int | None = field(default=1000, metadata={"help": "Seeded subsample of training samples for the curvature; None = all."})
-    max_iter: int = field(default=100, metadata={"help": "Iterations of cg, or of lissa (recursion depth)."})
-    tol: float = field(default=1e-3, metadata={"help": "Stop when the relative residual |(H+λI)s - g| / |g| is below this."})
+    curvature_samples: int | None = field(default=512, metadata={"help": "Seeded subsample of training samples for the curvature; None = all."})
+    max_iter: int = field(default=30, metadata={"help": "Iterations of cg, or of lissa (recursion depth)."})
+    tol: float = field(default=1e-2, metadata={"help": "Stop when the relative residual |(H+λI)s - g| / |g| is below this."})
     lissa_scale: float = field(default=10.0, metadata={"help": "LiSSA scale; must exceed the largest curvature eigenvalue + λ."})
     batch_size: int = field(default=256, metadata={"help": "Samples per forward pass (memory vs speed)."})
     seed: int = field(default=0, metadata={"help": "Seed of the curvature subsample and LiSSA batch order."})
@@ -236,13 +236,18 @@ class CurvatureOperator:
         return space.flatten(out)
 
     def matvec(self, v: torch.Tensor, batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
-        """(H + λI) v with H averaged over ``batches`` (default: all of this operator's batches)."""
+        """(H + λI) v with H averaged over ``batches`` (default: all of this operator's batches).
+
+        Products run in the model's dtype; the sum over batches and the result are in ``v``'s dtype
+        (the solvers pass float64, so their recurrences do not lose precision in fp32).
+        """
         batches = self.batches if batches is None else batches
         n = sum(len(y) for _, y in batches)
         acc = torch.zeros_like(v)
+        vm = v.to(self.engine.space.dtype)
         with eval_mode(self.engine.model):
             for x, y in batches:
-                acc = acc + self.batch_product(v, x, y)
+                acc = acc + self.batch_product(vm, x, y).to(v.dtype)
         self.matvecs += 1
         return acc / n + self.damping * v
 
@@ -369,11 +374,21 @@ def solve(op: CurvatureOperator, g: torch.Tensor, config: InfluenceConfig) -> tu
             "the validation gradient is exactly zero (every validation sample is fit perfectly or the loss does not "
             "depend on the chosen parameters): choose other parameters or another validation set"
         )
+    g64 = g.double()
     if config.solver == "cg":
-        return solve_cg(op, g, config.max_iter, config.tol)
-    if config.solver == "lissa":
-        return solve_lissa(op, g, config.max_iter, config.tol, config.lissa_scale, config.seed)
-    return solve_exact(op, g)
+        s, info = solve_cg(op, g64, config.max_iter, config.tol)
+    elif config.solver == "lissa":
+        s, info = solve_lissa(op, g64, config.max_iter, config.tol, config.lissa_scale, config.seed)
+    else:
+        s, info = solve_exact(op, g64)
+    return s.to(g.dtype), info
+
+
+def curvature_subsample(n: int, samples: int | None, seed: int) -> np.ndarray:
+    """Sorted positions of the seeded curvature subsample (shared by the in-process and Ray paths)."""
+    if samples is None or samples >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=samples, replace=False))
 
 
 # ── the engine ───────────────────────────────────────────────────────────────────────────────────
@@ -413,13 +428,14 @@ class InfluenceEngine:
     ) -> tuple[torch.Tensor, int]:
         """Σ_j ∇θ L(v_j) over the validation set (only samples of ``classes`` when given).
 
-        Returns the flat gradient and the number of samples it sums over. A sum, so partial sums from
-        several workers add up to the same vector.
+        Returns the flat float64 gradient and the number of samples it sums over. A sum, so partial sums
+        from several workers add up to the same vector.
         """
         if len(val) == 0:
             raise InputError("the validation set is empty: pass a validation set with at least one sample")
         wanted = None if classes is None else torch.as_tensor(list(classes), dtype=torch.long, device=self.device)
-        total = torch.zeros(self.space.dim, dtype=self.space.dtype, device=self.device)
+        # float64 accumulator: the sum must not depend on how the set is split into batches or workers.
+        total = torch.zeros(self.space.dim, dtype=torch.float64, device=self.device)
         count = 0
         with eval_mode(self.model):
             for xb, yb in _as_batches(val, batch_size):
@@ -430,7 +446,7 @@ class InfluenceEngine:
                     if len(y) == 0:
                         continue
                 g, n = self.gradient_sum(x, y)
-                total += g
+                total += g.double()
                 count += n
         if count == 0:
             raise InputError(
@@ -454,7 +470,7 @@ class InfluenceEngine:
         train: Dataset,
         kind: CurvatureKind = "ggn",
         damping: float = 0.01,
-        samples: int | None = 1000,
+        samples: int | None = 512,
         seed: int = 0,
         batch_size: int = 256,
     ) -> CurvatureOperator:
@@ -463,8 +479,7 @@ class InfluenceEngine:
             raise InputError("the training set is empty: give at least one training sample")
         data: Dataset = train
         if samples is not None and samples < len(train):
-            idx = np.sort(np.random.default_rng(seed).choice(len(train), size=samples, replace=False))
-            data = Subset(train, idx.tolist())
+            data = Subset(train, curvature_subsample(len(train), samples, seed).tolist())
         batches = []
         for xb, yb in _as_batches(data, batch_size):
             batches.append(self._prepare(xb, yb))
@@ -573,9 +588,9 @@ def score_samples(
     classes: Sequence[int] | None = None,
     params: ParamSpec = None,
     curvature: CurvatureKind = "ggn",
-    curvature_samples: int | None = 1000,
-    max_iter: int = 100,
-    tol: float = 1e-3,
+    curvature_samples: int | None = 512,
+    max_iter: int = 30,
+    tol: float = 1e-2,
     lissa_scale: float = 10.0,
     seed: int = 0,
     method: Literal["jvp", "grad"] = "jvp",

@@ -93,9 +93,15 @@ def test_unknown_name_lists_valid_names() -> None:
     assert "npz:PATH" in str(e.value) and "folder:PATH" in str(e.value)
 
 
-def test_fixed_size_dataset_refuses_image_size() -> None:
-    with pytest.raises(DataError, match="image-size"):
-        load_dataset("digits", image_size=16)
+def test_image_size_resizes_fixed_size_datasets() -> None:
+    d = load_dataset("mnist-5k")
+    r = load_dataset("mnist-5k", image_size=8)
+    assert r.image_shape == (8, 8, 1) and len(r.train) == len(d.train) and r.name == "mnist-5k@8"
+    assert (r.train.y == d.train.y).all() and r.fingerprint() != d.fingerprint()
+    # area-like downsampling keeps the mean brightness of each image roughly
+    assert abs(float(r.train.x[:50].mean()) - float(d.train.x[:50].mean())) < 3.0
+    with pytest.raises(DataError, match="too small"):
+        load_dataset("digits", image_size=2)
 
 
 # --- npz ---------------------------------------------------------------------------------------

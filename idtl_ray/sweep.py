@@ -1,0 +1,138 @@
+"""Sweep the number of frozen layers with Ray Tune (paper Table 3), one Ray Train run per trial.
+
+Pattern (ray-2.60-notes §3): each Tune trial is a plain driver function that builds and fits a
+TorchTrainer (through :func:`idtl_ray.finetune.run_finetune`); ``TuneReportCallback`` forwards every
+epoch's report to Tune, and the Train run is named after the trial id so a restarted trial resumes
+its own run. Every trial writes a normal fine-tuning run directory ``<out>/frozen-<N>/``.
+
+Results: a table (frozen, test_error, val_acc, status, error) printed and saved as ``sweep.md`` and
+``sweep.csv``. A failed trial stays in the table with its error; it is never dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from . import models as M
+from .errors import InputError
+from .finetune import FinetuneConfig, run_finetune
+
+COLUMNS = ["frozen", "test_error", "val_acc", "status", "error"]
+
+
+def check_frozen(base: FinetuneConfig, frozen: list[int]) -> list[int]:
+    """Validate the frozen-layer counts against the model's layer count before any trial starts."""
+    if not frozen:
+        raise InputError("give at least one frozen-layer count, e.g. --frozen 20 30 40")
+    if base.freeze_conv:
+        raise InputError("--freeze-conv fixes the frozen layers; drop it to sweep --frozen")
+    if len(set(frozen)) != len(frozen):
+        raise InputError(f"frozen-layer counts repeat ({frozen}); give each count once")
+    n = M.LAYER_COUNTS[base.model]
+    bad = [f for f in frozen if not 0 <= f < n]
+    if bad:
+        raise InputError(f"{base.model} has {n} layers: cannot freeze {bad}; use counts in 0..{n - 1} "
+                         f"(freezing every layer leaves nothing to train)")  # fmt: skip
+    return [int(f) for f in frozen]
+
+
+def _trial(config: dict[str, Any], base: dict[str, Any], out: str) -> None:
+    """Tune trial (driver function): fine-tune with ``config["freeze"]`` frozen layers."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    n = int(config["freeze"])
+    cfg = FinetuneConfig(**{**base, "freeze": n, "out": str(Path(out) / f"frozen-{n}")})
+    trial_id = ray.tune.get_context().get_trial_id()
+    final = run_finetune(cfg, callbacks=[TuneReportCallback()], run_name=f"train-trial_id={trial_id}")
+    # also report the run's final numbers: a trial whose run had already finished trains nothing,
+    # so the callback would forward nothing and the table would lose it
+    ray.tune.report({k: final[k] for k in ("test_error", "val_acc", "train_loss", "epochs") if final[k] is not None})
+
+
+def results_table(results: Iterable[Any]) -> pd.DataFrame:
+    """One row per trial (objects with ``config``, ``metrics``, ``error``), sorted by ``frozen``."""
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        err = getattr(r, "error", None)
+        rows.append({
+            "frozen": int((r.config or {}).get("freeze", -1)),
+            "test_error": m.get("test_error"),
+            "val_acc": m.get("val_acc"),
+            "status": "error" if err is not None else "ok",
+            "error": "" if err is None else _one_line(err),
+        })  # fmt: skip
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    return df.sort_values("frozen").reset_index(drop=True)
+
+
+def _one_line(e: BaseException) -> str:
+    """The innermost cause's message, one line (Tune wraps the trial's exception)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[-1][:300] if lines else ''}"
+
+
+def to_markdown(df: pd.DataFrame, title: str) -> str:
+    """A Markdown table of the sweep (no ``tabulate`` dependency)."""
+
+    def fmt(v: Any) -> str:
+        if v is None or (isinstance(v, float) and v != v):
+            return "-"
+        return f"{v:.2f}" if isinstance(v, float) else str(v).replace("|", "/")
+
+    lines = [title, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |" for r in df.to_dict("records")]
+    return "\n".join(lines) + "\n"
+
+
+def run_sweep(base: FinetuneConfig, frozen: list[int], out: str | Path, max_concurrent: int = 1) -> pd.DataFrame:
+    """Fine-tune once per frozen-layer count with Ray Tune; print and save the results table.
+
+    ``base`` gives every other setting (its ``freeze`` and ``out`` are replaced per trial).
+    ``max_concurrent`` should be the number of trials the cluster fits at once (GPUs // GPUs per trial).
+    Writes ``sweep.md`` and ``sweep.csv`` in ``out``; returns the table.
+    """
+    import ray.tune
+
+    frozen = check_frozen(base, frozen)
+    if max_concurrent < 1:
+        raise InputError(f"max_concurrent must be >= 1, got {max_concurrent}")
+    root = Path(out).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    from .finetune import _ensure_ray
+
+    _ensure_ray(base.address)
+    base_dict = replace(base, freeze=None, out=None).to_dict()
+    # deterministic Tune experiment name: the same sweep in the same out reuses one experiment folder
+    name = "sweep-" + hashlib.sha256(json.dumps([base_dict, frozen], sort_keys=True).encode()).hexdigest()[:12]
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(_trial, base=base_dict, out=str(root)),
+        {"cpu": 0.5},  # the driver only waits on its TorchTrainer
+    )
+    tuner = ray.tune.Tuner(
+        trainable,
+        param_space={"freeze": ray.tune.grid_search(frozen)},
+        tune_config=ray.tune.TuneConfig(max_concurrent_trials=max_concurrent),
+        run_config=ray.tune.RunConfig(name=name, storage_path=str(root / "ray"), verbose=0),
+    )
+    results = tuner.fit()  # never raises for a failed trial: those are in results.errors / result.error
+    df = results_table(results)
+    title = f"Frozen-layer sweep: {base.model} on {base.dataset}, {base.strategy}, {base.epochs} epochs (test error %)"
+    md = to_markdown(df, title)
+    print(md, end="", flush=True)
+    for path, text in ((root / "sweep.md", md), (root / "sweep.csv", df.to_csv(index=False))):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    return df

@@ -1,0 +1,394 @@
+"""The `score` stage end to end: data → adapted model → Ray pipeline → Parquet mask (+ summary).
+
+Two entry points:
+  - :func:`run_score` for registry datasets and models (what `idtl-ray score` runs);
+  - :func:`score` for a user's own ``nn.Module`` and map-style datasets.
+
+Output directory (``ScoreConfig.out_dir``)::
+
+    mask.parquet   one row per training sample (see idtl_ray.mask)
+    split.json     the train/validation split every later stage reuses
+    model.pt       the adapted model that was scored (new head fitted when classes differ)
+    summary.json   settings, solver convergence, counts per class, time per stage
+    parts/         finished shards of an unfinished run (what --resume continues from)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from . import __version__
+from .config import ScoreConfig
+from .errors import IdtlError, InputError, WeightsError
+from .influence import InfluenceConfig, ParamSpec
+from .mask import Mask, ensure_writable, read_mask, write_json_atomic, write_mask
+from .scoring import ArraySet, PipelineResult, Preprocess, ScoreOutput, ensure_ray, run_fingerprint, run_pipeline
+from .selection import keep_mask
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Hash of the model's state (parameters and buffers): identifies exactly what was scored."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ── the new head (design.md §2: a linear probe puts the adapted model near a target optimum) ──────
+
+
+def fit_head(model: nn.Module, x: np.ndarray, y: np.ndarray, preprocess: Preprocess, steps: int = 30,
+             seed: int = 0, batch_size: int = 256, weight_decay: float = 1e-4) -> dict[str, float]:
+    """Fit the model's final Linear on the target data with everything else frozen (full-batch L-BFGS).
+
+    Features are computed once in eval mode (a forward hook on the head), so this costs one inference
+    pass plus a small convex problem. Returns the probe's training accuracy and loss.
+    """
+    from .models import head_module
+
+    head = head_module(model)
+    feats: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda _m, inp, _out: feats.append(inp[0].detach().flatten(1)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for i in range(0, len(y), batch_size):
+                model(preprocess(x[i:i + batch_size]))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    f = torch.cat(feats).clone()
+    t = torch.as_tensor(y, dtype=torch.long)
+    torch.manual_seed(seed)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(f), t) + weight_decay / 2 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        logits = head(f)
+        return {"probe_train_accuracy": float((logits.argmax(1) == t).float().mean()),
+                "probe_train_loss": float(torch.nn.functional.cross_entropy(logits, t))}
+
+
+# ── run_score: registry datasets ─────────────────────────────────────────────────────────────────
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def prepare_model(cfg: ScoreConfig, data: Any, train_x: np.ndarray, train_y: np.ndarray,
+                  preprocess: Preprocess) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the model, load the weights, and give it a head for the target classes."""
+    from .models import build_model, head_module, load_weights, replace_head
+
+    h, _, c = data.image_shape
+    torch.manual_seed(cfg.seed)  # layers not loaded from weights are Xavier-initialised: make that reproducible
+    try:
+        model = build_model(cfg.model, data.num_classes, in_channels=c, image_size=h)
+    except ValueError as e:
+        raise InputError(str(e)) from e
+    source_classes = data.num_classes
+    head_info: dict[str, Any] = {"mode": cfg.head}
+    weights_path = Path(cfg.weights).expanduser() if cfg.weights not in (None, "none", "imagenet") else None
+    if weights_path is not None:
+        # Build at the checkpoint's class count so its head loads when it fits.
+        source_classes = _checkpoint_classes(weights_path) or data.num_classes
+        if source_classes != data.num_classes:
+            model = build_model(cfg.model, source_classes, in_channels=c, image_size=h)
+    report = load_weights(model, cfg.model, cfg.weights)
+    if cfg.weights == "imagenet":
+        source_classes = 1000
+    head_out = head_module(model).out_features
+    fits = head_out == data.num_classes and not report["head_replaced"]
+    if cfg.head == "keep" and (not fits or source_classes != data.num_classes):
+        raise WeightsError(
+            f"the weights' head has {source_classes} classes but {data.name} has {data.num_classes}: "
+            "drop --head keep so that a new head is fitted on the target data"
+        )
+    new_head = cfg.head == "new" or not fits or source_classes != data.num_classes
+    if cfg.weights in (None, "none"):
+        new_head = cfg.head == "new"
+    if new_head:
+        if head_out != data.num_classes:
+            replace_head(model, data.num_classes)
+        _log(f"fitting a new {data.num_classes}-class head on {len(train_y)} target samples (backbone frozen)")
+        head_info.update(fit_head(model, train_x, train_y, preprocess, steps=cfg.head_steps, seed=cfg.seed))
+    head_info.update(new_head=bool(new_head), source_classes=int(source_classes))
+    return model, {"weights": report["source"], "loaded_tensors": len(report["loaded"]), "head": head_info}
+
+
+def _checkpoint_classes(path: Path) -> int | None:
+    from .models import _extract_state, _read_torch_file
+
+    _, header = _extract_state(_read_torch_file(path), path)
+    if header is not None and header.get("num_classes"):
+        return int(header["num_classes"])
+    return None
+
+
+def run_score(cfg: ScoreConfig, *, progress: bool = True, on_shard: Any = None) -> dict[str, Any]:
+    """Score a registry dataset with a registry model and write the mask; returns the summary dict."""
+    from .data import apply_split, load_dataset, make_split, Split
+    from .models import load_checkpoint, save_checkpoint
+
+    t_start = time.perf_counter()
+    out = Path(cfg.out_dir)
+    mask_path = ensure_writable(out / "mask.parquet")  # fail before any expensive work
+    if cfg.resume and mask_path.exists() and (out / "summary.json").exists() and not (out / "parts").exists():
+        import json
+
+        _log(f"{mask_path} is complete; nothing to resume")
+        return json.loads((out / "summary.json").read_text())
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    data = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size)
+    if cfg.target_classes:
+        bad = [c for c in cfg.target_classes if not 0 <= c < data.num_classes]
+        if bad:
+            raise InputError(f"--target-class {bad} is outside {data.name}'s classes 0..{data.num_classes - 1}")
+    split_path = out / "split.json"
+    split = None
+    if split_path.exists() and cfg.resume:
+        split = Split.load(split_path)
+    if split is None or split.dataset_fingerprint != data.fingerprint():
+        split = make_split(data, cfg.val_fraction, cfg.seed)
+    train, val, train_ids = apply_split(data, split)
+    preprocess = Preprocess(data.mean, data.std)
+    timings["load_data_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    model_path = out / "model.pt"
+    model = None
+    if cfg.resume and model_path.exists():
+        model, meta = load_checkpoint(model_path)
+        model_info = meta.get("model_info", {})
+        if meta.get("split_fingerprint") != split.fingerprint() or meta.get("weights_arg") != cfg.weights:
+            model = None
+    if model is None:
+        model, model_info = prepare_model(cfg, data, train.x, train.y, preprocess)
+    timings["prepare_model_s"] = time.perf_counter() - t
+    mfp = model_fingerprint(model)
+    fingerprint = run_fingerprint({
+        "dataset": data.fingerprint(), "split": split.fingerprint(), "model": mfp,
+        "influence": asdict(cfg.influence), "classes": cfg.target_classes, "params": cfg.params,
+        "shard_size": cfg.shard_size,
+    })
+    # Save the split and the scored model before the long part, so a resumed run reuses both.
+    split.save(split_path)
+    save_checkpoint(model_path, model, {"dataset": data.name, "dataset_fingerprint": data.fingerprint(),
+                                        "split_fingerprint": split.fingerprint(), "weights_arg": cfg.weights,
+                                        "model_info": model_info})
+
+    ensure_ray(cfg.address)
+    _log(f"scoring {len(train)} training samples of {data.name} against {len(val)} validation samples "
+         f"({cfg.influence.solver}, {cfg.influence.curvature}, damping {cfg.influence.damping})")
+    result = run_pipeline(
+        model, ArraySet(train.x, train.y, train_ids), ArraySet(val.x, val.y, np.arange(len(val))), cfg.influence,
+        preprocess=preprocess, classes=cfg.target_classes, params=cfg.params, actors=cfg.actors, work_dir=out,
+        resume=cfg.resume, shard_size=cfg.shard_size, fingerprint=fingerprint, progress=progress, on_shard=on_shard,
+    )
+    timings.update(result.timings)
+    keep = keep_mask(result.scores, cfg.drop_threshold, _budget(cfg.drop_budget))
+    timings["total_s"] = time.perf_counter() - t_start
+    meta = {
+        "dataset": data.name,
+        "dataset_fingerprint": data.fingerprint(),
+        "split_fingerprint": split.fingerprint(),
+        "split": {"file": "split.json", "val_source": split.val_source, "val_fraction": split.val_fraction,
+                  "seed": split.seed, "n_train": len(train), "n_val": len(val)},
+        "model": cfg.model,
+        "model_fingerprint": mfp,
+        **model_info,
+        "influence": asdict(cfg.influence),
+        "params": cfg.params,
+        "solve": result.solve.as_dict(),
+        "validation_reference": {"classes": cfg.target_classes or "all", "n_samples": result.n_val},
+        "drop_rule": {"threshold": cfg.drop_threshold, "budget": cfg.drop_budget},
+        "n_train": len(train),
+        "n_dropped": int((~keep).sum()),
+        "actors": result.actors,
+        "device": result.device,
+        "shards_reused": result.shards_reused,
+        "timings": timings,
+        "config": cfg.to_dict(),
+        "idtl_ray_version": __version__,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_mask(mask_path, train_ids, train.y, result.scores, keep, meta)
+    summary = {**meta, "mask": str(mask_path), "per_class": _per_class(train.y, keep, data.classes)}
+    write_json_atomic(summary, out / "summary.json")
+    shutil.rmtree(out / "parts", ignore_errors=True)  # the mask now holds everything
+    return summary
+
+
+def _budget(b: float | None) -> int | float | None:
+    if b is None:
+        return None
+    return int(b) if float(b) >= 1 and float(b).is_integer() else float(b)
+
+
+def _per_class(y: np.ndarray, keep: np.ndarray, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    rows = []
+    for c in np.unique(y):
+        sel = y == c
+        rows.append({"label": int(c), "name": (names[int(c)] if names and int(c) < len(names) else str(int(c))),
+                     "kept": int((keep & sel).sum()), "dropped": int((~keep & sel).sum())})
+    return rows
+
+
+# ── score(): a user's own module and datasets ────────────────────────────────────────────────────
+
+
+def _materialise(ds: Dataset, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for xb, yb in DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0):
+        xs.append(torch.as_tensor(xb).numpy())
+        ys.append(torch.as_tensor(yb).long().numpy())
+    if not xs:
+        return np.zeros((0,)), np.zeros((0,), np.int64)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def score(
+    model: nn.Module,
+    train: Dataset,
+    val: Dataset,
+    *,
+    config: InfluenceConfig | None = None,
+    classes: Sequence[int] | None = None,
+    params: ParamSpec = None,
+    actors: int | None = None,
+    out: str | Path | None = None,
+    drop_threshold: float = 0.0,
+    drop_budget: int | float | None = None,
+    address: str | None = None,
+    resume: bool = False,
+    shard_size: int = 1024,
+    progress: bool = False,
+) -> ScoreOutput:
+    """Score a user's own model and map-style datasets of ``(input, label)`` on Ray.
+
+    The inputs are gathered into arrays, shipped to Ray Data and scored exactly like
+    :func:`run_score`; the result matches :func:`idtl_ray.score_samples` run in-process. With ``out``,
+    a mask is written to ``out/mask.parquet`` (sample ids = positions in ``train``).
+    """
+    config = config or InfluenceConfig()
+    tx, ty = _materialise(train, config.batch_size)
+    vx, vy = _materialise(val, config.batch_size)
+    if len(ty) == 0:
+        raise InputError("the training set is empty: give at least one training sample")
+    if len(vy) == 0:
+        raise InputError("the validation set is empty: pass a validation set with at least one sample")
+    ids = np.arange(len(ty), dtype=np.int64)
+    data_fp = hashlib.sha256(tx.tobytes() + ty.tobytes()).hexdigest()[:16]
+    split_fp = hashlib.sha256(vx.tobytes() + vy.tobytes()).hexdigest()[:16]
+    mfp = model_fingerprint(model)
+    fp = run_fingerprint({"data": data_fp, "val": split_fp, "model": mfp, "influence": asdict(config),
+                          "classes": list(classes) if classes else None, "params": str(params), "shard": shard_size})
+    mask_path = ensure_writable(Path(out) / "mask.parquet") if out is not None else None
+    ensure_ray(address)
+    result: PipelineResult = run_pipeline(
+        model, ArraySet(tx, ty, ids), ArraySet(vx, vy, np.arange(len(vy))), config, classes=classes, params=params,
+        actors=actors, work_dir=out, resume=resume, shard_size=shard_size, fingerprint=fp, progress=progress,
+    )
+    keep = keep_mask(result.scores, drop_threshold, drop_budget)
+    if mask_path is not None:
+        meta = {"dataset": "user", "dataset_fingerprint": data_fp, "split_fingerprint": split_fp,
+                "model": type(model).__name__, "model_fingerprint": mfp, "influence": asdict(config),
+                "solve": result.solve.as_dict(), "validation_reference": {"classes": list(classes) if classes else "all",
+                                                                          "n_samples": result.n_val},
+                "drop_rule": {"threshold": drop_threshold, "budget": drop_budget}, "n_train": len(ty),
+                "n_dropped": int((~keep).sum()), "timings": result.timings, "idtl_ray_version": __version__}
+        write_mask(mask_path, ids, ty, result.scores, keep, meta)
+        shutil.rmtree(Path(out) / "parts", ignore_errors=True)
+    return ScoreOutput(result.scores, keep, result.solve, result.timings, mask_path)
+
+
+# ── summaries ────────────────────────────────────────────────────────────────────────────────────
+
+
+def format_summary(meta: dict[str, Any], mask: Mask | None = None) -> str:
+    """The closing summary: kept/dropped per class, solver convergence, time per stage."""
+    lines = []
+    if mask is not None:
+        per = [{"label": c, "name": str(c), "kept": k, "dropped": d} for c, k, d in mask.per_class()]
+    else:
+        per = meta.get("per_class", [])
+    n = meta.get("n_train", sum(r["kept"] + r["dropped"] for r in per))
+    dropped = sum(r["dropped"] for r in per)
+    lines.append(f"dataset {meta.get('dataset')}  model {meta.get('model')}  weights {meta.get('weights', '-')}")
+    ref = meta.get("validation_reference", {})
+    lines.append(f"validation reference: classes {ref.get('classes')} ({ref.get('n_samples')} samples)")
+    s = meta.get("solve", {})
+    inf = meta.get("influence", {})
+    lines.append(f"solver {s.get('solver')} on {inf.get('curvature')} curvature, damping {inf.get('damping')}: "
+                 f"{s.get('iterations')} iterations, relative residual {s.get('relative_residual', float('nan')):.2e}"
+                 f" ({'converged' if s.get('converged') else 'NOT converged to tol ' + str(inf.get('tol'))})")
+    lines.append(f"kept {n - dropped} / dropped {dropped} of {n} training samples ({100 * dropped / max(n, 1):.1f}% dropped)")
+    lines.append(f"{'class':<16}{'kept':>8}{'dropped':>9}")
+    for r in per[:100]:
+        lines.append(f"{str(r['name'])[:15]:<16}{r['kept']:>8}{r['dropped']:>9}")
+    tm = meta.get("timings", {})
+    if tm:
+        lines.append("time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in tm.items()))
+    return "\n".join(lines)
+
+
+def inspect_mask(path: str | Path, png: str | Path | None = None) -> tuple[str, Path]:
+    """Summary text of a mask, and a PNG of the score distribution per class (written atomically)."""
+    import os
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mask = read_mask(path)
+    p = Path(path)
+    png = Path(png) if png is not None else (p if p.is_dir() else p.parent) / "scores.png"
+    labels = np.unique(mask.label)
+    fig, ax = plt.subplots(figsize=(max(6, min(0.35 * len(labels), 30)), 4))
+    data = [mask.delta_val_loss[mask.label == c] for c in labels]
+    ax.boxplot(data, showfliers=True, flierprops={"markersize": 2})
+    ax.set_xticks(range(1, len(labels) + 1), [str(int(c)) for c in labels], fontsize=7 if len(labels) > 20 else 9)
+    ax.axhline(mask.meta.get("drop_rule", {}).get("threshold", 0.0), color="r", lw=0.8, ls="--", label="drop below")
+    ax.set_xlabel("class")
+    ax.set_ylabel("delta_val_loss (predicted change of summed val loss if removed)")
+    ax.set_title(f"{mask.meta.get('dataset')}: {int((~mask.keep).sum())} of {len(mask)} dropped")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=png.parent, suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, png)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return format_summary(mask.meta, mask), png
+
+
+__all__ = ["IdtlError", "fit_head", "format_summary", "inspect_mask", "run_score", "score"]

@@ -1,0 +1,54 @@
+"""Frozen-layer sweep (issue 4): Ray Tune over Ray Train runs, results table with errors kept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from idtl_ray.errors import InputError
+from idtl_ray.finetune import FinetuneConfig
+from idtl_ray.sweep import check_frozen, results_table, run_sweep
+
+
+def test_invalid_frozen_counts_are_refused_before_any_trial() -> None:
+    base = FinetuneConfig(strategy="scratch")
+    with pytest.raises(InputError, match=r"sample-cnn has 6 layers: cannot freeze \[6, 9\]; use counts in 0..5"):
+        check_frozen(base, [1, 6, 9])
+    with pytest.raises(InputError, match="repeat"):
+        check_frozen(base, [1, 1])
+    assert check_frozen(base, [0, 5]) == [0, 5]
+
+
+def test_failed_trials_stay_in_the_table_with_their_error() -> None:
+    try:
+        try:
+            raise InputError("--freeze 3: boom")
+        except InputError as inner:
+            raise RuntimeError("Trial raised") from inner
+    except RuntimeError as outer:
+        err = outer
+    df = results_table([
+        SimpleNamespace(config={"freeze": 3}, metrics={}, error=err),
+        SimpleNamespace(config={"freeze": 1}, metrics={"test_error": 4.0, "val_acc": 95.0}, error=None),
+    ])  # fmt: skip
+    assert df["frozen"].tolist() == [1, 3] and df["status"].tolist() == ["ok", "error"]
+    assert df.loc[1, "error"] == "InputError: --freeze 3: boom"
+
+
+def test_two_trial_sweep_reports_both_trials(ray_session, tmp_path: Path) -> None:
+    base = FinetuneConfig(strategy="scratch", epochs=1, batch_size=64, cpus_per_worker=0.5)
+    df = run_sweep(base, [0, 4], tmp_path, max_concurrent=2)
+    assert df["frozen"].tolist() == [0, 4]
+    assert df["status"].tolist() == ["ok", "ok"], df.to_string()
+    assert df["test_error"].between(0, 100).all() and df["val_acc"].between(0, 100).all()
+    assert pd.read_csv(tmp_path / "sweep.csv")["frozen"].tolist() == [0, 4]
+    assert "| 4 |" in (tmp_path / "sweep.md").read_text()
+    # each trial is a complete fine-tuning run with that many frozen layers
+    import json
+
+    frozen4 = json.loads((tmp_path / "frozen-4" / "final.json").read_text())
+    frozen0 = json.loads((tmp_path / "frozen-0" / "final.json").read_text())
+    assert frozen4["trainable_params"] < frozen0["trainable_params"]
