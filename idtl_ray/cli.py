@@ -61,7 +61,7 @@ def score(
     head: str = typer.Option("auto", help=help_of(S, "head")),
     solver: str = typer.Option("cg", help=help_of(I, "solver")),
     hessian: str = typer.Option("ggn", "--hessian", "--curvature", help=help_of(I, "curvature")),
-    damping: float = typer.Option(0.01, help=help_of(I, "damping")),
+    damping: float = typer.Option(0.1, help=help_of(I, "damping")),
     curvature_samples: int = typer.Option(512, help=help_of(I, "curvature_samples") + " 0 = all."),
     max_iter: int = typer.Option(30, help=help_of(I, "max_iter")),
     tol: float = typer.Option(1e-2, help=help_of(I, "tol")),

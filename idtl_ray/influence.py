@@ -52,7 +52,7 @@ class InfluenceConfig:
 
     solver: Solver = field(default="cg", metadata={"help": "Inverse-curvature solver: cg, lissa or exact (dense, small models)."})
     curvature: CurvatureKind = field(default="ggn", metadata={"help": "ggn (Gauss-Newton, PSD; default for nets) or exact (true Hessian)."})
-    damping: float = field(default=0.01, metadata={"help": "λ in (H + λI)^-1: makes the system well posed; larger = smoother, more biased."})
+    damping: float = field(default=0.1, metadata={"help": "λ in (H + λI)^-1: makes the system well posed; larger = smoother, more biased."})
     curvature_samples: int | None = field(default=512, metadata={"help": "Seeded subsample of training samples for the curvature; None = all."})
     max_iter: int = field(default=30, metadata={"help": "Iterations of cg, or of lissa (recursion depth)."})
     tol: float = field(default=1e-2, metadata={"help": "Stop when the relative residual |(H+λI)s - g| / |g| is below this."})
@@ -469,7 +469,7 @@ class InfluenceEngine:
         self,
         train: Dataset,
         kind: CurvatureKind = "ggn",
-        damping: float = 0.01,
+        damping: float = 0.1,
         samples: int | None = 512,
         seed: int = 0,
         batch_size: int = 256,
@@ -582,7 +582,7 @@ def score_samples(
     val: Dataset,
     *,
     solver: Solver = "cg",
-    damping: float = 0.01,
+    damping: float = 0.1,
     batch_size: int = 256,
     device: str | torch.device | None = None,
     classes: Sequence[int] | None = None,

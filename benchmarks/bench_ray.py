@@ -1,0 +1,94 @@
+"""Scoring through Ray against the in-process engine, and 1 against 2 actors (issue 3, item 8).
+
+One run, one machine, one model, the same real images (CIFAR-10 from ../shared/data/cifar10_jpegbytes.npz;
+the benchmark stops with a message when the file is absent). Prints, for the in-process engine and for
+the Ray pipeline with 1 and 2 scoring actors, the time of each stage and the ratios that matter:
+
+  overhead   = Ray total / in-process total - 1
+  vs infer   = Ray scoring stage / one plain inference pass over the same training set
+
+The solve runs on the driver in both paths (no GPU here), with the same settings.
+
+    python benchmarks/bench_ray.py [--n-train 45000] [--n-val 5000] [--model sample-cnn]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import TensorDataset  # noqa: E402
+
+from common import CIFAR_NPZ, load_cifar_jpeg  # noqa: E402
+
+from idtl_ray.data import channel_stats, to_tensor  # noqa: E402
+from idtl_ray.influence import InfluenceConfig, compute_influence  # noqa: E402
+from idtl_ray.models import build_model  # noqa: E402
+from idtl_ray.scoring import ArraySet, Preprocess, run_pipeline  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-train", type=int, default=45000)
+    ap.add_argument("--n-val", type=int, default=5000)
+    ap.add_argument("--model", default="sample-cnn")
+    ap.add_argument("--batch-size", type=int, default=256)
+    args = ap.parse_args()
+    got = load_cifar_jpeg(args.n_train + args.n_val)
+    if got is None:
+        print(f"skipped: {CIFAR_NPZ} not found (this benchmark needs real CIFAR-10 images)")
+        return
+    x, y = got
+    mean, std = channel_stats(x)
+    pre = Preprocess(mean, std)
+    n = args.n_train
+    train, val = ArraySet(x[:n], y[:n], np.arange(n)), ArraySet(x[n:], y[n:], np.arange(len(y) - n))
+    torch.manual_seed(0)
+    model = build_model(args.model, 10, in_channels=3, image_size=32).eval()
+    cfg = InfluenceConfig(curvature_samples=512, max_iter=10, tol=1e-6, batch_size=args.batch_size)
+
+    xt = to_tensor(train.x, mean, std)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, n, args.batch_size):
+            model(xt[i:i + args.batch_size])
+    t_inf = time.perf_counter() - t
+
+    t = time.perf_counter()
+    ref = compute_influence(model, TensorDataset(xt, torch.from_numpy(train.y)),
+                            TensorDataset(to_tensor(val.x, mean, std), torch.from_numpy(val.y)), cfg, device="cpu")
+    t_in = time.perf_counter() - t
+    del xt
+
+    import ray
+
+    ray.init(num_cpus=2, log_to_driver=False, logging_level="ERROR", address="local")
+    rows = [("in-process", t_in, ref.timings["validation_gradient"], ref.timings["solve"], ref.timings["scores"], 0.0)]
+    for actors in (1, 2):
+        t = time.perf_counter()
+        r = run_pipeline(model, train, val, cfg, preprocess=pre, actors=actors, progress=False)
+        total = time.perf_counter() - t
+        err = float(np.linalg.norm(r.scores - ref.scores) / np.linalg.norm(ref.scores))
+        rows.append((f"ray, {actors} actor{'s' if actors > 1 else ''}", total, r.timings["validation_gradient_s"],
+                     r.timings["solve_s"], r.timings["scores_s"], err))
+    ray.shutdown()
+
+    print(f"{args.model}, CIFAR-10 JPEG file, {n} train / {len(val)} val, fp32 CPU, {torch.get_num_threads()} threads")
+    print(f"plain inference over the training set: {t_inf:.1f} s")
+    print(f"{'path':<16}{'total s':>9}{'g_val s':>9}{'solve s':>9}{'scores s':>10}{'overhead':>10}{'scores/infer':>14}{'rel.err':>10}")
+    for name, tot, g, s, sc, err in rows:
+        print(f"{name:<16}{tot:>9.1f}{g:>9.1f}{s:>9.1f}{sc:>10.1f}{tot / t_in - 1:>9.1%}{sc / t_inf:>13.2f}x{err:>10.1e}")
+
+
+if __name__ == "__main__":
+    main()
