@@ -13,4 +13,12 @@ from .errors import IdtlError
 from .influence import InfluenceConfig, score_samples
 from .selection import keep_mask
 
-__all__ = ["IdtlError", "InfluenceConfig", "__version__", "keep_mask", "score_samples"]
+__all__ = ["IdtlError", "InfluenceConfig", "__version__", "keep_mask", "score", "score_samples"]
+
+
+def __getattr__(name: str):  # the Ray path is imported on first use: `import idtl_ray` stays light
+    if name == "score":
+        from .workflow import score
+
+        return score
+    raise AttributeError(f"module 'idtl_ray' has no attribute {name!r}")

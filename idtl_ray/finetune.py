@@ -169,8 +169,9 @@ def make_plan(cfg: FinetuneConfig) -> Plan:
         return Plan(data, None, None, data.train, ids, data.val)
     if cfg.split:
         split_path = Path(cfg.split).expanduser()
-    elif mask_path is not None:
-        split_path = mask_path.parent / "split.json"
+    elif mask_path is not None or cfg.mask and (_mask_file(cfg.mask).parent / "split.json").is_file():
+        # the mask was scored on the split saved beside it; model/sweep runs given a mask share it too
+        split_path = _mask_file(str(cfg.mask)).parent / "split.json"
         if not split_path.is_file():
             raise MaskError(f"no split.json beside the mask {mask_path}; pass --split (the split the mask was scored on)")
     else:
@@ -425,7 +426,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     torch.manual_seed(cfg.seed * 1000 + rank + 7919 * start)
-    evals = ray.get(config["eval"])
+    evals = ray.get(config["eval"]) if rank == 0 else None  # only rank 0 evaluates
     mean, std = config["mean"], config["std"]
     aug = config["augment"]
     shard = ray.train.get_dataset_shard("train")
@@ -454,7 +455,7 @@ def _train_worker(config: dict[str, Any]) -> None:
         join = model.join() if isinstance(model, nn.parallel.DistributedDataParallel) else nullcontext()
         with join:
             batches = shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
-                                         local_shuffle_buffer_size=min(4096, max(1, config["n_train"])),
+                                         local_shuffle_buffer_size=max(cfg.batch_size, min(4096, config["n_train"])),
                                          local_shuffle_seed=cfg.seed + 1000 * epoch + rank)  # fmt: skip
             for b, batch in enumerate(batches):
                 if cfg.fault_inject_kill_epoch == epoch and rank == 0 and b == 1:
@@ -476,7 +477,7 @@ def _train_worker(config: dict[str, Any]) -> None:
                 count += len(yb)
                 if epoch == 0:
                     epoch_ids.append(np.asarray(batch["sample_id"], dtype=np.int64))
-        totals = torch.tensor([loss_sum, float(count)], dtype=torch.float64)
+        totals = torch.tensor([loss_sum, float(count)], dtype=torch.float64, device=device)  # NCCL needs device tensors
         if epoch == 0:
             mine = np.concatenate(epoch_ids) if epoch_ids else np.zeros(0, np.int64)
             parts = [mine]
@@ -486,6 +487,7 @@ def _train_worker(config: dict[str, Any]) -> None:
             seen = np.concatenate(parts).astype(np.int64)
         if world > 1 and dist.is_initialized():
             dist.all_reduce(totals)
+        totals = totals.cpu()
         row: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": float(totals[0] / max(1.0, float(totals[1]))),
                                "val_acc": None, "test_error": None}  # fmt: skip
         if rank == 0 and ((epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1):
@@ -601,7 +603,7 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None, run
     evals = {"val_x": plan.val.x if plan.val is not None else None, "val_y": plan.val.y if plan.val is not None else None,
              "test_x": test.x, "test_y": test.y}  # fmt: skip
     loop_config = {
-        "cfg": cfg.to_dict(),
+        "cfg": replace(cfg, out=str(out)).to_dict(),  # absolute: Ray Train changes the workers' cwd
         "init_model": ray.put(model),  # once in the object store instead of once per worker config
         "augment": D.augmentation(cfg.dataset) if cfg.augment else None,
         "eval": ray.put(evals),

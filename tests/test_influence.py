@@ -273,6 +273,11 @@ def test_restricting_parameters(lr_setup):
     assert scores.shape == (64,) and np.isfinite(scores).all()
     with pytest.raises(InputError, match="matches no trainable parameter"):
         InfluenceEngine(model, params=["nope"])
+    # An int k selects the last k layers (conv/linear with their BatchNorms), see idtl_ray.models.layers.
+    last1 = InfluenceEngine(model, params=1, device="cpu")
+    assert last1.space.names == ["fc.weight", "fc.bias"]
+    last2 = InfluenceEngine(model, params=2, device="cpu")
+    assert last2.space.names == ["conv2.weight", "conv2.bias", "fc.weight", "fc.bias"]
 
 
 # ── bad input ────────────────────────────────────────────────────────────────────────────────────

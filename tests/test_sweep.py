@@ -52,3 +52,16 @@ def test_two_trial_sweep_reports_both_trials(ray_session, tmp_path: Path) -> Non
     frozen4 = json.loads((tmp_path / "frozen-4" / "final.json").read_text())
     frozen0 = json.loads((tmp_path / "frozen-0" / "final.json").read_text())
     assert frozen4["trainable_params"] < frozen0["trainable_params"]
+
+
+def test_cli_sweep_takes_space_separated_counts_and_refuses_bad_ones_up_front(tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from idtl_ray.cli_train import register
+
+    app = typer.Typer()
+    register(app)
+    res = CliRunner().invoke(app, ["sweep", "--strategy", "scratch", "--frozen", "2", "9", "--out", str(tmp_path)])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith("error: sample-cnn has 6 layers: cannot freeze [9]")
