@@ -6,43 +6,17 @@ output file behind.
 
 from __future__ import annotations
 
-import functools
-import os
 import sys
-from collections.abc import Callable
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
 from .config import ScoreConfig, help_of
-from .errors import IdtlError
+from .cli_common import quiet_ray, user_errors
 from .influence import InfluenceConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Instance-based deep transfer learning on Ray: score the target data, drop what hurts, fine-tune.")
-
-
-def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn IdtlError into one line on stderr and exit code 2; Ctrl-C into a resume hint."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except IdtlError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted: finished shards are saved; re-run the same command with --resume", err=True)
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-def _quiet_ray() -> None:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
 S, I = ScoreConfig, InfluenceConfig  # short names for the help lookups below
@@ -78,7 +52,7 @@ def score(
     address: Optional[str] = typer.Option(None, help=help_of(S, "address")),
 ) -> None:
     """Score every training sample with influence functions on Ray and write a Parquet mask."""
-    _quiet_ray()
+    quiet_ray()
     from .workflow import format_summary, run_score
 
     cfg = ScoreConfig(

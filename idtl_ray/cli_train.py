@@ -15,7 +15,6 @@ Examples::
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from typing import Any, Optional
 import typer
 
 from .config import help_of
+from .cli_common import user_errors
 from .errors import IdtlError
 from .finetune import FinetuneConfig
 
@@ -32,20 +32,6 @@ _F = FinetuneConfig
 
 def _h(name: str) -> str:
     return help_of(FinetuneConfig, name)
-
-
-def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """IdtlError -> one line on stderr and exit code 2 (no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except IdtlError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def _start_ray(address: str | None) -> None:
@@ -87,7 +73,7 @@ def register(app: typer.Typer) -> None:
     """Add the ``pretrain``, ``finetune``, ``compare`` and ``sweep`` commands to ``app``."""
 
     @app.command("pretrain")
-    @_user_errors
+    @user_errors
     def pretrain_cmd(
         dataset: str = typer.Option("emnist-letters", help="Source dataset (paper 4.1: emnist-letters)."),
         model: str = typer.Option("sample-cnn", help=_h("model")),
@@ -113,7 +99,7 @@ def register(app: typer.Typer) -> None:
         typer.echo(json.dumps(res, indent=2))
 
     @app.command("finetune")
-    @_user_errors
+    @user_errors
     def finetune_cmd(
         dataset: str = typer.Option(_F.dataset, help=_h("dataset")),
         model: str = typer.Option(_F.model, help=_h("model")),
@@ -162,7 +148,7 @@ def register(app: typer.Typer) -> None:
                    f"{final['n_train_samples']} samples; outputs in {cfg.out_dir}")  # fmt: skip
 
     @app.command("compare")
-    @_user_errors
+    @user_errors
     def compare_cmd(
         dataset: str = typer.Option(_F.dataset, help=_h("dataset")),
         model: str = typer.Option(_F.model, help=_h("model")),
@@ -197,7 +183,7 @@ def register(app: typer.Typer) -> None:
                     seed=seed, address=address)  # fmt: skip
 
     @app.command("sweep", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
-    @_user_errors
+    @user_errors
     def sweep_cmd(
         ctx: typer.Context,
         frozen: list[str] = typer.Option(..., help="Frozen-layer counts: --frozen 20 30 40 (paper Table 3)."),

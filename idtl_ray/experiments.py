@@ -61,6 +61,7 @@ class SourceSpec:
     image_size: int | None = field(default=None, metadata={"help": "Resize the source images (None: native size)."})
     classes: tuple[int, ...] | None = field(default=None, metadata={"help": "Keep only these source classes (smoke: fewer classes than the target, so a new head is fitted as with ImageNet)."})
     max_train: int | None = field(default=None, metadata={"help": "Keep at most this many training images (smoke)."})
+    via_ray: bool = field(default=True, metadata={"help": "Pre-train with Ray Train (finetune.pretrain), or in-process when the model only stands in for a downloaded weights file (smoke of Tables 2-6)."})
 
 
 @dataclass(frozen=True)
@@ -262,7 +263,10 @@ def _smoke_tables(full: dict[int, TableSpec]) -> dict[int, TableSpec]:
     out[5] = replace(t, settings=(small(t.settings[0], plus=SMOKE_PLUS),))
     t = full[6]
     out[6] = replace(t, settings=(small(t.settings[0], dataset="smoke-binary", batch_size=16),))
-    return {n: replace(v, smoke=True, source=SMOKE_SOURCE) for n, v in out.items()}
+    # Table 1 pre-trains its source in full mode too, so its smoke does it the same way (Ray Train);
+    # elsewhere the source stands in for ImageNet weights, which are a file, not a training run.
+    return {n: replace(v, smoke=True, source=SMOKE_SOURCE if n == 1 else replace(SMOKE_SOURCE, via_ray=False))
+            for n, v in out.items()}
 
 
 _FULL = _full_tables()
@@ -433,6 +437,9 @@ def _check_imagenet(model: str) -> None:
                            f"($TORCH_HOME/hub/checkpoints) on the head node before running the full table")  # fmt: skip
 
 
+_PREFLIGHT_OK: set[tuple[int, bool, str | None]] = set()
+
+
 def preflight(n: int, smoke: bool = False, data_dir: str | None = None) -> TableSpec:
     """Check every dataset and weights file the table needs, before Ray starts (fails in seconds).
 
@@ -442,6 +449,8 @@ def preflight(n: int, smoke: bool = False, data_dir: str | None = None) -> Table
     from . import data as D
 
     table = table_spec(n, smoke)
+    if (n, smoke, data_dir) in _PREFLIGHT_OK:  # the job script already checked, before Ray started
+        return table
     seen: set[tuple[str, int | None]] = set()
     needs = [(s.dataset, s.image_size) for s in table.settings if s.dataset != "smoke-binary"]
     if table.source is not None:
@@ -454,6 +463,7 @@ def preflight(n: int, smoke: bool = False, data_dir: str | None = None) -> Table
             D.load_dataset(name, data_dir, download=False, image_size=size)
     for model in sorted({s.model for s in table.settings if s.weights == "imagenet"}):
         _check_imagenet(model)
+    _PREFLIGHT_OK.add((n, smoke, data_dir))
     return table
 
 
@@ -475,8 +485,11 @@ class Resources:
         return cls(1, 0.0, 1.0, 1) if smoke else cls(1, 1.0, 4.0, None)
 
 
+_T0 = time.perf_counter()
+
+
 def _log(msg: str) -> None:
-    print(f"[experiments] {msg}", file=sys.stderr, flush=True)
+    print(f"[experiments {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def _arms(s: Setting) -> list[tuple[str, int]]:
@@ -503,11 +516,41 @@ def _pretrain_source(ctx: _Context, seed: int) -> str:
     if path.is_file():
         return str(path)
     name = _source_npz(src, ctx.data_dir, ctx.cache)
-    _log(f"seed {seed}: pre-training the source model ({src.model} on {src.dataset}, {src.epochs} epochs)")
+    _log(f"seed {seed}: pre-training the source model ({src.model} on {src.dataset}, {src.epochs} epochs"
+         f"{'' if src.via_ray else ', in-process'})")
+    if not src.via_ray:
+        _train_in_process(name, src, seed, path, ctx.data_dir)
+        return str(path)
     pretrain(name, src.model, src.epochs, path, batch_size=src.batch_size, seed=seed, data_dir=ctx.data_dir,
              image_size=src.image_size if name == src.dataset else None, workers=ctx.res.workers,
              cpus_per_worker=ctx.res.cpus_per_worker, gpus_per_worker=ctx.res.gpus_per_worker)  # fmt: skip
     return str(path)
+
+
+def _train_in_process(name: str, src: SourceSpec, seed: int, path: Path, data_dir: str | None) -> None:
+    """A small source model trained in this process (Xavier, Adam 1e-3, as pretrain), saved as a checkpoint."""
+    import torch
+
+    from . import data as D
+    from . import models as M
+
+    d = D.load_dataset(name, data_dir, download=False)
+    h, _, c = d.image_shape
+    torch.manual_seed(seed)
+    model = M.build_model(src.model, d.num_classes, c, h)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    rng = np.random.default_rng(seed)
+    model.train()
+    for _ in range(src.epochs):
+        order = rng.permutation(len(d.train))
+        for i in range(0, len(order), src.batch_size):
+            idx = order[i:i + src.batch_size]
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(D.to_tensor(d.train.x[idx], d.mean, d.std)),
+                                                     torch.as_tensor(d.train.y[idx]))  # fmt: skip
+            loss.backward()
+            opt.step()
+    M.save_checkpoint(path, model, {"dataset": d.name, "dataset_fingerprint": d.fingerprint(), "epochs": src.epochs})
 
 
 def _score(ctx: _Context, s: Setting, dataset: str, weights: str, seed: int, classes: list[int] | None) -> dict[str, Any]:

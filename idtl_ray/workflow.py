@@ -375,8 +375,9 @@ def inspect_mask(path: str | Path, png: str | Path | None = None) -> tuple[str, 
     ax.set_xticks(range(1, len(labels) + 1), [str(int(c)) for c in labels], fontsize=7 if len(labels) > 20 else 9)
     ax.axhline(mask.meta.get("drop_rule", {}).get("threshold", 0.0), color="r", lw=0.8, ls="--", label="drop below")
     ax.set_xlabel("class")
-    ax.set_ylabel("delta_val_loss (predicted change of summed val loss if removed)")
-    ax.set_title(f"{mask.meta.get('dataset')}: {int((~mask.keep).sum())} of {len(mask)} dropped")
+    ax.set_ylabel("delta_val_loss")
+    ax.set_title(f"{mask.meta.get('dataset')}: predicted change of summed val loss if removed; "
+                 f"{int((~mask.keep).sum())} of {len(mask)} dropped", fontsize=9)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
