@@ -8,7 +8,7 @@ images if the file is missing), prints images/s of
 and their ratios. Then times a whole ``score_samples`` call (g_val, solve, scores) at the default
 settings on N training samples against one inference pass over the same samples.
 
-    python benchmarks/bench_scoring.py [--models sample-cnn resnet18 resnet50] [--n 5000]
+    python benchmarks/bench_scoring.py [--models sample-cnn resnet18 resnet50] [--n 5000 20000]
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import best_time, load_cifar_jpeg  # noqa: E402
 
-from idtl_ray import score_samples  # noqa: E402
-from idtl_ray.influence import InfluenceEngine  # noqa: E402
+from idtl_ray.influence import InfluenceConfig, InfluenceEngine, compute_influence  # noqa: E402
 from idtl_ray.models import build_model  # noqa: E402
 
 MEAN, STD = (0.491, 0.482, 0.447), (0.247, 0.243, 0.262)
@@ -84,10 +83,11 @@ def whole_call(name: str, n: int) -> dict[str, float]:
 
     t_inf = best_time(infer_all, repeats=2)
     t0 = time.perf_counter()
-    scores = score_samples(model, train, val, device="cpu")  # default settings
+    r = compute_influence(model, train, val, InfluenceConfig(), device="cpu")  # = score_samples at default settings
     t_call = time.perf_counter() - t0
-    assert np.isfinite(scores).all()
-    return {"n_train": n, "n_val": len(val), "inference_s": t_inf, "score_samples_s": t_call, "ratio": t_call / t_inf}
+    assert np.isfinite(r.scores).all()
+    return {"n_train": n, "n_val": len(val), "inference_s": t_inf, "score_samples_s": t_call, "ratio": t_call / t_inf,
+            "stages": r.timings, "solve": r.solve}
 
 
 def main() -> None:
@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["sample-cnn", "resnet18", "resnet50"])
     ap.add_argument("--batch", type=int, default=128, help="images per timed batch")
     ap.add_argument("--grad-batch", type=int, default=16, help="images for the (slow) per-sample-gradient path")
-    ap.add_argument("--n", type=int, default=5000, help="training samples for the whole-call timing")
+    ap.add_argument("--n", type=int, nargs="+", default=[5000, 20000], help="training-set sizes for the whole-call timing")
     ap.add_argument("--whole-model", default="sample-cnn")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
@@ -106,9 +106,14 @@ def main() -> None:
         r = per_model(name, args.batch, args.grad_batch)
         print(f"{name:<12}{r['inference_img_s']:>12.1f}{r['jvp_img_s']:>11.1f}{r['grad_img_s']:>12.1f}"
               f"{r['jvp_cost_x_inference']:>15.2f}x{r['jvp_speedup_over_grad']:>12.1f}x", flush=True)
-    w = whole_call(args.whole_model, args.n)
-    print(f"\nwhole score_samples call, {args.whole_model}, {w['n_train']} train / {w['n_val']} val, default settings: "
-          f"{w['score_samples_s']:.1f} s vs one inference pass {w['inference_s']:.2f} s = {w['ratio']:.2f}x")
+    print()
+    for n in args.n:
+        w = whole_call(args.whole_model, n)
+        print(f"whole score_samples call, {args.whole_model}, {w['n_train']} train / {w['n_val']} val, default settings: "
+              f"{w['score_samples_s']:.1f} s vs one inference pass {w['inference_s']:.2f} s = {w['ratio']:.2f}x", flush=True)
+        st = w["stages"]
+        print(f"  stages: g_val {st['validation_gradient']:.1f} s, solve {st['solve']:.1f} s "
+              f"({w['solve'].iterations} cg iterations, residual {w['solve'].relative_residual:.1e}), scores {st['scores']:.1f} s")
 
 
 if __name__ == "__main__":

@@ -252,8 +252,9 @@ def _smoke_tables(full: dict[int, TableSpec]) -> dict[int, TableSpec]:
     out: dict[int, TableSpec] = {}
     t = full[1]
     out[1] = replace(t, settings=(small(t.settings[0], scratch_epochs=1),))
-    t = full[2]  # ResNet-50 rows: digits for CIFAR-10, the 5k MNIST subset at 8x8 for CIFAR-100
-    out[2] = replace(t, settings=(small(t.settings[1]), small(t.settings[4], dataset="mnist-5k", image_size=8)))
+    t = full[2]  # the ResNet-50 / CIFAR-10 cell only: a second setting (mnist-5k@8 for CIFAR-100) doubled the
+    # time to ~5 min on 2 CPUs, and its CG solve did not converge after a 1-epoch source (residual 1.14)
+    out[2] = replace(t, settings=(small(t.settings[1]),))
     t = full[3]
     out[3] = replace(t, settings=tuple(small(s, freeze=k, row=f"{s.row} (smoke {k} of 6)")
                                        for s, k in zip(t.settings, SMOKE_FROZEN)))  # fmt: skip
@@ -262,7 +263,10 @@ def _smoke_tables(full: dict[int, TableSpec]) -> dict[int, TableSpec]:
     t = full[5]
     out[5] = replace(t, settings=(small(t.settings[0], plus=SMOKE_PLUS),))
     t = full[6]
-    out[6] = replace(t, settings=(small(t.settings[0], dataset="smoke-binary", batch_size=16),))
+    out[6] = replace(t, settings=(small(t.settings[0], dataset="smoke-binary", batch_size=16),),
+                     notes=t.notes + (f"Smoke: 'smoke-binary' = digits {SMOKE_BINARY_CLASSES[0]} vs "
+                                      f"{SMOKE_BINARY_CLASSES[1]} (train, a shipped 20% val split, test), standing in "
+                                      f"for cats vs dogs.",))  # fmt: skip
     # Table 1 pre-trains its source in full mode too, so its smoke does it the same way (Ray Train);
     # elsewhere the source stands in for ImageNet weights, which are a file, not a training run.
     return {n: replace(v, smoke=True, source=SMOKE_SOURCE if n == 1 else replace(SMOKE_SOURCE, via_ray=False))
@@ -488,6 +492,48 @@ class Resources:
 _T0 = time.perf_counter()
 
 
+def _cluster_address() -> str | None:
+    """The cluster a job runs on (``RAY_ADDRESS``), handed to the stages as their ``address``.
+
+    finetune's resource check treats ``address=None`` as "a local Ray" and refuses GPU workers the
+    cluster does not have *yet*; on an autoscaling cluster (GPU workers min 0) they arrive on demand.
+    """
+    return os.environ.get("RAY_ADDRESS") or None
+
+
+def _request_gpus(res: Resources, timeout_s: float = 900.0) -> None:
+    """Ask the autoscaler for the GPU workers up front and wait for them (full tables on a cluster).
+
+    The scoring stage picks GPU actors only when the cluster has GPUs at that moment; with GPU workers
+    at min 0 it would otherwise score on CPU. The request stays until :func:`_release_gpus`.
+    """
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    need = res.workers * res.gpus_per_worker
+    have = ray.cluster_resources().get("GPU", 0.0)
+    if need <= 0 or have >= need:
+        return
+    if _cluster_address() is None:  # a local Ray has no autoscaler to bring GPUs
+        raise ExperimentError(f"{res.workers} workers x {res.gpus_per_worker:g} GPUs need {need:g} GPUs but this Ray has "
+                              f"{have:g}; pass --gpus-per-worker 0 or submit the job to a GPU cluster")  # fmt: skip
+    request_resources(bundles=[{"GPU": res.gpus_per_worker, "CPU": res.cpus_per_worker}] * res.workers)
+    _log(f"waiting for {need:g} GPU(s) to join the cluster (up to {timeout_s:.0f} s)")
+    deadline = time.time() + timeout_s
+    while ray.cluster_resources().get("GPU", 0.0) < need:
+        if time.time() > deadline:
+            raise ExperimentError(f"no {need:g} GPU(s) joined the cluster within {timeout_s:.0f} s; check the "
+                                  f"gpu_worker type and your EC2 GPU quota, or pass --gpus-per-worker 0")  # fmt: skip
+        time.sleep(10)
+
+
+def _release_gpus(res: Resources) -> None:
+    if res.gpus_per_worker > 0:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[])  # let idle GPU workers go
+
+
 def _log(msg: str) -> None:
     print(f"[experiments {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
@@ -523,7 +569,8 @@ def _pretrain_source(ctx: _Context, seed: int) -> str:
         return str(path)
     pretrain(name, src.model, src.epochs, path, batch_size=src.batch_size, seed=seed, data_dir=ctx.data_dir,
              image_size=src.image_size if name == src.dataset else None, workers=ctx.res.workers,
-             cpus_per_worker=ctx.res.cpus_per_worker, gpus_per_worker=ctx.res.gpus_per_worker)  # fmt: skip
+             cpus_per_worker=ctx.res.cpus_per_worker, gpus_per_worker=ctx.res.gpus_per_worker,
+             address=_cluster_address())  # fmt: skip
     return str(path)
 
 
@@ -560,7 +607,8 @@ def _score(ctx: _Context, s: Setting, dataset: str, weights: str, seed: int, cla
     tag = "" if classes is None else "-classA" + "_".join(map(str, classes))
     out = ctx.root / f"seed{seed}" / f"score-{s.score_key()}{tag}"
     cfg = ScoreConfig(dataset=dataset, model=s.model, weights=weights, data_dir=ctx.data_dir, image_size=s.image_size,
-                      target_classes=classes, seed=seed, out=str(out), resume=True, actors=ctx.res.score_actors)  # fmt: skip
+                      target_classes=classes, seed=seed, out=str(out), resume=True, actors=ctx.res.score_actors,
+                      address=_cluster_address())  # fmt: skip
     _log(f"seed {seed}: scoring {dataset} with {s.model} ({weights}){'' if classes is None else f' against class {classes}'}")
     summary = run_score(cfg, progress=False)
     return {"dir": str(out), "mask": summary["mask"], "n_train": summary["n_train"], "n_dropped": summary["n_dropped"],
@@ -616,7 +664,7 @@ def _run_setting(ctx: _Context, s: Setting, seed: int, weights: str) -> list[dic
             lr_drop_at=s.lr_drop_at, freeze=s.freeze, freeze_conv=s.freeze_conv,
             hybrid_init=s.hybrid_init if strategy != "scratch" else None, workers=ctx.res.workers,
             gpus_per_worker=ctx.res.gpus_per_worker, cpus_per_worker=ctx.res.cpus_per_worker, seed=seed,
-            augment=s.augment, out=str(run_dir),
+            augment=s.augment, out=str(run_dir), address=_cluster_address(),
         )  # fmt: skip
         t = time.perf_counter()
         _log(f"seed {seed}: {s.key} {strategy} ({epochs} epochs)")
@@ -652,13 +700,17 @@ def run_table(n: int, smoke: bool = False, data_dir: str | None = None, out: str
     ctx = _Context(table, root / f"table{n}", data_dir, resources or Resources.default(smoke), root / f"table{n}" / "_data")
     t0 = time.perf_counter()
     runs: list[dict[str, Any]] = []
-    for seed in seeds:
-        weights_src = _pretrain_source(ctx, seed) if table.source is not None else None
-        for s in table.settings:
-            weights = weights_src if s.weights == "source" else s.weights
-            if weights is None:
-                raise ExperimentError(f"{s.key} needs a source model but Table {n} defines none; fix its TableSpec")
-            runs.extend(_run_setting(ctx, s, seed, weights))
+    _request_gpus(ctx.res)
+    try:
+        for seed in seeds:
+            weights_src = _pretrain_source(ctx, seed) if table.source is not None else None
+            for s in table.settings:
+                weights = weights_src if s.weights == "source" else s.weights
+                if weights is None:
+                    raise ExperimentError(f"{s.key} needs a source model but Table {n} defines none; fix its TableSpec")
+                runs.extend(_run_setting(ctx, s, seed, weights))
+    finally:
+        _release_gpus(ctx.res)
     doc = _document(table, list(seeds), runs, time.perf_counter() - t0, ctx.res)
     write_results(doc, root)
     return doc
@@ -740,7 +792,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
     lines = [f"# Table {table.number}: {table.title} (paper {table.section})", ""]
     if table.smoke:
         s0 = table.settings[0]
-        lines += [f"**Smoke run**: {s0.model} on {s0.dataset} ({s0.epochs} epoch; source model pre-trained on "
+        lines += [f"**Smoke run**: {s0.model} on {', '.join(dict.fromkeys(s.dataset for s in table.settings))} "
+                  f"({s0.epochs} epoch; source model pre-trained on "
                   f"{table.source.dataset if table.source else '-'}), standing in for the paper's settings. It checks the "
                   f"pipeline; its numbers are not comparable with the paper's.", ""]  # fmt: skip
     lines += [f"Test error (%). Ours: mean ± std over {n_seeds} seeds {doc['seeds']}" if n_seeds > 1

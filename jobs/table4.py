@@ -1,0 +1,52 @@
+"""Paper Table 4 (section 4.3): ImageNet shallow layers -> SVHN (ResNet-50 first 10, DenseNet-121 first 31 layers).
+
+Full mode: hybrid init (first K layers from ImageNet, rest Xavier), fine-tune 20 / 26 epochs, batch 128 / 64,
+x0.1 at 50%; scratch 40 epochs. Needs SVHN under --data-dir and the ImageNet weights in the torch cache.
+
+Usage (local; --smoke runs a tiny variant on bundled offline data, same code path, < 5 min on 2 CPUs):
+    python jobs/table4.py --smoke --out /tmp/smoke
+
+On a cluster (see cluster.yaml; results and data on the shared EFS mount):
+    ray job submit --working-dir . -- python jobs/table4.py --data-dir /mnt/cluster_storage/data \\
+        --out /mnt/cluster_storage/results --seeds 0 1 2
+
+Writes <out>/table4.md (the paper's layout, its numbers beside ours), <out>/table4.json, <out>/table4.png
+and <out>/table4_curves.png; run directories under <out>/table4/. Running it again resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+# Import this checkout's idtl_ray (inside a Ray job: the uploaded working_dir), not another installed copy.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+import ray  # noqa: E402
+
+from idtl_ray import experiments as E  # noqa: E402
+from idtl_ray.errors import IdtlError  # noqa: E402
+
+TABLE = 4
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = E.job_parser(TABLE, __doc__).parse_args(argv)
+    try:
+        resources = E.resources_from_args(args)
+        E.preflight(TABLE, args.smoke, args.data_dir)  # missing data or weights fail here, before Ray starts
+        ray.init()  # inside `ray job submit` this joins the cluster (RAY_ADDRESS); else a local Ray
+        doc = E.run_table(TABLE, args.smoke, args.data_dir, args.out, args.seeds, resources)
+    except IdtlError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(E.render_markdown(doc))
+    print(f"wrote {', '.join(doc['files'].values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
