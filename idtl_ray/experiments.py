@@ -30,6 +30,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -987,3 +988,23 @@ __all__ = [
     "job_parser", "mean_std", "pick_class_a", "plus_counts", "preflight", "render_markdown", "resources_from_args",
     "run_table", "summarize", "table_spec", "write_results",
 ]  # fmt: skip
+
+
+def job_main(table: int, doc: str | None, init: Callable[[], Any], argv: list[str] | None = None) -> int:
+    """Body of every ``jobs/tableN.py``: parse, check the files, ``init()`` Ray, run, print; 2 on a user error.
+
+    ``init`` is the job script's plain ``ray.init`` (inside ``ray job submit`` it joins the cluster through
+    RAY_ADDRESS, else it starts a local Ray); it runs only after the preflight found every file.
+    """
+    args = job_parser(table, doc).parse_args(argv)
+    try:
+        resources = resources_from_args(args)
+        preflight(table, args.smoke, args.data_dir)  # missing data or weights fail here, before Ray starts
+        init()
+        result = run_table(table, args.smoke, args.data_dir, args.out, args.seeds, resources)
+    except IdtlError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(render_markdown(result))
+    print(f"wrote {', '.join(result['files'].values())}")
+    return 0

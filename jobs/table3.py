@@ -28,25 +28,6 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 import ray  # noqa: E402
 
 from idtl_ray import experiments as E  # noqa: E402
-from idtl_ray.errors import IdtlError  # noqa: E402
-
-TABLE = 3
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = E.job_parser(TABLE, __doc__).parse_args(argv)
-    try:
-        resources = E.resources_from_args(args)
-        E.preflight(TABLE, args.smoke, args.data_dir)  # missing data or weights fail here, before Ray starts
-        ray.init()  # inside `ray job submit` this joins the cluster (RAY_ADDRESS); else a local Ray
-        doc = E.run_table(TABLE, args.smoke, args.data_dir, args.out, args.seeds, resources)
-    except IdtlError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(E.render_markdown(doc))
-    print(f"wrote {', '.join(doc['files'].values())}")
-    return 0
-
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(E.job_main(3, __doc__, init=ray.init))
