@@ -39,6 +39,7 @@ import numpy as np
 
 from . import __version__
 from .errors import DataError, IdtlError, InputError, WeightsError
+from .mask import save_figure_atomic, write_text_atomic
 
 STRATEGY_TITLES = {"scratch": "from Scratch", "model": "Model-based TL", "instance": "Instance-based TL"}
 PAPER_MODEL_NAMES = {"sample-cnn": "sample-CNN", "vgg16": "VGG-16", "resnet50": "ResNet-50", "densenet121": "DenseNet-121"}
@@ -843,29 +844,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_text_atomic(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
-def _save_fig(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
 
 
 def plot_errors(doc: dict[str, Any], path: Path) -> None:
@@ -898,7 +878,7 @@ def plot_errors(doc: dict[str, Any], path: Path) -> None:
     ax.set_title(f"Table {doc['table']} ({doc['mode']})")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _save_fig(fig, path)
+    save_figure_atomic(fig, path)
 
 
 def plot_curves(doc: dict[str, Any], path: Path) -> bool:
@@ -928,7 +908,7 @@ def plot_curves(doc: dict[str, Any], path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _save_fig(fig, path)
+    save_figure_atomic(fig, path)
     return True
 
 
@@ -947,7 +927,7 @@ def write_results(doc: dict[str, Any], out: str | Path) -> dict[str, str]:
         paths.pop("curves")
     doc["files"] = {k: str(v) for k, v in paths.items()}
     write_json_atomic(doc, paths["json"])
-    _write_text_atomic(render_markdown(doc), paths["md"])
+    write_text_atomic(render_markdown(doc), paths["md"])
     return doc["files"]
 
 

@@ -42,7 +42,7 @@ from torch import nn
 from . import data as D
 from . import models as M
 from .errors import IdtlError, InputError, MaskError, WeightsError
-from .mask import check_mask, read_mask, write_json_atomic
+from .mask import check_mask, read_mask, save_figure_atomic, write_json_atomic
 
 STRATEGIES = ("scratch", "model", "instance")
 STRATEGY_TITLES = {"scratch": "from Scratch", "model": "Model-based TL", "instance": "Instance-based TL"}
@@ -532,10 +532,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> N
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path)
 
 
 def _check_out_dir(cfg: FinetuneConfig) -> Path:

@@ -107,6 +107,34 @@ def write_json_atomic(obj: Any, path: str | Path) -> None:
         raise
 
 
+def write_text_atomic(text: str, path: str | Path) -> None:
+    """Text counterpart of :func:`atomic_write_table` (Markdown tables, CSV)."""
+    p = ensure_writable(path)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_figure_atomic(fig: Any, path: str | Path, dpi: int = 100) -> None:
+    """Save a matplotlib figure under a temporary name, rename it into place, and close the figure."""
+    import matplotlib.pyplot as plt
+
+    p = ensure_writable(path)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, p)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, np.generic):
         return o.item()

@@ -34,7 +34,7 @@ from . import __version__
 from .config import ScoreConfig
 from .errors import IdtlError, InputError, WeightsError
 from .influence import InfluenceConfig, ParamSpec
-from .mask import Mask, ensure_writable, read_mask, write_json_atomic, write_mask
+from .mask import Mask, ensure_writable, read_mask, save_figure_atomic, write_json_atomic, write_mask
 from .scoring import ArraySet, PipelineResult, Preprocess, ScoreOutput, ensure_ray, run_fingerprint, run_pipeline
 from .selection import keep_mask
 
@@ -357,9 +357,6 @@ def format_summary(meta: dict[str, Any], mask: Mask | None = None) -> str:
 
 def inspect_mask(path: str | Path, png: str | Path | None = None) -> tuple[str, Path]:
     """Summary text of a mask, and a PNG of the score distribution per class (written atomically)."""
-    import os
-    import tempfile
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -380,15 +377,7 @@ def inspect_mask(path: str | Path, png: str | Path | None = None) -> tuple[str, 
                  f"{int((~mask.keep).sum())} of {len(mask)} dropped", fontsize=9)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=png.parent, suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, png)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+    save_figure_atomic(fig, png, dpi=110)
     return format_summary(mask.meta, mask), png
 
 
