@@ -283,7 +283,8 @@ def solve_cg(op: CurvatureOperator, g: torch.Tensor, max_iter: int = 100, tol: f
     rs = float(r @ r)
     rel = 1.0
     it = 0
-    fix = "use curvature='ggn' (positive semi-definite) and/or a larger damping"
+    fix = ("raise the damping (e.g. x10) or max_iter" if op.kind == "ggn"
+           else "use curvature='ggn' (positive semi-definite) and/or a larger damping")
     for it in range(1, max_iter + 1):
         ap = op.matvec(p)
         pap = float(p @ ap)
