@@ -95,16 +95,8 @@ def atomic_write_table(table: pa.Table, path: str | Path) -> None:
 
 
 def write_json_atomic(obj: Any, path: str | Path) -> None:
-    """JSON counterpart of :func:`atomic_write_table`."""
-    p = ensure_writable(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, default=_json_default)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """JSON counterpart of :func:`atomic_write_table` (serialised first, so a bad value writes nothing)."""
+    write_text_atomic(json.dumps(obj, indent=2, default=_json_default), path)
 
 
 def write_text_atomic(text: str, path: str | Path) -> None:
