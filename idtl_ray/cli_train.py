@@ -24,6 +24,7 @@ import typer
 
 from .config import help_of
 from .cli_common import user_errors
+from .scoring import ensure_ray
 from .errors import IdtlError
 from .finetune import FinetuneConfig
 
@@ -32,12 +33,6 @@ _F = FinetuneConfig
 
 def _h(name: str) -> str:
     return help_of(FinetuneConfig, name)
-
-
-def _start_ray(address: str | None) -> None:
-    from .scoring import ensure_ray
-
-    ensure_ray(address)
 
 
 def _score_fn(dataset: str, model: str, weights: str, data_dir: str | None, image_size: int | None,
@@ -92,7 +87,7 @@ def register(app: typer.Typer) -> None:
         """Train a source model from Xavier init on every training sample (paper Table 1 recipe)."""
         from .finetune import pretrain
 
-        _start_ray(address)
+        ensure_ray(address)
         res = pretrain(dataset, model, epochs, out, batch_size=batch_size, lr=lr, seed=seed, data_dir=data_dir,
                        image_size=image_size, workers=workers, cpus_per_worker=cpus_per_worker,
                        gpus_per_worker=gpus_per_worker, address=address)  # fmt: skip
@@ -141,7 +136,7 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             typer.echo(_dry_run(cfg))
             return
-        _start_ray(address)
+        ensure_ray(address)
         final = run_finetune(cfg)
         typer.echo(json.dumps(final, indent=2))
         typer.echo(f"test error {final['test_error']:.2f}% after {final['epochs']} epochs on "
@@ -174,7 +169,7 @@ def register(app: typer.Typer) -> None:
         """Scratch vs model-based vs instance-based on one split: the paper's table of test error (%)."""
         from .finetune import run_compare
 
-        _start_ray(address)
+        ensure_ray(address)
         run_compare(dataset, model, weights, epochs, out=out, mask=mask,
                     score_fn=_score_fn(dataset, model, weights, data_dir, image_size, val_fraction, seed, address),
                     scratch_epochs=scratch_epochs, data_dir=data_dir, image_size=image_size, val_fraction=val_fraction,
@@ -220,7 +215,7 @@ def register(app: typer.Typer) -> None:
         from .sweep import check_frozen
 
         check_frozen(base, counts)  # before Ray starts
-        _start_ray(address)
+        ensure_ray(address)
         df = run_sweep(base, counts, out, max_concurrent=max_concurrent)
         if (df["status"] == "error").any():
             sys.exit(1)

@@ -547,15 +547,6 @@ def _check_out_dir(cfg: FinetuneConfig) -> Path:
     return out
 
 
-def _ensure_ray(address: str | None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        from .scoring import ensure_ray
-
-        ensure_ray(address)
-
-
 def _check_resources(cfg: FinetuneConfig) -> None:
     """Refuse up front what would otherwise hang: workers that can never be scheduled."""
     import ray
@@ -591,7 +582,9 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None, run
     model, info = build_finetune_model(cfg, *_arch(plan.data), data=plan.data)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(cfg.to_dict(), out / "config.json")
-    _ensure_ray(cfg.address)
+    from .scoring import ensure_ray
+
+    ensure_ray(cfg.address)
     _check_resources(cfg)
 
     import ray

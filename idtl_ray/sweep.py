@@ -110,9 +110,9 @@ def run_sweep(base: FinetuneConfig, frozen: list[int], out: str | Path, max_conc
         raise InputError(f"max_concurrent must be >= 1, got {max_concurrent}")
     root = Path(out).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
-    from .finetune import _ensure_ray
+    from .scoring import ensure_ray
 
-    _ensure_ray(base.address)
+    ensure_ray(base.address)
     base_dict = replace(base, freeze=None, out=None).to_dict()
     # deterministic Tune experiment name: the same sweep in the same out reuses one experiment folder
     name = "sweep-" + hashlib.sha256(json.dumps([base_dict, frozen], sort_keys=True).encode()).hexdigest()[:12]
