@@ -119,6 +119,7 @@ class TableSpec:
     paper_rows: tuple[tuple[str, str, str, dict[str, float]], ...] = field(default=(), metadata={"help": "(strategy or '*', model, row, {column: paper error}) rows of the paper's table, all of them (smoke runs fewer)."})
     source: SourceSpec | None = field(default=None, metadata={"help": "Source model to pre-train (None: ImageNet weights)."})
     smoke: bool = field(default=False, metadata={"help": "Tiny variant on offline data (numbers not comparable with the paper)."})
+    analogue: str = field(default="", metadata={"help": "A real-data analogue at a smaller scale: what it runs instead of the paper's setting (one paragraph)."})
     notes: tuple[str, ...] = field(default=(), metadata={"help": "What the table's protocol leaves open and how it is settled here."})
 
 
@@ -447,16 +448,23 @@ _PREFLIGHT_OK: set[tuple[int, bool, str | None]] = set()
 
 
 def preflight(n: int, smoke: bool = False, data_dir: str | None = None) -> TableSpec:
-    """Check every dataset and weights file the table needs, before Ray starts (fails in seconds).
-
-    Datasets are read from disk without downloading (``load_dataset(..., download=False)``), so a
-    missing file fails with the library's one-line message naming the expected layout.
-    """
-    from . import data as D
-
+    """Check every dataset and weights file Table ``n`` needs, before Ray starts (fails in seconds)."""
     table = table_spec(n, smoke)
     if (n, smoke, data_dir) in _PREFLIGHT_OK:  # the job script already checked, before Ray started
         return table
+    check_files(table, data_dir)
+    _PREFLIGHT_OK.add((n, smoke, data_dir))
+    return table
+
+
+def check_files(table: TableSpec, data_dir: str | None = None) -> TableSpec:
+    """Load every dataset of ``table`` from disk and find its ImageNet weights; returns ``table``.
+
+    Datasets are read without downloading (``load_dataset(..., download=False)``), so a missing file
+    fails with the library's one-line message naming the expected layout.
+    """
+    from . import data as D
+
     seen: set[tuple[str, int | None]] = set()
     needs = [(s.dataset, s.image_size) for s in table.settings if s.dataset != "smoke-binary"]
     if table.source is not None:
@@ -469,7 +477,6 @@ def preflight(n: int, smoke: bool = False, data_dir: str | None = None) -> Table
             D.load_dataset(name, data_dir, download=False, image_size=size)
     for model in sorted({s.model for s in table.settings if s.weights == "imagenet"}):
         _check_imagenet(model)
-    _PREFLIGHT_OK.add((n, smoke, data_dir))
     return table
 
 
@@ -689,15 +696,19 @@ def _run_setting(ctx: _Context, s: Setting, seed: int, weights: str) -> list[dic
 
 
 def run_table(n: int, smoke: bool = False, data_dir: str | None = None, out: str | Path = "results",
-              seeds: list[int] | tuple[int, ...] = (0,), resources: Resources | None = None) -> dict[str, Any]:  # fmt: skip
+              seeds: list[int] | tuple[int, ...] = (0,), resources: Resources | None = None,
+              spec: TableSpec | None = None) -> dict[str, Any]:  # fmt: skip
     """Run paper Table ``n`` for every seed and write ``<out>/tableN.{md,json,png}`` (+ ``_curves.png``).
 
-    Needs a running Ray (a job's ``ray.init()``) or starts a local one through the stages. Returns the
-    JSON document (keys: table, mode, title, seeds, settings, runs, summary, paper, notes, timings, ...).
+    ``spec`` replaces the built-in settings of Table ``n`` (a real-data analogue, see
+    ``benchmarks/real_analogues.py``). Needs a running Ray (a job's ``ray.init()``) or starts a local one
+    through the stages. Returns the JSON document (keys: table, mode, title, seeds, settings, runs,
+    summary, paper, notes, timings, ...).
     """
     if not seeds or len(set(seeds)) != len(seeds):
         raise ExperimentError(f"seeds must be distinct and at least one, got {list(seeds)}; e.g. --seeds 0 1 2")
-    table = preflight(n, smoke, data_dir)
+    table = preflight(n, smoke, data_dir) if spec is None else check_files(spec, data_dir)
+    n = table.number
     root = Path(out).expanduser().resolve()
     ctx = _Context(table, root / f"table{n}", data_dir, resources or Resources.default(smoke), root / f"table{n}" / "_data")
     t0 = time.perf_counter()
@@ -714,7 +725,7 @@ def run_table(n: int, smoke: bool = False, data_dir: str | None = None, out: str
     finally:
         _release_gpus(ctx.res)
     doc = _document(table, list(seeds), runs, time.perf_counter() - t0, ctx.res)
-    write_results(doc, root)
+    write_results(doc, root, table)
     return doc
 
 
@@ -762,8 +773,9 @@ def _document(table: TableSpec, seeds: list[int], runs: list[dict[str, Any]], wa
     summary = summarize(table, runs)
     return {
         "table": table.number,
-        "mode": "smoke" if table.smoke else "full",
+        "mode": "smoke" if table.smoke else "analogue" if table.analogue else "full",
         "title": table.title,
+        "analogue": table.analogue,
         "section": table.section,
         "seeds": seeds,
         "settings": [asdict(s) for s in table.settings],
@@ -786,9 +798,9 @@ def _fmt(mean: float | None, std: float | None) -> str:
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
-def render_markdown(doc: dict[str, Any]) -> str:
-    """The paper's table with the paper's numbers beside ours, then every run."""
-    table = table_spec(doc["table"], doc["mode"] == "smoke")
+def render_markdown(doc: dict[str, Any], table: TableSpec | None = None) -> str:
+    """The paper's table with the paper's numbers beside ours, then every run (``table``: the spec that ran)."""
+    table = table or table_spec(doc["table"], doc["mode"] == "smoke")
     summ = doc["summary"]
     n_seeds = len(doc["seeds"])
     lines = [f"# Table {table.number}: {table.title} (paper {table.section})", ""]
@@ -798,6 +810,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
                   f"({s0.epochs} epoch; source model pre-trained on "
                   f"{table.source.dataset if table.source else '-'}), standing in for the paper's settings. It checks the "
                   f"pipeline; its numbers are not comparable with the paper's.", ""]  # fmt: skip
+    if table.analogue:
+        lines += [f"**Real-data analogue at a smaller scale**: {table.analogue} Compare the order of the "
+                  f"strategies with the paper's, not the numbers.", ""]  # fmt: skip
     lines += [f"Test error (%). Ours: mean ± std over {n_seeds} seeds {doc['seeds']}" if n_seeds > 1
               else f"Test error (%). Ours: seed {doc['seeds'][0]} (one seed, no std)", ""]  # fmt: skip
 
@@ -912,7 +927,7 @@ def plot_curves(doc: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def write_results(doc: dict[str, Any], out: str | Path) -> dict[str, str]:
+def write_results(doc: dict[str, Any], out: str | Path, table: TableSpec | None = None) -> dict[str, str]:
     """Write ``tableN.json``, ``tableN.md``, ``tableN.png`` and ``tableN_curves.png`` atomically."""
     from .mask import write_json_atomic
 
@@ -927,7 +942,7 @@ def write_results(doc: dict[str, Any], out: str | Path) -> dict[str, str]:
         paths.pop("curves")
     doc["files"] = {k: str(v) for k, v in paths.items()}
     write_json_atomic(doc, paths["json"])
-    write_text_atomic(render_markdown(doc), paths["md"])
+    write_text_atomic(render_markdown(doc, table), paths["md"])
     return doc["files"]
 
 
@@ -964,7 +979,7 @@ def resources_from_args(args: Any) -> Resources:
 
 
 __all__ = [
-    "ExperimentError", "PlusSpec", "Resources", "Setting", "SourceSpec", "TableSpec", "build_cifar_plus",
+    "ExperimentError", "PlusSpec", "Resources", "Setting", "SourceSpec", "TableSpec", "build_cifar_plus", "check_files",
     "job_parser", "mean_std", "pick_class_a", "plus_counts", "preflight", "render_markdown", "resources_from_args",
     "run_table", "summarize", "table_spec", "write_results",
 ]  # fmt: skip
