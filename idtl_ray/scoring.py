@@ -1,10 +1,12 @@
 """Distributed influence scoring on Ray Data (design.md §3).
 
 Stages:
-  1. g_val        validation set → Ray Data blocks → ``GradientSum`` actors → partial sums, added up on the driver
-  2. s            one Ray task (on a GPU when the cluster has one) solves (H + λI) s = g_val
+  1. g_val        validation set → Ray Data blocks → ``gradient_sum_block`` tasks → partial sums, added up
+                  on the driver (task workers outlive the stage, so a second run starts warm)
+  2. s            one Ray task on a GPU when the cluster has one, else the driver, solves (H + λI) s = g_val
   3. broadcast    ``ray.put(s)`` once; every scoring actor reads the same object
-  4. scores       training set → ``Scorer`` actor pool (one actor per GPU, CPU actors otherwise) → JVP scores
+  4. scores       training set → ``Scorer`` actor pool (one actor per GPU, CPU actors otherwise) → JVP scores;
+                  on CPUs the pool starts *during* the solve and its actors wait for s in a ``SolutionBox``
   5. checkpoint   the driver writes each finished shard to ``parts/`` (Parquet, atomic), so ``resume``
                   skips finished shards; actor deaths are retried by Ray Data, duplicates are dropped
   6. merge        all shards → one array aligned with the training order (the caller writes the mask)
@@ -100,55 +102,103 @@ def _get(ref_or_value: Any) -> Any:
     return ray.get(ref_or_value) if isinstance(ref_or_value, ray.ObjectRef) else ref_or_value
 
 
-class _EngineActor:
-    """Common set-up: the model from the object store, the parameter selection, the torch threads."""
+_ENGINES: dict[tuple[str, str, str], InfluenceEngine] = {}
 
-    def __init__(self, model_ref: Any, params: Any, preprocess: Preprocess, threads: int):
+
+def _cached_engine(model_ref: Any, params: Any) -> InfluenceEngine:
+    """The engine of this worker process, built once per model: Ray reuses task workers across stages
+    and runs, so only the first task in a process pays for unpickling the model (and importing torch)."""
+    key = (ref_key(model_ref), repr(params), str(_actor_device()))
+    if key not in _ENGINES:
+        _ENGINES.clear()  # one model per process: a new run's model replaces the old one
+        _ENGINES[key] = InfluenceEngine(_get(model_ref), params=params, device=_actor_device())
+    return _ENGINES[key]
+
+
+def ref_key(ref_or_value: Any) -> str:
+    """A process-independent name for the model in the object store (its ObjectRef id)."""
+    import ray
+
+    return ref_or_value.hex() if isinstance(ref_or_value, ray.ObjectRef) else str(id(ref_or_value))
+
+
+def gradient_sum_block(batch: dict[str, np.ndarray], *, model_ref: Any, params: Any, preprocess: Preprocess,
+                       threads: int, classes: Sequence[int] | None, batch_size: int) -> dict[str, np.ndarray]:
+    """Partial sum of validation-loss gradients over one block (optionally only chosen classes).
+
+    Runs as a Ray Data *task*: task workers outlive the stage, so the next run's g_val starts warm.
+    """
+    torch.set_num_threads(max(1, threads))
+    engine = _cached_engine(model_ref, params)
+    x, y = batch["x"], batch["label"]
+    if classes is not None:
+        sel = np.isin(y, np.asarray(list(classes), dtype=np.int64))
+        x, y = x[sel], y[sel]
+    total = torch.zeros(engine.space.dim, dtype=torch.float64, device=engine.device)
+    count = 0
+    for i in range(0, len(y), batch_size):
+        xb = preprocess(x[i:i + batch_size]).to(engine.device, engine.space.dtype)
+        g, n = engine.gradient_sum(xb, torch.as_tensor(y[i:i + batch_size]).to(engine.device))
+        total += g.double()
+        count += n
+    return {"grad": total.cpu().numpy()[None], "count": np.array([count], dtype=np.int64)}
+
+
+class Scorer:
+    """JVP scores of one batch against the broadcast solution s (a Ray Data actor: model loaded once).
+
+    ``s_source`` is the ObjectRef of s, or a :class:`SolutionBox` that will hold it: then the actors
+    start (import torch, load the model) while the driver is still solving, and wait for s on their
+    first batch.
+    """
+
+    def __init__(self, model_ref: Any, params: Any, preprocess: Preprocess, threads: int,
+                 s_source: Any, n_train: int, method: str = "jvp"):
         torch.set_num_threads(max(1, threads))
-        model: nn.Module = _get(model_ref)
-        self.engine = InfluenceEngine(model, params=params, device=_actor_device())
+        self.engine = InfluenceEngine(_get(model_ref), params=params, device=_actor_device())
         self.preprocess = preprocess
-
-
-class GradientSum(_EngineActor):
-    """Partial sum of validation-loss gradients over one block (optionally only chosen classes)."""
-
-    def __init__(self, model_ref: Any, params: Any, preprocess: Preprocess, threads: int,
-                 classes: Sequence[int] | None, batch_size: int):
-        super().__init__(model_ref, params, preprocess, threads)
-        self.classes = None if classes is None else np.asarray(list(classes), dtype=np.int64)
-        self.batch_size = batch_size
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x, y = batch["x"], batch["label"]
-        if self.classes is not None:
-            sel = np.isin(y, self.classes)
-            x, y = x[sel], y[sel]
-        total = torch.zeros(self.engine.space.dim, dtype=torch.float64, device=self.engine.device)
-        count = 0
-        for i in range(0, len(y), self.batch_size):
-            xb = self.preprocess(x[i:i + self.batch_size]).to(self.engine.device, self.engine.space.dtype)
-            g, n = self.engine.gradient_sum(xb, torch.as_tensor(y[i:i + self.batch_size]).to(self.engine.device))
-            total += g.double()
-            count += n
-        return {"grad": total.cpu().numpy()[None], "count": np.array([count], dtype=np.int64)}
-
-
-class Scorer(_EngineActor):
-    """JVP scores of one batch against the broadcast solution s."""
-
-    def __init__(self, model_ref: Any, params: Any, preprocess: Preprocess, threads: int,
-                 s_ref: Any, n_train: int, method: str = "jvp"):
-        super().__init__(model_ref, params, preprocess, threads)
-        # Read-only zero-copy view from the object store; torch warns once about that, harmlessly.
-        self.s = torch.from_numpy(np.array(_get(s_ref), copy=True))
+        self.s_source = s_source
+        self.s: torch.Tensor | None = None
         self.n_train = n_train
         self.method = method
 
+    def _solution(self) -> torch.Tensor:
+        import ray
+
+        if self.s is None:
+            ref = self.s_source
+            if not isinstance(ref, ray.ObjectRef):  # a SolutionBox handle: blocks until the driver has s
+                ref = ray.get(ref.get.remote())[0]
+            # Read-only zero-copy view from the object store; copy once so torch owns writable memory.
+            self.s = torch.from_numpy(np.array(ray.get(ref), copy=True)).to(self.engine.device)
+        return self.s
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        s = self._solution()
         x = self.preprocess(batch["x"])
-        d = self.engine.score_batch(x, batch["label"], self.s, self.n_train, method=self.method)  # type: ignore[arg-type]
+        d = self.engine.score_batch(x, batch["label"], s, self.n_train, method=self.method)  # type: ignore[arg-type]
         return {"pos": batch["pos"], "delta_val_loss": d.numpy()}
+
+
+class SolutionBox:
+    """Hands s to scoring actors that started before it existed (a Ray actor; ``get`` waits for ``put``)."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self._ready = asyncio.Event()
+        self._value: Any = None
+
+    async def put(self, boxed_ref: list[Any] | None, error: str | None = None) -> None:
+        """``[ObjectRef of s]``, or an error message that makes every waiting actor fail."""
+        self._value = boxed_ref if error is None else error
+        self._ready.set()
+
+    async def get(self) -> list[Any]:
+        await self._ready.wait()
+        if isinstance(self._value, str):
+            raise IdtlError(self._value)
+        return self._value
 
 
 # ── stage 2: the solve, as one Ray task ───────────────────────────────────────────────────────────
@@ -191,6 +241,64 @@ def _resources(actors: int | None) -> tuple[int, float, float, int]:
     n = actors or max(1, int(cpus) // 4)
     per = max(cpus / n, 0.1) if n <= cpus else 0.5
     return n, per, 0.0, max(1, int(round(min(per, cpus / n))))
+
+
+class _Stream:
+    """Iterates a Ray Data dataset on a background thread, so the driver can work while it starts.
+
+    Iterating yields its batches in arrival order and re-raises the execution's error, if any.
+    """
+
+    _END = object()
+
+    def __init__(self, ds: Any):
+        import queue
+        import threading
+
+        self._q: queue.Queue[Any] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ds,), name="idtl-scoring", daemon=True)
+        self._thread.start()
+
+    def _run(self, ds: Any) -> None:
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                if self._stop.is_set():
+                    break
+                self._q.put(batch)
+            self._q.put(self._END)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            self._q.put(e)
+
+    def __iter__(self) -> Any:
+        while True:
+            item = self._q.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop consuming (after a failure elsewhere) and wait briefly for the execution to wind down.
+
+        Queued batches and errors are dropped: an unread error's traceback would keep Ray Data's
+        executor, and through it the pool's actors, alive until the next garbage collection.
+        """
+        import gc
+        import queue
+
+        self._stop.set()
+        self._thread.join(timeout)
+        dropped = False
+        while True:
+            try:
+                self._q.get_nowait()
+                dropped = True
+            except queue.Empty:
+                break
+        if dropped:
+            gc.collect()  # the executor sits in reference cycles; free its actors now, not later
 
 
 def run_fingerprint(parts: dict[str, Any]) -> str:
@@ -273,9 +381,26 @@ def run_pipeline(
     model = model.cpu()
     model_ref = ray.put(model)
     common = dict(model_ref=model_ref, params=params, preprocess=preprocess, threads=threads)
-    pool = dict(compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=cpus, num_gpus=gpus or None)
+    n = len(train)
+    n_shards = -(-n // shard_size)
+    done: dict[int, np.ndarray] = dict(state.get("shards", {}))
+    todo = [k for k in range(n_shards) if k not in done]
+    pos = np.concatenate([np.arange(k * shard_size, min(n, (k + 1) * shard_size)) for k in todo]) if todo else np.zeros(0, np.int64)
+
+    def start_scoring(s_source: Any) -> _Stream | None:
+        """Start the scoring actor pool in the background (stage 4); batches arrive on the returned stream."""
+        if not len(pos):
+            return None
+        block_rows = max(1, min(config.batch_size, -(-len(pos) // (2 * n_actors))))
+        tds = ray.data.from_arrow(_blocks(train.x[pos], train.y[pos], pos, block_rows))
+        out = tds.map_batches(Scorer, fn_constructor_kwargs={**common, "s_source": s_source, "n_train": n},
+                              batch_size=config.batch_size, batch_format="numpy",
+                              compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=cpus, num_gpus=gpus or None)
+        return _Stream(out)
 
     # ── 1-3: g_val, s (reused when resuming) ──
+    stream: _Stream | None = None
+    box: Any = None
     if state.get("s") is not None:
         s, info, n_val = state["s"], state["solve"], state["n_val"]
         timings["validation_gradient_s"] = timings["solve_s"] = 0.0
@@ -283,12 +408,13 @@ def run_pipeline(
         t = time.perf_counter()
         vpos = np.arange(len(val))
         # Blocks hold whole batches, so every batch (and its fp32 gradient) is the one the in-process
-        # engine would form; only the float64 sum over batches is split across actors.
+        # engine would form; only the float64 sum over batches is split across workers.
         bs = config.batch_size
         per_block = max(1, -(-len(val) // (n_actors * bs))) * bs
         vds = ray.data.from_arrow(_blocks(val.x, val.y, vpos, per_block))
-        sums = vds.map_batches(GradientSum, fn_constructor_kwargs={**common, "classes": classes,
-                               "batch_size": config.batch_size}, batch_size=None, batch_format="numpy", **pool)
+        sums = vds.map_batches(gradient_sum_block, fn_kwargs={**common, "classes": classes, "batch_size": bs},
+                               batch_size=None, batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=n_actors),
+                               num_cpus=cpus, num_gpus=gpus or None)
         g, n_val = None, 0
         for row in sums.iter_rows():
             g = row["grad"].astype(np.float64) if g is None else g + row["grad"]
@@ -299,49 +425,44 @@ def run_pipeline(
         timings["validation_gradient_s"] = time.perf_counter() - t
         t = time.perf_counter()
         sub = curvature_subsample(len(train), config.curvature_samples, config.seed)
-        if gpus:  # one solve on a GPU worker; the CPU-only case solves here and skips a worker start-up
+        if gpus:  # one solve on a GPU worker; the scoring actors start after it, as they need its GPU
             task = ray.remote(_solve_task).options(num_cpus=1, num_gpus=1, max_retries=1)
             s, info = ray.get(task.remote(model_ref, params, preprocess, train.x[sub], train.y[sub], g, config))
         else:
-            s, info = _solve_task(model, params, preprocess, train.x[sub], train.y[sub], g, config)
+            # CPU cluster: solve here while the scoring actors start (import torch, load the model) and
+            # wait for s in a SolutionBox; that hides the pool's start-up behind the solve.
+            if len(pos):
+                box = ray.remote(SolutionBox).options(num_cpus=0).remote()
+                stream = start_scoring(box)
+            try:
+                s, info = _solve_task(model, params, preprocess, train.x[sub], train.y[sub], g, config)
+            except BaseException as e:
+                if box is not None:  # the waiting actors fail at once, which ends the pool's execution
+                    box.put.remote(None, error=f"the solve on the driver failed: {e}")
+                if stream is not None:
+                    stream.close()
+                if box is not None:
+                    ray.kill(box)
+                raise
         timings["solve_s"] = time.perf_counter() - t
         if parts is not None:
             _save_solution(parts, s, info, n_val, fingerprint)
-    s_ref = ray.put(s)
+    s_ref = ray.put(s)  # broadcast once; every scoring actor reads this one object
+    if box is not None:
+        box.put.remote([s_ref])
+    else:
+        stream = start_scoring(s_ref)
 
     # ── 4-5: scores, shard by shard ──
     t = time.perf_counter()
-    n = len(train)
-    n_shards = -(-n // shard_size)
-    done: dict[int, np.ndarray] = dict(state.get("shards", {}))
-    todo = [k for k in range(n_shards) if k not in done]
-    pos = np.concatenate([np.arange(k * shard_size, min(n, (k + 1) * shard_size)) for k in todo]) if todo else np.zeros(0, np.int64)
-    bar = _Progress(len(pos), enabled=progress)
     scored = 0
-    if len(pos):
-        block_rows = max(1, min(config.batch_size, -(-len(pos) // (2 * n_actors))))
-        tds = ray.data.from_arrow(_blocks(train.x[pos], train.y[pos], pos, block_rows))
-        out = tds.map_batches(Scorer, fn_constructor_kwargs={**common, "s_ref": s_ref, "n_train": n},
-                              batch_size=config.batch_size, batch_format="numpy", **pool)
-        pending: dict[int, dict[int, float]] = {k: {} for k in todo}
-        for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-            for p, d in zip(batch["pos"].tolist(), batch["delta_val_loss"].tolist()):
-                k = p // shard_size
-                if p in pending.get(k, {}):
-                    continue  # a retried task after an actor died: keep the first copy
-                pending[k][p] = d
-                scored += 1
-                bar.advance(1)
-                size = min(n, (k + 1) * shard_size) - k * shard_size
-                if len(pending[k]) == size:
-                    vals = np.array([pending[k][q] for q in range(k * shard_size, k * shard_size + size)])
-                    done[k] = vals
-                    del pending[k]
-                    if parts is not None:
-                        _save_shard(parts, k, vals, fingerprint)
-                    if on_shard is not None:
-                        on_shard(k)
-        bar.close()
+    if stream is not None:
+        bar = _Progress(len(pos), enabled=progress)
+        try:
+            scored = _collect(stream, todo, done, n, shard_size, parts, fingerprint, bar, on_shard)
+        finally:
+            bar.close()
+            stream.close()  # after an error here (e.g. a full disk), stop scoring instead of running on
         missing = [k for k in todo if k not in done]
         if missing:
             raise IdtlError(f"scoring lost shards {missing[:5]}: re-run with --resume to score them")
@@ -351,6 +472,31 @@ def run_pipeline(
         raise IdtlError("non-finite scores: the model produces non-finite losses on some samples; check the inputs")
     return PipelineResult(scores, info, n_val, timings, shards_reused=n_shards - len(todo), samples_scored=scored,
                           actors=n_actors, device="cuda" if gpus else "cpu")
+
+
+def _collect(stream: _Stream, todo: list[int], done: dict[int, np.ndarray], n: int, shard_size: int,
+             parts: Path | None, fingerprint: str, bar: _Progress, on_shard: Callable[[int], None] | None) -> int:
+    """Gather streamed scores into shards; save each shard as soon as it is complete. Returns #scored."""
+    pending: dict[int, dict[int, float]] = {k: {} for k in todo}
+    scored = 0
+    for batch in stream:
+        for p, d in zip(batch["pos"].tolist(), batch["delta_val_loss"].tolist()):
+            k = p // shard_size
+            if p in pending.get(k, {}):
+                continue  # a retried task after an actor died: keep the first copy
+            pending[k][p] = d
+            scored += 1
+            bar.advance(1)
+            size = min(n, (k + 1) * shard_size) - k * shard_size
+            if len(pending[k]) == size:
+                vals = np.array([pending[k][q] for q in range(k * shard_size, k * shard_size + size)])
+                done[k] = vals
+                del pending[k]
+                if parts is not None:
+                    _save_shard(parts, k, vals, fingerprint)
+                if on_shard is not None:
+                    on_shard(k)
+    return scored
 
 
 # ── shard checkpoints ─────────────────────────────────────────────────────────────────────────────
