@@ -113,6 +113,43 @@ def test_mask_refused_for_another_dataset_or_split(reference_run):
         check_mask(mask, m5.fingerprint(), make_split(m5).fingerprint(), m5.name)
 
 
+def test_failed_solve_stops_the_scoring_actors_that_wait_for_it(ray_session, tmp_path, monkeypatch):
+    # On CPUs the scoring pool starts during the solve; when the solve fails, its actors must not hang.
+    import time
+
+    import ray
+    from ray.util.state import list_actors
+
+    import idtl_ray.scoring as S
+
+    def broken_solve(*args, **kwargs):
+        time.sleep(5)  # long enough for the scoring actors to be up and waiting for s
+        raise SolverDivergedError("cg diverged (test)")
+
+    monkeypatch.setattr(S, "_solve_task", broken_solve)
+    gcs = ray.get_runtime_context().gcs_address
+
+    def scorers() -> set[str]:  # alive, starting or restarting
+        return {a.actor_id for a in list_actors(address=gcs, filters=[("state", "!=", "DEAD")])
+                if "Scorer" in (a.class_name or "")}
+
+    # Runs before the SIGKILL test below: an actor Ray restarts after SIGKILL can outlive its pool
+    # and show up here; earlier pools' actors do not count either.
+    before = scorers()
+    t = time.perf_counter()
+    with pytest.raises(SolverDivergedError, match="diverged"):
+        run_score(_cfg(tmp_path, "diverged"), progress=False)
+    assert time.perf_counter() - t < 240
+    assert not (tmp_path / "diverged" / "mask.parquet").exists()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        alive = scorers() - before
+        if not alive:
+            break
+        time.sleep(2)
+    assert not alive, f"scoring actors of the failed run still alive: {alive}"
+
+
 def test_killed_scoring_actor_loses_nothing(reference_run, tmp_path):
     ref, _ = reference_run
     import ray
@@ -155,35 +192,6 @@ def test_interrupted_run_resumes_without_rescoring(reference_run, tmp_path):
     assert summary["shards_reused"] == done
     assert np.array_equal(mask.sample_id, ref.sample_id)
     assert np.allclose(mask.delta_val_loss, ref.delta_val_loss, rtol=1e-9, atol=0)
-
-
-def test_failed_solve_stops_the_scoring_actors_that_wait_for_it(ray_session, tmp_path, monkeypatch):
-    # On CPUs the scoring pool starts during the solve; when the solve fails, its actors must not hang.
-    import time
-
-    import ray
-    from ray.util.state import list_actors
-
-    import idtl_ray.scoring as S
-
-    def broken_solve(*args, **kwargs):
-        time.sleep(5)  # long enough for the scoring actors to be up and waiting for s
-        raise SolverDivergedError("cg diverged (test)")
-
-    monkeypatch.setattr(S, "_solve_task", broken_solve)
-    t = time.perf_counter()
-    with pytest.raises(SolverDivergedError, match="diverged"):
-        run_score(_cfg(tmp_path, "diverged"), progress=False)
-    assert time.perf_counter() - t < 240
-    assert not (tmp_path / "diverged" / "mask.parquet").exists()
-    gcs = ray.get_runtime_context().gcs_address
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        alive = [a for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")]) if "Scorer" in (a.class_name or "")]
-        if not alive:
-            break
-        time.sleep(2)
-    assert not alive, f"scoring actors still alive after the failed solve: {alive}"
 
 
 # ── CLI errors: one line, exit code 2, no partial mask ───────────────────────────────────────────
