@@ -87,7 +87,7 @@ class PipelineResult:
     device: str = "cpu"
 
 
-# ── Ray Data UDFs (run inside actors) ─────────────────────────────────────────────────────────────
+# ── Ray Data UDFs (run inside Ray workers) ──────────────────────────────────────────────────────
 
 
 def _actor_device() -> torch.device:
@@ -108,14 +108,14 @@ _ENGINES: dict[tuple[str, str, str], InfluenceEngine] = {}
 def _cached_engine(model_ref: Any, params: Any) -> InfluenceEngine:
     """The engine of this worker process, built once per model: Ray reuses task workers across stages
     and runs, so only the first task in a process pays for unpickling the model (and importing torch)."""
-    key = (ref_key(model_ref), repr(params), str(_actor_device()))
+    key = (_ref_key(model_ref), repr(params), str(_actor_device()))
     if key not in _ENGINES:
         _ENGINES.clear()  # one model per process: a new run's model replaces the old one
         _ENGINES[key] = InfluenceEngine(_get(model_ref), params=params, device=_actor_device())
     return _ENGINES[key]
 
 
-def ref_key(ref_or_value: Any) -> str:
+def _ref_key(ref_or_value: Any) -> str:
     """A process-independent name for the model in the object store (its ObjectRef id)."""
     import ray
 
