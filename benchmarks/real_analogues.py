@@ -21,6 +21,7 @@ the digit datasets that install offline, through exactly the same code as the jo
                   images is 469 steps; 3 epochs of 1,294 digits at 32 are 123).
 
     python benchmarks/real_analogues.py --tables 2 5 1 3 --seeds 0 1 2
+    python benchmarks/real_analogues.py --tables --ablation        # Table 2's instance arm, other masks
 
 Runs (models, masks, metrics) live under --work and are resumed on a rerun; each table's
 tableN.{md,json,png} is also copied to --results (committed: results/analogue/).
@@ -135,18 +136,74 @@ def digits_spec() -> E.TableSpec:
                             "MNIST at 128 is 469), constant lr 1e-3.")  # fmt: skip
 
 
+def ablation(work: Path, results: Path, seeds: list[int], budget: float = 0.1) -> None:
+    """Table 2 analogue, instance arm with other masks, to separate 'which samples' from 'how many'.
+
+    Per seed, from that seed's mask: ``random-same-count`` keeps as many samples as the paper's rule
+    but drawn at random; ``budget`` drops only the ``budget`` share with the most negative scores.
+    Each is fine-tuned exactly like the table's instance run (its config.json, another mask).
+    """
+    import json
+
+    from idtl_ray.finetune import FinetuneConfig, run_finetune
+    from idtl_ray.mask import read_mask, write_json_atomic, write_mask, write_text_atomic
+    from idtl_ray.selection import keep_mask
+
+    doc = json.loads((work / "table2.json").read_text())
+    rows = []
+    for seed in seeds:
+        inst = next(r for r in doc["runs"] if r["seed"] == seed and r["strategy"] == "instance")
+        model = next(r for r in doc["runs"] if r["seed"] == seed and r["strategy"] == "model")
+        mask = read_mask(inst["mask"])
+        rng = np.random.default_rng(1000 + seed)
+        random_keep = np.zeros(len(mask.keep), dtype=bool)
+        random_keep[rng.choice(len(mask.keep), int(mask.keep.sum()), replace=False)] = True
+        variants = {"random-same-count": random_keep,
+                    f"budget-{budget:g}": keep_mask(mask.delta_val_loss, 0.0, budget)}  # fmt: skip
+        base = json.loads((Path(inst["run_dir"]) / "config.json").read_text())
+        for name, keep in variants.items():
+            run_dir = Path(inst["run_dir"]).parent / f"instance-{name}"
+            mpath = run_dir.parent / f"mask-{name}.parquet"
+            write_mask(mpath, mask.sample_id, mask.label, mask.delta_val_loss, keep,
+                       {**mask.meta, "drop_rule": {"ablation": name}})  # fmt: skip
+            final = run_finetune(FinetuneConfig(**{**base, "mask": str(mpath), "out": str(run_dir)}))
+            rows.append({"seed": seed, "variant": name, "kept": int(keep.sum()), "test_error": final["test_error"]})
+            print(f"ablation seed {seed} {name}: kept {int(keep.sum())}, test error {final['test_error']:.2f}%", flush=True)
+        rows.append({"seed": seed, "variant": "rule (score < 0 dropped)", "kept": int(mask.keep.sum()),
+                     "test_error": inst["test_error"]})  # fmt: skip
+        rows.append({"seed": seed, "variant": "all (model-based)", "kept": len(mask.keep), "test_error": model["test_error"]})
+    lines = ["# Table 2 analogue: which samples, or how many? (instance arm, other masks)", "",
+             "Same runs as results/analogue/table2.md (4 epochs, same split and seed); only the kept set differs.", "",
+             "| kept set | seeds | kept samples (per seed) | test error (%) mean ± std | per seed |", "|---|---|---|---|---|"]
+    for v in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == v]
+        errs = [r["test_error"] for r in mine]
+        m, sd = E.mean_std(errs)
+        lines.append(f"| {v} | {[r['seed'] for r in mine]} | {[r['kept'] for r in mine]} | {m:.2f} ± {sd or 0:.2f} | "
+                     f"{', '.join(f'{e:.2f}' for e in errs)} |")  # fmt: skip
+    results.mkdir(parents=True, exist_ok=True)
+    write_json_atomic({"rows": rows, "budget": budget}, results / "table2_ablation.json")
+    write_text_atomic("\n".join(lines) + "\n", results / "table2_ablation.md")
+    print("\n".join(lines), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tables", type=int, nargs="+", default=[2, 5, 1, 3])
+    ap.add_argument("--tables", type=int, nargs="*", default=[2, 5, 1, 3])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--table3-seeds", type=int, nargs="+", default=[0, 1], help="Table 3 trains 6 runs per seed.")
     ap.add_argument("--results", default=str(ROOT / "results" / "analogue"))
     ap.add_argument("--work", default=str(ROOT / "runs" / "analogue"))
+    ap.add_argument("--ablation", action="store_true", help="After the tables: Table 2's instance arm with a "
+                    "random mask of the same size and with a 10%% drop budget (needs Table 2 run first).")
     args = ap.parse_args()
     work = Path(args.work).resolve()
     import ray
 
     ray.init(num_cpus=2, address="local", log_to_driver=False, logging_level="ERROR")
+    if args.ablation and not args.tables:
+        ablation(work, Path(args.results), args.seeds)
+        return
     specs: dict[int, E.TableSpec] = {}
     if set(args.tables) & {2, 3, 5}:
         source, target = build_cifar_files(work / "_data")
@@ -161,6 +218,8 @@ def main() -> None:
             shutil.copyfile(f, Path(args.results) / Path(f).name)
         print(f"table {n}: {time.perf_counter() - t:.0f} s, seeds {seeds}", flush=True)
         print(E.render_markdown(doc, specs[n]), flush=True)
+    if args.ablation:
+        ablation(work, Path(args.results), args.seeds)
 
 
 if __name__ == "__main__":
