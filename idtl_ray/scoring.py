@@ -154,6 +154,11 @@ class Scorer:
 
     def __init__(self, model_ref: Any, params: Any, preprocess: Preprocess, threads: int,
                  s_source: Any, n_train: int, method: str = "jvp"):
+        import ray
+
+        if not isinstance(s_source, ray.ObjectRef):  # a SolutionBox: sign in, so a failed run can stop us
+            if not ray.get(s_source.register.remote(ray.get_runtime_context().current_actor)):
+                raise IdtlError("the scoring run this actor belongs to has failed already")
         torch.set_num_threads(max(1, threads))
         self.engine = InfluenceEngine(_get(model_ref), params=params, device=_actor_device())
         self.preprocess = preprocess
@@ -181,13 +186,29 @@ class Scorer:
 
 
 class SolutionBox:
-    """Hands s to scoring actors that started before it existed (a Ray actor; ``get`` waits for ``put``)."""
+    """Hands s to scoring actors that started before it existed (a Ray actor; ``get`` waits for ``put``).
+
+    The actors sign in with ``register``, so that after a failed solve the driver can stop every one
+    of them (``actors``), and one that starts later refuses to.
+    """
 
     def __init__(self) -> None:
         import asyncio
 
         self._ready = asyncio.Event()
         self._value: Any = None
+        self._actors: list[Any] = []
+
+    async def register(self, actor: Any) -> bool:
+        """Sign in a scoring actor; False when the run has failed already."""
+        if self._ready.is_set() and isinstance(self._value, str):
+            return False
+        self._actors.append(actor)
+        return True
+
+    async def actors(self) -> list[Any]:
+        """Handles of every actor that signed in."""
+        return list(self._actors)
 
     async def put(self, boxed_ref: list[Any] | None, error: str | None = None) -> None:
         """``[ObjectRef of s]``, or an error message that makes every waiting actor fail."""
@@ -441,8 +462,9 @@ def run_pipeline(
                     box.put.remote(None, error=f"the solve on the driver failed: {e}")
                 if stream is not None:
                     stream.close()
-                if box is not None:
-                    ray.kill(box)
+                if box is not None:  # Ray Data may leave an actor that was still starting; stop them all
+                    for actor in ray.get(box.actors.remote()):
+                        ray.kill(actor)
                 raise
         timings["solve_s"] = time.perf_counter() - t
         if parts is not None:
