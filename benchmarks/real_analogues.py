@@ -59,10 +59,7 @@ PLUS = E.PlusSpec(rounds=30, per_round=40, per_other=12)  # 1,200 class-A copies
 
 def _save(path: Path, **arrays: np.ndarray) -> str:
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        E._npz_atomic(path, **arrays)  # the jobs' own temp-file-then-rename writer
     return f"npz:{path}"
 
 
