@@ -36,7 +36,7 @@ class ScoreConfig:
     params: list[str] | None = field(default=None, metadata={"help": "Score with these modules' parameters only (default: all)."})
     drop_threshold: float = field(default=0.0, metadata={"help": "Drop samples whose delta_val_loss is below this (paper: 0)."})
     drop_budget: float | None = field(default=None, metadata={"help": "Drop at most this many samples (int) or this fraction (0-1)."})
-    actors: int | None = field(default=None, metadata={"help": "Scoring actors (default: one per GPU, else CPUs/4, at least 1)."})
+    actors: int | None = field(default=None, metadata={"help": "Scoring actors (default: one per GPU, else one per CPU up to 4 CPUs, then CPUs/2)."})
     shard_size: int = field(default=1024, metadata={"help": "Samples per checkpointed shard (what --resume skips)."})
     out: str | None = field(default=None, metadata={"help": "Output directory (default runs/score-<dataset>-<model>)."})
     seed: int = field(default=0, metadata={"help": "Seed of the validation split, the curvature subsample and the head fit."})

@@ -126,7 +126,7 @@ def test_failed_solve_stops_the_scoring_actors_that_wait_for_it(ray_session, tmp
         time.sleep(5)  # long enough for the scoring actors to be up and waiting for s
         raise SolverDivergedError("cg diverged (test)")
 
-    monkeypatch.setattr(S, "_solve_task", broken_solve)
+    monkeypatch.setattr(S, "solve", broken_solve)  # the driver's CG loop (its products run on the actors)
     gcs = ray.get_runtime_context().gcs_address
 
     def scorers() -> set[str]:  # alive, starting or restarting
