@@ -8,7 +8,9 @@ the Ray pipeline with 1 and 2 scoring actors, the time of each stage and the rat
   overhead   = Ray total / in-process total - 1
   vs infer   = Ray scoring stage / one plain inference pass over the same training set
 
-The solve runs on the driver in both paths (no GPU here), with the same settings.
+Same settings in every path. In-process, one process (2 torch threads) does everything; through Ray,
+the scoring actors compute g_val's partial sums and the solve's curvature products (the driver runs
+the CG iteration), then score. Each Ray path starts a fresh local Ray, so its workers start cold.
 
     python benchmarks/bench_ray.py [--n-train 45000] [--n-val 5000] [--model sample-cnn]
 """

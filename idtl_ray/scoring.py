@@ -551,6 +551,10 @@ def run_pipeline(
                               compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=cpus, num_gpus=gpus or None)
         return _Stream(out)
 
+    def say(msg: str) -> None:
+        if progress:
+            print(f"  {msg}", file=sys.stderr, flush=True)
+
     def wait_for(ref: Any) -> Any:
         """The coordinator's answer for ``ref``; re-raises an actor's error, or the pool's if it died."""
         while not ray.wait([ref], timeout=0.5)[0]:
@@ -575,6 +579,8 @@ def run_pipeline(
             raise InputError(f"no validation sample belongs to classes {list(classes)}: "
                              "choose classes present in the validation set")
         t = time.perf_counter()
+        say(f"starting {n_actors} scoring actor{'s' if n_actors > 1 else ''} ({'GPU' if gpus else f'{threads} CPU thread(s) each'}); "
+            "they compute the validation gradient and the solve's products first")
         coordinator = ray.remote(Coordinator).options(num_cpus=0).remote()
         stream = start_scoring(coordinator)  # the actors start, then take the jobs below
         try:
@@ -589,6 +595,8 @@ def run_pipeline(
                 part, count = wait_for(coordinator.take.remote(key))
                 g, n_val = (part if not len(g) else g + part), n_val + count
             timings["validation_gradient_s"] = time.perf_counter() - t
+            say(f"validation gradient: {n_val} samples in {len(chunks)} batches, {timings['validation_gradient_s']:.1f} s "
+                "(with the actors' start-up)")
             t = time.perf_counter()
             sub = curvature_subsample(len(train), config.curvature_samples, config.seed)
             if gpus:  # the actors hold the GPUs: one of them solves on its GPU
@@ -602,6 +610,8 @@ def run_pipeline(
             else:  # the exact solver needs the dense matrix: small models only, on the driver
                 s, info = _solve_task(model, params, preprocess, train.x[sub], train.y[sub], g, config)
             timings["solve_s"] = time.perf_counter() - t
+            say(f"solve: {info.solver}, {info.iterations} iterations, relative residual {info.relative_residual:.1e}, "
+                f"{timings['solve_s']:.1f} s")
             if parts is not None:
                 _save_solution(parts, s, info, n_val, fingerprint)
         except BaseException as e:
