@@ -490,7 +490,7 @@ class Resources:
     workers: int = field(default=1, metadata={"help": "Ray Train workers (DDP ranks) per run."})
     gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs per Train worker (full tables: 1)."})
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per Train worker."})
-    score_actors: int | None = field(default=None, metadata={"help": "Scoring actors (None: one per GPU, else CPUs/4)."})
+    score_actors: int | None = field(default=None, metadata={"help": "Scoring actors (None: one per GPU, else one per CPU up to 4 CPUs, then CPUs/2)."})
 
     @classmethod
     def default(cls, smoke: bool) -> Resources:

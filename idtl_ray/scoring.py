@@ -1,17 +1,19 @@
 """Distributed influence scoring on Ray Data (design.md §3).
 
-Stages (one ``Scorer`` actor pool does the work of stages 1 and 4; a small ``Coordinator`` actor
-hands out the work and holds the shared results):
-  1. g_val        the scoring actors start, and before scoring they compute partial sums of the validation
-                  gradient, one validation batch ("chunk") at a time; the coordinator adds them up in chunk
-                  order. One set of processes imports torch and loads the model, once.
-  2. s            the driver solves (H + λI) s = g_val on a CPU cluster (it has all the cores while the
-                  actors wait); on a GPU cluster one of the GPU actors solves
+Stages (one ``Scorer`` actor pool does the work of stages 1, 2 and 4; a small ``Coordinator`` actor is
+the job board between it and the driver):
+  1. g_val        the scoring actors start and, before scoring, compute the validation gradient's partial
+                  sums, one validation batch ("chunk") per job; the driver adds them up in chunk order.
+                  One set of processes imports torch and loads the model, once.
+  2. s            (H + λI) s = g_val: the driver runs the cg / LiSSA iteration and the actors compute its
+                  curvature products (summed by the driver in batch order); the exact solver runs on the
+                  driver; on a GPU cluster one GPU actor runs the whole solve
   3. broadcast    ``ray.put(s)`` once by the driver; the coordinator hands every actor that ObjectRef
   4. scores       training set → the same actors → JVP scores, batch by batch (one actor per GPU, one
                   single-threaded actor per CPU on small CPU machines)
   5. checkpoint   the driver writes each finished shard to ``parts/`` (Parquet, atomic), so ``resume``
-                  skips finished shards; actor deaths are retried by Ray Data, duplicates are dropped
+                  skips finished shards; actor deaths while scoring are retried by Ray Data, duplicates
+                  are dropped (before scoring, a restarted actor's job goes back on the board)
   6. merge        all shards → one array aligned with the training order (the caller writes the mask)
 
 The stage functions take plain arrays, so the same code scores registry datasets (uint8 images,
@@ -26,6 +28,7 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -153,20 +156,28 @@ class Scorer:
         self.method = method
         self.params = params
         self._curvature: Any = None
-        if not isinstance(s_source, ray.ObjectRef):  # the coordinator: sign in, so a failed run can stop us
-            ctx = ray.get_runtime_context()
-            if not ray.get(s_source.register.remote(ctx.current_actor, ctx.get_actor_id())):
-                raise IdtlError("the scoring run this actor belongs to has failed already")
-        self.engine = InfluenceEngine(_get(model_ref), params=params, device=_actor_device())
-        if not isinstance(s_source, ray.ObjectRef):
-            self._work(s_source)
+        if isinstance(s_source, ray.ObjectRef):  # a resumed run: s exists already
+            self.engine = InfluenceEngine(_get(model_ref), params=params, device=_actor_device())
+            return
+        # The coordinator: sign in (a fresh token per process start, so a claim that a crashed earlier
+        # incarnation left waiting cannot take a job for us), then work until s is out.
+        ctx = ray.get_runtime_context()
+        self._id, self._token = ctx.get_actor_id(), uuid.uuid4().hex
+        if not ray.get(s_source.register.remote(ctx.current_actor, self._id, self._token)):
+            raise IdtlError("the scoring run this actor belongs to has failed already")
+        try:
+            self.engine = InfluenceEngine(_get(model_ref), params=params, device=_actor_device())
+        except BaseException as e:
+            _report(s_source, e)
+            raise
+        self._work(s_source)
+        self._curvature = None  # the curvature batches are not needed for scoring
 
     def _work(self, coordinator: Any) -> None:
-        """Run the coordinator's jobs until it has s (then it answers None)."""
+        """Run the coordinator's jobs until it has s, or the run has failed (then it answers None)."""
         import ray
 
-        me = ray.get_runtime_context().get_actor_id()
-        while (job := ray.get(coordinator.claim.remote(me))) is not None:
+        while (job := ray.get(coordinator.claim.remote(self._id, self._token))) is not None:
             key, (kind, *args) = job
             try:
                 if kind == "gradient":  # (chunk ref, classes): one validation batch
@@ -174,7 +185,8 @@ class Scorer:
                     result: Any = gradient_chunk(self.engine, self.preprocess, x, y, args[1])
                 elif kind == "product":  # (v ref, curvature subsample ref, config, batch index)
                     op = self._curvature_op(args[1][0], args[2])
-                    v = torch.from_numpy(np.array(ray.get(args[0][0]), copy=True)).to(self.engine.device)
+                    # v arrives in float64, cast here as the in-process operator casts it
+                    v = torch.tensor(ray.get(args[0][0])).to(self.engine.device, self.engine.space.dtype)
                     with eval_mode(self.engine.model), torch.no_grad():
                         x, y = op.batches[args[3]]
                         result = op.batch_product(v, x, y).double().cpu().numpy()
@@ -182,10 +194,7 @@ class Scorer:
                     x, y = ray.get(args[0][0])
                     result = _solve_task(self.engine.model, self.params, self.preprocess, x, y, args[1], args[2])
             except BaseException as e:  # the driver re-raises it; then this actor fails too
-                try:
-                    ray.get(coordinator.fail.remote(e))
-                except Exception:  # an exception that does not pickle: send its text
-                    ray.get(coordinator.fail.remote(f"{type(e).__name__}: {e}"))
+                _report(coordinator, e)
                 raise
             ray.get(coordinator.deliver.remote(key, result))
 
@@ -221,6 +230,16 @@ class Scorer:
         return {"pos": batch["pos"], "delta_val_loss": d.numpy()}
 
 
+def _report(coordinator: Any, error: BaseException) -> None:
+    """Hand an actor's error to the coordinator, so the driver raises it with its own type and text."""
+    import ray
+
+    try:
+        ray.get(coordinator.fail.remote(error))
+    except Exception:  # an exception that does not pickle: send its text
+        ray.get(coordinator.fail.remote(f"{type(error).__name__}: {error}"))
+
+
 class Coordinator:
     """A job board for the run's stages before scoring, as a small Ray actor (asyncio, no CPU).
 
@@ -243,6 +262,7 @@ class Coordinator:
         self._error: BaseException | None = None
         self._final: list[Any] | None = None
         self._actors: dict[str, Any] = {}
+        self._tokens: dict[str, str] = {}             # actor id -> token of its current process
         self._changed = asyncio.Condition()
 
     async def _notify(self) -> None:
@@ -253,7 +273,7 @@ class Coordinator:
         async with self._changed:
             await self._changed.wait_for(lambda: self._error is not None or ready())
 
-    async def register(self, actor: Any, aid: str) -> bool:
+    async def register(self, actor: Any, aid: str, token: str) -> bool:
         """Sign in a scoring actor; False when the run has failed already. A restart gives back its jobs."""
         if self._error is not None:
             return False
@@ -262,11 +282,16 @@ class Coordinator:
                 del self._held[key]
             await self._notify()
         self._actors[aid] = actor
+        self._tokens[aid] = token
         return True
 
     async def actors(self) -> list[Any]:
         """Handles of every actor that signed in."""
         return list(self._actors.values())
+
+    async def count(self) -> int:
+        """How many actors have signed in (the driver's check that the pool could start)."""
+        return len(self._actors)
 
     async def add(self, jobs: dict[Any, tuple[Any, ...]]) -> None:
         """Put jobs on the board (``key -> (kind, *args)``)."""
@@ -276,10 +301,13 @@ class Coordinator:
     def _free(self) -> Any:
         return next((k for k in self._jobs if k not in self._held), None)
 
-    async def claim(self, actor_id: str) -> tuple[Any, tuple[Any, ...]] | None:
-        """The oldest job nobody holds, once there is one; None once s is out (or the run failed)."""
+    async def claim(self, actor_id: str, token: str) -> tuple[Any, tuple[Any, ...]] | None:
+        """The oldest job nobody holds, once there is one; None once s is out (or the run failed).
+
+        A claim from an earlier process of a restarted actor (an old token) gets None: its caller is gone.
+        """
         await self._wait(lambda: self._final is not None or self._free() is not None)
-        if self._error is not None or self._final is not None:
+        if self._error is not None or self._final is not None or self._tokens.get(actor_id) != token:
             return None
         key = self._free()
         self._held[key] = actor_id
@@ -328,10 +356,10 @@ class RemoteCurvature:
     """
 
     def __init__(self, coordinator: Any, wait_for: Callable[[Any], Any], sub: tuple[np.ndarray, np.ndarray],
-                 config: InfluenceConfig, dtype: torch.dtype):
+                 config: InfluenceConfig):
         import ray
 
-        self.kind, self.damping, self.dtype = config.curvature, config.damping, dtype
+        self.kind, self.damping = config.curvature, config.damping
         self._coordinator, self._wait_for, self._config = coordinator, wait_for, config
         self._sub_ref = ray.put(sub)
         n = len(sub[1])
@@ -343,7 +371,7 @@ class RemoteCurvature:
         import ray
 
         idx = range(len(self.batches)) if batches is None else [self.batches.index(b) for b in batches]
-        v_ref = ray.put(v.to(self.dtype).numpy())
+        v_ref = ray.put(v.double().numpy())
         keys = [("product", self.matvecs, b) for b in idx]
         self._coordinator.add.remote({k: ("product", [v_ref], [self._sub_ref], self._config, k[2]) for k in keys})
         acc = torch.zeros_like(v)
@@ -353,11 +381,9 @@ class RemoteCurvature:
         return acc / sum(len(self.batches[b][1]) for b in idx) + self.damping * v
 
 
+ACTOR_START_TIMEOUT_S = 900.0  # no scoring actor signed in by then: the cluster cannot host one
+
 # ── the pipeline ──────────────────────────────────────────────────────────────────────────────────
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _arrow(x: np.ndarray, y: np.ndarray, pos: np.ndarray) -> pa.Table:
@@ -525,6 +551,9 @@ def run_pipeline(
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    # The actors' constructors do g_val and the solve (minutes to hours on big models) before the first
+    # block moves; Ray Data would call that "no progress" after 30 min. wait_for has its own backstop.
+    ctx.execution_no_progress_timeout_s = -1
     timings: dict[str, float] = {}
     n_actors, cpus, gpus, threads = _resources(actors)
     parts = Path(work_dir) / "parts" if work_dir is not None else None
@@ -555,11 +584,26 @@ def run_pipeline(
         if progress:
             print(f"  {msg}", file=sys.stderr, flush=True)
 
+    pool_up = False
+
     def wait_for(ref: Any) -> Any:
-        """The coordinator's answer for ``ref``; re-raises an actor's error, or the pool's if it died."""
+        """The coordinator's answer for ``ref``; re-raises an actor's error, or the pool's if it died.
+
+        Also the backstop for a pool that cannot start (Ray Data's own no-progress timeout is off,
+        since the pre-scoring work runs inside the actors' constructors and moves no blocks).
+        """
+        nonlocal pool_up
+        t0 = time.monotonic()
         while not ray.wait([ref], timeout=0.5)[0]:
             if stream is not None and stream.error is not None:
                 raise stream.error
+            if not pool_up and time.monotonic() - t0 > ACTOR_START_TIMEOUT_S:
+                pool_up = ray.get(coordinator.count.remote()) > 0
+                if not pool_up:
+                    raise IdtlError(
+                        f"no scoring actor started within {ACTOR_START_TIMEOUT_S:.0f} s: the cluster lacks the "
+                        f"resources for one ({cpus:g} CPU, {gpus:g} GPU each); add nodes or lower --actors")
+        pool_up = True
         status, value = ray.get(ref)
         if status == "error":
             raise value if isinstance(value, BaseException) else IdtlError(str(value))
@@ -575,8 +619,9 @@ def run_pipeline(
             done.clear()
             todo[:] = list(range(n_shards))
             pos = np.arange(n)
-        if classes is not None and not np.isin(val.y, np.asarray(list(classes), dtype=np.int64)).any():
-            raise InputError(f"no validation sample belongs to classes {list(classes)}: "
+        wanted = None if classes is None else [int(c) for c in classes]
+        if wanted is not None and not np.isin(val.y, np.asarray(wanted, dtype=np.int64)).any():
+            raise InputError(f"no validation sample belongs to classes {wanted}: "
                              "choose classes present in the validation set")
         t = time.perf_counter()
         say(f"starting {n_actors} scoring actor{'s' if n_actors > 1 else ''} ({'GPU' if gpus else f'{threads} CPU thread(s) each'}); "
@@ -585,17 +630,25 @@ def run_pipeline(
         stream = start_scoring(coordinator)  # the actors start, then take the jobs below
         try:
             # g_val: one job per in-process batch, so every partial sum is one the in-process engine forms.
+            # A few jobs ahead of the one the driver adds next, so that finished partial sums (each the
+            # size of the model) never pile up in the coordinator.
             bs = config.batch_size
-            wanted = None if classes is None else [int(c) for c in classes]
-            chunks = {("gradient", k): ("gradient", [ray.put((val.x[i:i + bs], val.y[i:i + bs]))], wanted)
-                      for k, i in enumerate(range(0, len(val), bs))}
-            coordinator.add.remote(chunks)
+            starts = list(range(0, len(val), bs))
+            window = 2 * n_actors
+
+            def chunk_job(k: int) -> dict[Any, Any]:
+                i = starts[k]
+                return {("gradient", k): ("gradient", [ray.put((val.x[i:i + bs], val.y[i:i + bs]))], wanted)}
+
+            coordinator.add.remote({key: job for k in range(min(window, len(starts))) for key, job in chunk_job(k).items()})
             g, n_val = np.zeros(0), 0
-            for key in chunks:  # chunk order: the sum does not depend on which actor finished first
-                part, count = wait_for(coordinator.take.remote(key))
+            for k in range(len(starts)):  # chunk order: the sum does not depend on which actor finished first
+                if k + window < len(starts):
+                    coordinator.add.remote(chunk_job(k + window))
+                part, count = wait_for(coordinator.take.remote(("gradient", k)))
                 g, n_val = (part if not len(g) else g + part), n_val + count
             timings["validation_gradient_s"] = time.perf_counter() - t
-            say(f"validation gradient: {n_val} samples in {len(chunks)} batches, {timings['validation_gradient_s']:.1f} s "
+            say(f"validation gradient: {n_val} samples in {len(starts)} batches, {timings['validation_gradient_s']:.1f} s "
                 "(with the actors' start-up)")
             t = time.perf_counter()
             sub = curvature_subsample(len(train), config.curvature_samples, config.seed)
@@ -603,8 +656,7 @@ def run_pipeline(
                 coordinator.add.remote({("solve",): ("solve", [ray.put((train.x[sub], train.y[sub]))], g, config)})
                 s, info = wait_for(coordinator.take.remote(("solve",)))
             elif config.solver in ("cg", "lissa"):  # the driver iterates; the actors compute the products
-                op = RemoteCurvature(coordinator, wait_for, (train.x[sub], train.y[sub]), config,
-                                     _model_dtype(model))
+                op = RemoteCurvature(coordinator, wait_for, (train.x[sub], train.y[sub]), config)
                 s_t, info = solve(op, torch.from_numpy(g), config)
                 s = s_t.numpy()
             else:  # the exact solver needs the dense matrix: small models only, on the driver
@@ -615,12 +667,20 @@ def run_pipeline(
             if parts is not None:
                 _save_solution(parts, s, info, n_val, fingerprint)
         except BaseException as e:
-            # The waiting actors fail at once, which ends the pool's execution; Ray Data may leave an
-            # actor that was still starting, so stop every actor that signed in.
+            # Stop the pool: the coordinator refuses newcomers and stops handing out jobs; the actors that
+            # signed in are killed (one may be busy in a long job), which ends Ray Data's execution.
             ray.get(coordinator.fail.remote(f"{type(e).__name__}: {e}"))
-            stream.close()
-            for actor in ray.get(coordinator.actors.remote()):
-                ray.kill(actor)
+            data_log = logging.getLogger("ray.data")
+            level = data_log.level
+            data_log.setLevel(logging.CRITICAL)  # Ray Data would log the kills below as its own crash
+            try:
+                for actor in ray.get(coordinator.actors.remote()):
+                    ray.kill(actor)
+                stream.close(timeout=30)
+                for actor in ray.get(coordinator.actors.remote()):  # any that signed in meanwhile
+                    ray.kill(actor)
+            finally:
+                data_log.setLevel(level)
             raise
     s_ref = ray.put(s)  # broadcast once; every scoring actor reads this one object
     if stream is not None:

@@ -150,6 +150,17 @@ def test_failed_solve_stops_the_scoring_actors_that_wait_for_it(ray_session, tmp
     assert not alive, f"scoring actors of the failed run still alive: {alive}"
 
 
+def test_an_actors_error_reaches_the_caller_with_its_type(ray_session, digits_tensors, tmp_path):
+    # The actors build the engine (and choose the parameters) in their own processes; a bad choice
+    # must come back as the InputError the in-process engine raises, not as a Ray actor death.
+    from idtl_ray.errors import InputError
+
+    model, train, val = digits_tensors
+    with pytest.raises(InputError, match="matches no trainable parameter"):
+        score(model, train, val, config=FAST, params=["no_such_layer"], actors=2, out=tmp_path / "bad")
+    assert not (tmp_path / "bad" / "mask.parquet").exists()
+
+
 def test_killed_scoring_actor_loses_nothing(reference_run, tmp_path):
     ref, _ = reference_run
     import ray
