@@ -573,15 +573,24 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None, run
     from ray.train.torch import TorchTrainer
 
     out = _check_out_dir(cfg)
+    plan = make_plan(cfg)
+    # The config names the mask by its path; what it keeps can change (a re-scored mask). A run trained
+    # on other samples must not be resumed or returned as if it were this one.
+    ids_sha = hashlib.sha256(np.ascontiguousarray(plan.train_ids, dtype=np.int64).tobytes()).hexdigest()[:16]
+    prev = out / "config.json"
+    if prev.is_file():
+        old_sha = json.loads(prev.read_text(encoding="utf-8")).get("train_ids_sha")
+        if old_sha is not None and old_sha != ids_sha:
+            raise InputError(f"{out} holds a run trained on other samples (the mask changed since; it now keeps "
+                             f"{len(plan.train_ids)}): choose another --out, or remove that directory to retrain")
     final_path = out / "final.json"
     if final_path.is_file():
         final = json.loads(final_path.read_text(encoding="utf-8"))
         if final.get("epochs") == cfg.epochs and (out / "model.pt").is_file():
             return final
-    plan = make_plan(cfg)
     model, info = build_finetune_model(cfg, *_arch(plan.data), data=plan.data)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(cfg.to_dict(), out / "config.json")
+    write_json_atomic({**cfg.to_dict(), "train_ids_sha": ids_sha}, out / "config.json")
     from .scoring import ensure_ray
 
     ensure_ray(cfg.address)

@@ -14,6 +14,8 @@ start=$(date +%s)
 $IDTL pretrain --dataset mnist-5k --image-size 8 --model sample-cnn --epochs 5 --out "$OUT/source.pt"
 $IDTL score --dataset digits --model sample-cnn --weights "$OUT/source.pt" --out "$OUT/score"
 $IDTL inspect "$OUT/score/mask.parquet"
+# The demo scores afresh each time, so it compares afresh too (a compare directory refuses a re-scored mask).
+rm -rf "$OUT/compare"
 $IDTL compare --dataset digits --model sample-cnn --weights "$OUT/source.pt" --mask "$OUT/score" \
   --epochs 5 --out "$OUT/compare"
 echo "mask:       $OUT/score/mask.parquet"

@@ -29,7 +29,7 @@ from idtl_ray.finetune import (
     run_compare,
     run_finetune,
 )
-from idtl_ray.mask import write_mask
+from idtl_ray.mask import read_mask, write_mask
 
 DIGITS = (10, 1, 8)  # num_classes, in_channels, image_size of `digits`
 
@@ -257,3 +257,16 @@ def test_rerunning_resumes_instead_of_starting_over(killed_run: dict) -> None:
 
     with pytest.raises(IdtlError, match="holds a run with another config"):
         run_finetune(replace(cfg, lr=0.01))
+
+    # The same mask path re-scored to keep other samples: refused, not returned as the old run.
+    mask = Path(cfg.mask)
+    original = mask.read_bytes()
+    try:
+        m = read_mask(mask)
+        keep = m.keep.copy()
+        keep[np.flatnonzero(keep)[:2]] = False
+        write_mask(mask, m.sample_id, m.label, m.delta_val_loss, keep, m.meta)
+        with pytest.raises(IdtlError, match="trained on other samples"):
+            run_finetune(cfg)
+    finally:
+        mask.write_bytes(original)
