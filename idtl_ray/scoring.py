@@ -42,7 +42,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from .errors import IdtlError, InputError
-from .influence import InfluenceConfig, InfluenceEngine, SolveInfo, curvature_subsample, eval_mode, solve
+from .influence import (CurvatureOperator, InfluenceConfig, InfluenceEngine, SolveInfo, curvature_subsample, eval_mode,
+                        solve)
 from .mask import atomic_write_table, write_json_atomic
 
 
@@ -125,12 +126,18 @@ def gradient_chunk(engine: InfluenceEngine, preprocess: Preprocess, x: np.ndarra
     return g.double().cpu().numpy(), n
 
 
+def _curvature_on(engine: InfluenceEngine, preprocess: Preprocess, x: np.ndarray, y: np.ndarray,
+                  config: InfluenceConfig) -> CurvatureOperator:
+    """The damped curvature on the (already drawn) subsample ``x, y``, batched as in-process."""
+    data = TensorDataset(preprocess(x).to(engine.space.dtype), torch.as_tensor(y))
+    return engine.curvature(data, config.curvature, config.damping, samples=None, batch_size=config.batch_size)
+
+
 def _solve_task(model: nn.Module, params: Any, preprocess: Preprocess, x: np.ndarray, y: np.ndarray,
                 g: np.ndarray, config: InfluenceConfig) -> tuple[np.ndarray, SolveInfo]:
     """Solve (H + λI) s = g_val on the curvature subsample ``x, y``: on the driver, or on a GPU actor."""
     engine = InfluenceEngine(model, params=params, device=_actor_device())
-    data = TensorDataset(preprocess(x).to(engine.space.dtype), torch.as_tensor(y))
-    op = engine.curvature(data, config.curvature, config.damping, samples=None, batch_size=config.batch_size)
+    op = _curvature_on(engine, preprocess, x, y, config)
     s, info = solve(op, torch.from_numpy(g).to(engine.device, torch.float64), config)
     return s.cpu().numpy(), info
 
@@ -155,23 +162,25 @@ class Scorer:
         self.n_train = n_train
         self.method = method
         self.params = params
-        self._curvature: Any = None
-        if isinstance(s_source, ray.ObjectRef):  # a resumed run: s exists already
-            self.engine = InfluenceEngine(_get(model_ref), params=params, device=_actor_device())
-            return
-        # The coordinator: sign in (a fresh token per process start, so a claim that a crashed earlier
-        # incarnation left waiting cannot take a job for us), then work until s is out.
-        ctx = ray.get_runtime_context()
-        self._id, self._token = ctx.get_actor_id(), uuid.uuid4().hex
-        if not ray.get(s_source.register.remote(ctx.current_actor, self._id, self._token)):
-            raise IdtlError("the scoring run this actor belongs to has failed already")
+        self._curvature: CurvatureOperator | None = None
+        # Without an ObjectRef, s_source is the coordinator: sign in (a fresh token per process start, so
+        # a claim that a crashed earlier incarnation left waiting cannot take a job for us), then work
+        # until s is out. With one, the run is resumed and s exists already.
+        coordinator = None if isinstance(s_source, ray.ObjectRef) else s_source
+        if coordinator is not None:
+            ctx = ray.get_runtime_context()
+            self._id, self._token = ctx.get_actor_id(), uuid.uuid4().hex
+            if not ray.get(coordinator.register.remote(ctx.current_actor, self._id, self._token)):
+                raise IdtlError("the scoring run this actor belongs to has failed already")
         try:
             self.engine = InfluenceEngine(_get(model_ref), params=params, device=_actor_device())
         except BaseException as e:
-            _report(s_source, e)
+            if coordinator is not None:
+                _report(coordinator, e)
             raise
-        self._work(s_source)
-        self._curvature = None  # the curvature batches are not needed for scoring
+        if coordinator is not None:
+            self._work(coordinator)
+            self._curvature = None  # the curvature batches are not needed for scoring
 
     def _work(self, coordinator: Any) -> None:
         """Run the coordinator's jobs until it has s, or the run has failed (then it answers None)."""
@@ -198,15 +207,13 @@ class Scorer:
                 raise
             ray.get(coordinator.deliver.remote(key, result))
 
-    def _curvature_op(self, sub_ref: Any, config: InfluenceConfig) -> Any:
+    def _curvature_op(self, sub_ref: Any, config: InfluenceConfig) -> CurvatureOperator:
         """This actor's copy of the curvature batches (the same batches as the driver's and in-process)."""
         import ray
 
         if self._curvature is None:
             x, y = ray.get(sub_ref)
-            data = TensorDataset(self.preprocess(x).to(self.engine.space.dtype), torch.as_tensor(y))
-            self._curvature = self.engine.curvature(data, config.curvature, config.damping, samples=None,
-                                                    batch_size=config.batch_size)
+            self._curvature = _curvature_on(self.engine, self.preprocess, x, y, config)
         return self._curvature
 
     def _solution(self) -> torch.Tensor:
