@@ -33,6 +33,9 @@ def score(
     val_fraction: float = typer.Option(0.1, help=help_of(S, "val_fraction")),
     target_class: Optional[list[int]] = typer.Option(None, help="Repeatable. " + help_of(S, "target_classes")),
     head: str = typer.Option("auto", help=help_of(S, "head")),
+    score: str = typer.Option("self", help=help_of(I, "score")),
+    head_params: str = typer.Option("bias", help=help_of(I, "head_params")),
+    head_damping: float = typer.Option(0.1, help=help_of(I, "head_damping")),
     solver: str = typer.Option("cg", help=help_of(I, "solver")),
     hessian: str = typer.Option("ggn", "--hessian", "--curvature", help=help_of(I, "curvature")),
     damping: float = typer.Option(0.1, help=help_of(I, "damping")),
@@ -41,8 +44,11 @@ def score(
     tol: float = typer.Option(1e-2, help=help_of(I, "tol")),
     lissa_scale: float = typer.Option(10.0, help=help_of(I, "lissa_scale")),
     params: Optional[list[str]] = typer.Option(None, "--param", help="Repeatable. " + help_of(S, "params")),
+    drop: str = typer.Option("auto", help=help_of(S, "drop")),
     drop_threshold: float = typer.Option(0.0, help=help_of(S, "drop_threshold")),
     drop_budget: Optional[float] = typer.Option(None, help=help_of(S, "drop_budget")),
+    auto_budget: Optional[list[float]] = typer.Option(None, help="Repeatable. " + help_of(S, "auto_budgets") + " Default 0 0.05 0.1 0.2 0.3."),
+    auto_epochs: int = typer.Option(10, help=help_of(S, "auto_epochs")),
     batch_size: int = typer.Option(256, help=help_of(I, "batch_size")),
     actors: Optional[int] = typer.Option(None, help=help_of(S, "actors")),
     shard_size: int = typer.Option(1024, help=help_of(S, "shard_size")),
@@ -58,10 +64,12 @@ def score(
     cfg = ScoreConfig(
         dataset=dataset, model=model, weights=weights, data_dir=data_dir, image_size=image_size,
         val_fraction=val_fraction, target_classes=list(target_class) if target_class else None, head=head,
-        influence=InfluenceConfig(solver=solver, curvature=hessian, damping=damping,  # type: ignore[arg-type]
+        influence=InfluenceConfig(score=score, head_params=head_params, head_damping=head_damping,  # type: ignore[arg-type]
+                                  solver=solver, curvature=hessian, damping=damping,  # type: ignore[arg-type]
                                   curvature_samples=curvature_samples or None, max_iter=max_iter, tol=tol,
                                   lissa_scale=lissa_scale, batch_size=batch_size, seed=seed),
-        params=list(params) if params else None, drop_threshold=drop_threshold, drop_budget=drop_budget,
+        params=list(params) if params else None, drop=drop, drop_threshold=drop_threshold, drop_budget=drop_budget,
+        **({"auto_budgets": list(auto_budget)} if auto_budget else {}), auto_epochs=auto_epochs,
         actors=actors, shard_size=shard_size, out=out, seed=seed, resume=resume, address=address,
     )
     summary = run_score(cfg, progress=True)

@@ -10,6 +10,7 @@ Examples::
     idtl-ray pretrain --dataset emnist-letters --model sample-cnn --epochs 2 --out runs/emnist.pt
     idtl-ray finetune --strategy instance --mask runs/score/mask.parquet --weights runs/emnist.pt --dataset mnist
     idtl-ray compare --dataset mnist --weights runs/emnist.pt --epochs 1 --out runs/table1
+    idtl-ray compare --dataset digits --weights runs/src.pt --out runs/cmp --baselines random,loss,cleanlab
     idtl-ray sweep --dataset cifar10 --model resnet50 --weights imagenet --strategy model --frozen 20 30 40
 """
 
@@ -165,14 +166,20 @@ def register(app: typer.Typer) -> None:
         eval_every: int = typer.Option(_F.eval_every, help=_h("eval_every")),
         seed: int = typer.Option(_F.seed, help=_h("seed")),
         address: Optional[str] = typer.Option(None, help=_h("address")),
+        baselines: Optional[str] = typer.Option(
+            None, help="Also fine-tune on baseline selections that drop as many samples as the mask: a comma list "
+                       "of random, loss (highest loss of the scored model), cleanlab (likely label issues)."),  # fmt: skip
     ) -> None:
         """Scratch vs model-based vs instance-based on one split: the paper's table of test error (%)."""
+        from .baselines import parse_methods
         from .finetune import run_compare
 
+        names = parse_methods(baselines)  # a typo fails here, before Ray starts
         ensure_ray(address)
         run_compare(dataset, model, weights, epochs, out=out, mask=mask,
                     score_fn=_score_fn(dataset, model, weights, data_dir, image_size, val_fraction, seed, address),
-                    scratch_epochs=scratch_epochs, data_dir=data_dir, image_size=image_size, val_fraction=val_fraction,
+                    scratch_epochs=scratch_epochs, baselines=names, data_dir=data_dir, image_size=image_size,
+                    val_fraction=val_fraction,
                     batch_size=batch_size, lr=lr, lr_drop_at=lr_drop_at, freeze_conv=freeze_conv, workers=workers,
                     gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker, eval_every=eval_every,
                     seed=seed, address=address)  # fmt: skip

@@ -606,7 +606,8 @@ def _train_in_process(name: str, src: SourceSpec, seed: int, path: Path, data_di
                                                      torch.as_tensor(d.train.y[idx]))  # fmt: skip
             loss.backward()
             opt.step()
-    M.save_checkpoint(path, model, {"dataset": d.name, "dataset_fingerprint": d.fingerprint(), "epochs": src.epochs})
+    M.save_checkpoint(path, model, {"dataset": d.name, "classes": list(d.classes),
+                                    "dataset_fingerprint": d.fingerprint(), "epochs": src.epochs})  # fmt: skip
 
 
 def _score(ctx: _Context, s: Setting, dataset: str, weights: str, seed: int, classes: list[int] | None) -> dict[str, Any]:

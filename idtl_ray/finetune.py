@@ -29,7 +29,7 @@ import math
 import os
 import signal
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,7 +42,7 @@ from torch import nn
 from . import data as D
 from . import models as M
 from .errors import IdtlError, InputError, MaskError, WeightsError
-from .mask import check_mask, read_mask, save_figure_atomic, write_json_atomic
+from .mask import check_mask, read_mask, save_figure_atomic, write_json_atomic, write_mask
 
 STRATEGIES = ("scratch", "model", "instance")
 STRATEGY_TITLES = {"scratch": "from Scratch", "model": "Model-based TL", "instance": "Instance-based TL"}
@@ -681,8 +681,10 @@ def _write_outputs(cfg: FinetuneConfig, plan: Plan, out: Path, model: nn.Module,
         "mask": str(plan.mask_path) if plan.mask_path else None,
         "run_name": name,
     }
-    M.save_checkpoint(out / "model.pt", model, {k: final[k] for k in (
-        "strategy", "dataset", "dataset_fingerprint", "split_fingerprint", "epochs", "test_error", "n_train_samples")})  # fmt: skip
+    # classes: the head's class names (`score --head auto` keeps this head only for a target with these)
+    M.save_checkpoint(out / "model.pt", model, {**{k: final[k] for k in (
+        "strategy", "dataset", "dataset_fingerprint", "split_fingerprint", "epochs", "test_error", "n_train_samples")},
+        "classes": list(plan.data.classes)})  # fmt: skip
     write_json_atomic(final, out / "final.json")  # last: its presence means the run is complete
     return final
 
@@ -696,8 +698,9 @@ def pretrain(dataset: str, model: str, epochs: int, out: str | Path, batch_size:
     """Train a source model (paper Table 1: Xavier, Adam 1e-3, batch 128) on every training sample.
 
     Uses the same TorchTrainer path (strategy scratch, ``split="none"``, no lr drop); the run lives in
-    ``<out>.run/`` and the project checkpoint is written at ``out`` with meta {dataset,
-    dataset_fingerprint, epochs, test_error}. Returns that meta plus ``path``.
+    ``<out>.run/`` and the project checkpoint is written at ``out`` with meta {dataset, classes,
+    dataset_fingerprint, epochs, test_error} (``classes``: the head's class names, which
+    ``score --head auto`` compares with the target's). Returns that meta plus ``path``.
     """
     path = Path(out).expanduser().resolve()
     cfg = FinetuneConfig(dataset=dataset, model=model, strategy="scratch", split="none", epochs=epochs,
@@ -705,9 +708,10 @@ def pretrain(dataset: str, model: str, epochs: int, out: str | Path, batch_size:
                          image_size=image_size, workers=workers, cpus_per_worker=cpus_per_worker,
                          gpus_per_worker=gpus_per_worker, address=address, out=str(path) + ".run")  # fmt: skip
     final = run_finetune(cfg)
-    trained, _ = M.load_checkpoint(Path(cfg.out_dir) / "model.pt")
-    meta = {"dataset": dataset, "dataset_fingerprint": final["dataset_fingerprint"], "epochs": final["epochs"],
-            "test_error": final["test_error"]}  # fmt: skip
+    trained, run_meta = M.load_checkpoint(Path(cfg.out_dir) / "model.pt")
+    classes = run_meta.get("classes") or list(D.load_dataset(dataset, data_dir, image_size=image_size).classes)
+    meta = {"dataset": dataset, "classes": list(classes), "dataset_fingerprint": final["dataset_fingerprint"],
+            "epochs": final["epochs"], "test_error": final["test_error"]}  # fmt: skip
     M.save_checkpoint(path, trained, meta)
     return {**meta, "path": str(path)}
 
@@ -731,21 +735,78 @@ def compare_table(rows: list[dict[str, Any]], dataset: str) -> str:
     lines = [f"| Strategy | Model | {dataset} test error (%) | training samples | epochs |", "|---|---|---|---|---|"]
     for r in rows:
         err = "-" if r["test_error"] is None else f"{r['test_error']:.2f}"
-        lines.append(f"| {STRATEGY_TITLES[r['strategy']]} | {r['model']} | {err} | {r['n_train_samples']} | {r['epochs']} |")
+        title = r.get("label") or STRATEGY_TITLES[r["strategy"]]
+        lines.append(f"| {title} | {r['model']} | {err} | {r['n_train_samples']} | {r['epochs']} |")
     return "\n".join(lines) + "\n"
+
+
+def _baseline_mask_files(root: Path, mask_path: Path, split_path: Path, names: tuple[str, ...], dataset: str,
+                         data_dir: str | None, image_size: int | None, seed: int) -> list[tuple[str, Path, int]]:  # fmt: skip
+    """Write ``<root>/mask-<name>.parquet`` for each baseline: the instance mask's k drops, chosen by ``name``.
+
+    The baselines rank the split's training samples with the scored model beside the mask
+    (``model.pt``). Each file carries the instance mask's metadata (so its fingerprints match) plus
+    ``baseline``; a file made from the same mask, model and seed is reused, so a rerun resumes.
+    """
+    from .baselines import baseline_masks
+
+    mask = read_mask(mask_path)
+    k = int((~mask.keep).sum())
+    model_path = mask_path.parent / "model.pt"
+    if not model_path.is_file():
+        raise MaskError(f"--baselines ranks samples with the scored model, but there is no {model_path}; "
+                        f"re-run `idtl-ray score` (it saves model.pt beside the mask) or leave --baselines out")  # fmt: skip
+    data = D.load_dataset(dataset, data_dir, image_size=image_size)
+    split = D.Split.load(split_path)
+    check_mask(mask, data.fingerprint(), split.fingerprint(), data.name)
+    train, _, ids = D.apply_split(data, split)
+    order = np.argsort(mask.sample_id, kind="stable")
+    if len(mask) != len(ids) or not np.array_equal(mask.sample_id[order], np.sort(ids)):
+        raise MaskError(f"the mask {mask_path} does not list exactly the split's {len(ids)} training samples, so "
+                        f"the baselines cannot match it; re-run `idtl-ray score`")  # fmt: skip
+    pos = order[np.searchsorted(mask.sample_id[order], ids)]  # mask row of each training sample
+    h = hashlib.sha256(np.ascontiguousarray(mask.sample_id, dtype=np.int64).tobytes() + mask.keep.tobytes())
+    h.update(hashlib.sha256(model_path.read_bytes()).digest() + f"|{seed}".encode())
+    source = h.hexdigest()[:16]
+    paths = {name: root / f"mask-{name}.parquet" for name in names}
+
+    def current(p: Path) -> bool:
+        try:
+            return p.is_file() and read_mask(p).meta.get("baseline_source") == source
+        except MaskError:
+            return False
+
+    todo = [name for name in names if not current(paths[name])]
+    if todo:
+        scored, meta = M.load_checkpoint(model_path)
+        if meta.get("dataset_fingerprint") not in (None, data.fingerprint()):
+            raise WeightsError(f"{model_path} was scored on another dataset; re-run `idtl-ray score` for {data.name}")
+        print(f"baselines: ranking {len(ids)} training samples for {', '.join(todo)} (dropping {k} each)", flush=True)
+        keeps = baseline_masks(scored, train.x, train.y, data.mean, data.std, k, todo, seed=seed)
+        for name, keep in keeps.items():
+            write_mask(paths[name], ids, train.y, mask.scores[pos], keep,
+                       {**mask.meta, "baseline": name, "baseline_source": source, "n_dropped": k,
+                        "drop_rule": {"baseline": name, "k": k, "seed": seed}}, mask.score_name)  # fmt: skip
+    return [(name, paths[name], k) for name in names]
 
 
 def run_compare(dataset: str, model: str, weights: str, epochs: int, *, out: str | Path, mask: str | None = None,
                 score_fn: Callable[[str], str] | None = None, scratch_epochs: int | None = None,
-                **finetune_kw: Any) -> dict[str, Any]:  # fmt: skip
+                baselines: Sequence[str] | str | None = None, **finetune_kw: Any) -> dict[str, Any]:  # fmt: skip
     """Train scratch, model-based and instance-based on the same split; print and save the table.
 
     The split is the split.json beside the mask. Without ``mask``, ``<out>/score/mask.parquet`` is
     used, or ``score_fn(<out>/score) -> mask path`` makes one (the CLI runs the scoring stage).
     ``scratch_epochs`` (default ``epochs``; the paper trains scratch longer) and ``finetune_kw``
-    (any other :class:`FinetuneConfig` field) apply to all three runs. Writes ``compare.md`` and
-    ``compare.json`` in ``out``; returns ``{"rows": [...final dicts...], "table": str, "mask": path}``.
+    (any other :class:`FinetuneConfig` field) apply to all three runs. ``baselines`` (names from
+    :data:`idtl_ray.baselines.METHODS`) adds one ``instance`` run per baseline on a mask that drops as
+    many samples as the instance mask (``<out>/mask-<name>.parquet``, run in ``<out>/baseline-<name>``).
+    Writes ``compare.md`` and ``compare.json`` in ``out``; returns ``{"rows": [...final dicts...],
+    "table": str, "mask": path, "baselines": {name: mask path}}``.
     """
+    from .baselines import parse_methods, row_label
+
+    names = parse_methods(baselines)  # before any work
     root = Path(out).expanduser().resolve()
     bad = {"dataset", "model", "weights", "epochs", "strategy", "mask", "split", "out"} & set(finetune_kw)
     if bad:
@@ -754,6 +815,8 @@ def run_compare(dataset: str, model: str, weights: str, epochs: int, *, out: str
     split = mask_path.parent / "split.json"
     if not split.is_file():
         raise MaskError(f"no split.json beside the mask {mask_path}; the comparison needs the split the mask was scored on")
+    extra = _baseline_mask_files(root, mask_path, split, names, dataset, finetune_kw.get("data_dir"),
+                                 finetune_kw.get("image_size"), int(finetune_kw.get("seed", 0))) if names else []  # fmt: skip
     rows = []
     for strategy in STRATEGIES:
         cfg = FinetuneConfig(dataset=dataset, model=model, weights=weights, strategy=strategy,
@@ -762,12 +825,17 @@ def run_compare(dataset: str, model: str, weights: str, epochs: int, *, out: str
                              out=str(root / strategy), **finetune_kw)  # fmt: skip
         rows.append(run_finetune(cfg))
         print(f"{strategy}: test error {rows[-1]['test_error']:.2f}% on {rows[-1]['n_train_samples']} samples", flush=True)
+    for name, bmask, k in extra:  # exactly the instance arm's run, on the baseline's mask
+        cfg = FinetuneConfig(dataset=dataset, model=model, weights=weights, strategy="instance", epochs=epochs,
+                             mask=str(bmask), split=str(split), out=str(root / f"baseline-{name}"), **finetune_kw)  # fmt: skip
+        rows.append({**run_finetune(cfg), "baseline": name, "label": row_label(name, k)})
+        print(f"{rows[-1]['label']}: test error {rows[-1]['test_error']:.2f}% on {rows[-1]['n_train_samples']} samples", flush=True)
     table = compare_table(rows, dataset)
     print(table, end="")
     tmp = root / "compare.md.tmp"
     tmp.write_text(table, encoding="utf-8")
     os.replace(tmp, root / "compare.md")
-    result = {"rows": rows, "table": table, "mask": str(mask_path)}
+    result = {"rows": rows, "table": table, "mask": str(mask_path), "baselines": {n: str(p) for n, p, _ in extra}}
     write_json_atomic(result, root / "compare.json")
     return result
 

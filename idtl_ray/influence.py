@@ -25,19 +25,21 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .errors import InputError, SolverDivergedError
+from .self_influence import LossFn, cross_entropy, fit_head_factors, self_influence_batch
 
 Solver = Literal["cg", "lissa", "exact"]
+ScoreKind = Literal["self", "paper"]
 CurvatureKind = Literal["ggn", "exact"]
 ParamSpec = None | int | Sequence[str]
 
 __all__ = [
     "InfluenceConfig",
+    "InfluenceResult",
     "InfluenceEngine",
     "CurvatureOperator",
     "SolveInfo",
@@ -50,6 +52,9 @@ __all__ = [
 class InfluenceConfig:
     """Settings of one influence computation; the same object drives the API, the CLI and the mask metadata."""
 
+    score: ScoreKind = field(default="self", metadata={"help": "self: self-influence on the head (EK-FAC; finds mislabelled samples, no validation set needed); paper: delta_val_loss, the paper's validation-loss influence."})
+    head_params: Literal["bias", "head"] = field(default="bias", metadata={"help": "Self-influence over the head's bias (default; exact curvature) or the whole head (weight and bias, EK-FAC)."})
+    head_damping: float = field(default=0.1, metadata={"help": "Damping of the self-influence curvature, relative to its mean eigenvalue (Kronfluence's 0.1)."})
     solver: Solver = field(default="cg", metadata={"help": "Inverse-curvature solver: cg, lissa or exact (dense, small models)."})
     curvature: CurvatureKind = field(default="ggn", metadata={"help": "ggn (Gauss-Newton, PSD; default for nets) or exact (true Hessian)."})
     damping: float = field(default=0.1, metadata={"help": "λ in (H + λI)^-1: makes the system well posed; larger = smoother, more biased."})
@@ -61,6 +66,12 @@ class InfluenceConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the curvature subsample and LiSSA batch order."})
 
     def __post_init__(self) -> None:
+        if self.score not in ("self", "paper"):
+            raise InputError(f"unknown score {self.score!r}: use self (self-influence, the default) or paper (delta_val_loss)")
+        if self.head_params not in ("bias", "head"):
+            raise InputError(f"unknown head_params {self.head_params!r}: use bias or head")
+        if not (self.head_damping > 0 and math.isfinite(self.head_damping)):
+            raise InputError(f"head_damping must be a finite number > 0, got {self.head_damping}")
         if self.solver not in ("cg", "lissa", "exact"):
             raise InputError(f"unknown solver {self.solver!r}: use one of cg, lissa, exact")
         if self.curvature not in ("ggn", "exact"):
@@ -223,14 +234,20 @@ class CurvatureOperator:
                 return self.engine.logits(q, x)
 
             logits, jv = jvp(logits_fn, (p,), (vd,))
-            prob = torch.softmax(logits, dim=-1)
-            # Hessian of softmax cross-entropy w.r.t. logits: diag(p) - p pᵀ, applied to J v.
-            hjv = prob * jv - prob * (prob * jv).sum(dim=-1, keepdim=True)
+            if self.engine.custom_loss:  # the loss's Hessian w.r.t. the logits, applied to J v (forward over reverse)
+                def dloss(z: torch.Tensor) -> torch.Tensor:
+                    return grad(lambda zz: self.engine.loss_fn(zz, y).sum())(z)
+
+                _, hjv = jvp(dloss, (logits.detach(),), (jv,))
+            else:
+                prob = torch.softmax(logits, dim=-1)
+                # Hessian of softmax cross-entropy w.r.t. logits: diag(p) - p pᵀ, applied to J v.
+                hjv = prob * jv - prob * (prob * jv).sum(dim=-1, keepdim=True)
             _, pullback = vjp(logits_fn, p)
             (out,) = pullback(hjv)
         else:
             def loss_fn(q: dict[str, torch.Tensor]) -> torch.Tensor:
-                return F.cross_entropy(self.engine.logits(q, x), y, reduction="sum")
+                return self.engine.loss_fn(self.engine.logits(q, x), y).sum()
 
             _, out = jvp(grad(loss_fn), (p,), (vd,))
         return space.flatten(out)
@@ -274,31 +291,45 @@ def _diverged(solver: str, it: int, why: str, fix: str) -> SolverDivergedError:
     return SolverDivergedError(f"{solver} solver diverged at iteration {it} ({why}): {fix}")
 
 
+GROWTH_PATIENCE = 20
+"""CG's residual is not monotone: it is called diverged only after growing this many iterations in a row."""
+
+
 def solve_cg(op: CurvatureOperator, g: torch.Tensor, max_iter: int = 100, tol: float = 1e-3) -> tuple[torch.Tensor, SolveInfo]:
-    """Conjugate gradient for (H + λI) s = g, from s = 0. Needs a positive definite operator."""
+    """Conjugate gradient for (H + λI) s = g, from s = 0. Needs a positive definite operator.
+
+    CG's residual may rise for a while before it falls: CG minimises the error in the energy norm, which
+    falls at every iteration, not the residual. So the last iterate is returned (the best in that norm)
+    with its residual in the report, and the solve stops as diverged only on a non-finite product,
+    negative curvature, or a residual that grew ``GROWTH_PATIENCE`` iterations in a row to more than
+    100x its best (lost conjugacy, e.g. from noisy fp32 products).
+    """
     g_norm = float(g.norm())
     x = torch.zeros_like(g)
     r = g.clone()
     p = r.clone()
     rs = float(r @ r)
-    rel = 1.0
-    it = 0
+    best_rel, rel, it, growing = 1.0, 1.0, 0, 0
     fix = ("raise the damping (e.g. x10) or max_iter" if op.kind == "ggn"
            else "use curvature='ggn' (positive semi-definite) and/or a larger damping")
     for it in range(1, max_iter + 1):
         ap = op.matvec(p)
         pap = float(p @ ap)
         if not math.isfinite(pap):
-            raise _diverged("cg", it, "non-finite curvature product", fix)
+            raise _diverged("cg", it, "non-finite curvature product: check the model's outputs and the inputs for NaN/inf", fix)
         if pap <= 0:
             raise _diverged("cg", it, f"negative curvature pᵀ(H+λI)p = {pap:.3g}: the matrix is not positive definite", fix)
         alpha = rs / pap
         x = x + alpha * p
         r = r - alpha * ap
         rs_new = float(r @ r)
-        rel = math.sqrt(rs_new) / g_norm
-        if not math.isfinite(rel) or rel > 1e6:
-            raise _diverged("cg", it, f"relative residual {rel:.3g}", fix)
+        prev, rel = rel, math.sqrt(rs_new) / g_norm
+        if not math.isfinite(rel):
+            raise _diverged("cg", it, "non-finite residual", fix)
+        best_rel = min(best_rel, rel)
+        growing = growing + 1 if rel > prev else 0
+        if growing >= GROWTH_PATIENCE and rel > 100 * best_rel:
+            raise _diverged("cg", it, f"residual grew {growing} iterations in a row to {rel:.3g} (best {best_rel:.3g})", fix)
         if rel < tol:
             break
         p = r + (rs_new / rs) * p
@@ -355,8 +386,6 @@ def solve_exact(op: CurvatureOperator, g: torch.Tensor) -> tuple[torch.Tensor, S
 def _finish(solver: str, x: torch.Tensor, g_norm: float, it: int, rel: float, tol: float, fix: str) -> SolveInfo:
     if not bool(torch.isfinite(x).all()) or not math.isfinite(rel):
         raise _diverged(solver, it, "non-finite solution", fix)
-    if rel > 1.0:  # worse than s = 0: nothing about this solution can be trusted
-        raise _diverged(solver, it, f"relative residual {rel:.3g} > 1 after {it} iterations", fix)
     converged = rel <= tol
     if not converged:
         warnings.warn(
@@ -402,8 +431,12 @@ class InfluenceEngine:
     (g_val as partial sums, s once, scores on an actor pool).
     """
 
-    def __init__(self, model: nn.Module, params: ParamSpec = None, device: str | torch.device | None = None):
+    def __init__(self, model: nn.Module, params: ParamSpec = None, device: str | torch.device | None = None,
+                 loss_fn: LossFn | None = None):
         self.device = torch.device(device) if device is not None else default_device()
+        # loss_fn(logits, labels) -> per-sample losses; None = softmax cross-entropy (closed-form GGN)
+        self.loss_fn: LossFn = loss_fn or cross_entropy
+        self.custom_loss = loss_fn is not None
         self.model = model.to(self.device)
         self.space = ParamSpace(model, select_parameters(model, params), self.device)
         self.num_outputs: int | None = None
@@ -417,12 +450,14 @@ class InfluenceEngine:
 
     def _prepare(self, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.as_tensor(x).to(self.device, dtype=self.space.dtype)
-        y = _labels(y).to(self.device)
+        # a custom loss may take any targets (regression values, soft labels); cross-entropy needs class indices
+        y = torch.as_tensor(y).to(self.device) if self.custom_loss else _labels(y).to(self.device)
         return x, y
 
     def _check(self, logits: torch.Tensor, y: torch.Tensor) -> None:
         self.num_outputs = logits.shape[-1]
-        _check_labels(y, self.num_outputs)
+        if not self.custom_loss:
+            _check_labels(y, self.num_outputs)
 
     def validation_gradient(
         self, val: Dataset, classes: Sequence[int] | None = None, batch_size: int = 256
@@ -460,7 +495,7 @@ class InfluenceEngine:
         def loss_fn(q: dict[str, torch.Tensor]) -> torch.Tensor:
             logits = self.logits(q, x)
             self._check(logits, y)
-            return F.cross_entropy(logits, y, reduction="sum")
+            return self.loss_fn(logits, y).sum()
 
         with eval_mode(self.model):
             g = grad(loss_fn)(self.space.params)
@@ -506,7 +541,7 @@ class InfluenceEngine:
                 def losses(q: dict[str, torch.Tensor]) -> torch.Tensor:
                     logits = self.logits(q, x)
                     self._check(logits, y)
-                    return F.cross_entropy(logits, y, reduction="none")
+                    return self.loss_fn(logits, y)
 
                 _, d = jvp(losses, (self.space.params,), (sd,))
             elif method == "grad":
@@ -514,7 +549,7 @@ class InfluenceEngine:
                     self._check(self.logits(self.space.params, x[:1]), y)
 
                 def loss1(q: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-                    return F.cross_entropy(self.logits(q, xi[None]), yi[None])
+                    return self.loss_fn(self.logits(q, xi[None]), yi[None]).sum()
 
                 gs = vmap(grad(loss1), in_dims=(None, 0, 0))(self.space.params, x, y)
                 d = sum((gs[n].flatten(1) @ sd[n].reshape(-1)) for n in self.space.names)
@@ -534,7 +569,12 @@ class InfluenceEngine:
 
 @dataclass
 class InfluenceResult:
-    """Scores plus what produced them (written beside the mask)."""
+    """Scores plus what produced them (written beside the mask); ``np.asarray(result)`` is the scores.
+
+    ``score`` names what ``scores`` holds: ``self`` = self-influence (high = likely mislabelled or an
+    outlier; drop the highest), ``paper`` = delta_val_loss (negative = removing it lowers the summed
+    validation loss; drop the lowest).
+    """
 
     scores: np.ndarray
     solve: SolveInfo
@@ -542,26 +582,49 @@ class InfluenceResult:
     n_val: int
     n_params: int
     timings: dict[str, float] = field(default_factory=dict)
+    score: ScoreKind = "paper"
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        return self.scores if dtype is None else self.scores.astype(dtype)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @property
+    def harm(self) -> np.ndarray:
+        """The scores oriented so that higher = drop first, whichever score was computed."""
+        return self.scores if self.score == "self" else -self.scores
+
+
+def head_solve_info(factors: Any) -> SolveInfo:
+    """The solve report of a self-influence run: EK-FAC is a direct inverse, so it is exact by construction."""
+    return SolveInfo("ekfac-head", 0, 0.0, True, 0.0, 0.0, 0)
 
 
 def compute_influence(
     model: nn.Module,
     train: Dataset,
-    val: Dataset,
+    val: Dataset | None = None,
     config: InfluenceConfig | None = None,
     *,
     device: str | torch.device | None = None,
     classes: Sequence[int] | None = None,
     params: ParamSpec = None,
     method: Literal["jvp", "grad"] = "jvp",
+    loss_fn: LossFn | None = None,
 ) -> InfluenceResult:
-    """The whole in-process computation (g_val → s → scores) with its diagnostics."""
+    """The whole in-process computation with its diagnostics: self-influence, or g_val → s → scores."""
     import time
 
     config = config or InfluenceConfig()
     if len(train) == 0:
         raise InputError("the training set is empty: give at least one training sample")
-    engine = InfluenceEngine(model, params=params, device=device)
+    if config.score == "self":
+        return _self_influence(model, train, config, device, loss_fn)
+    if val is None:
+        raise InputError("score='paper' needs a validation set (delta_val_loss is the change of its summed loss): "
+                         "pass val, or use score='self', which needs none")
+    engine = InfluenceEngine(model, params=params, device=device, loss_fn=loss_fn)
     t = {"start": time.perf_counter()}
     g, n_val = engine.validation_gradient(val, classes=classes, batch_size=config.batch_size)
     t["validation_gradient"] = time.perf_counter()
@@ -574,16 +637,46 @@ def compute_influence(
         raise SolverDivergedError("non-finite scores: the model produces non-finite losses on some training samples; check the inputs")
     stages = ["start", "validation_gradient", "solve", "scores"]
     timings = {b: t[b] - t[a] for a, b in zip(stages, stages[1:])}
-    return InfluenceResult(scores, info, config, n_val, engine.space.dim, timings)
+    return InfluenceResult(scores, info, config, n_val, engine.space.dim, timings, score="paper")
+
+
+def _self_influence(model: nn.Module, train: Dataset, config: InfluenceConfig, device: Any,
+                    loss_fn: LossFn | None) -> InfluenceResult:
+    import time
+
+    dev = torch.device(device) if device is not None else default_device()
+    model = model.to(dev)
+    dtype = next(model.parameters()).dtype
+
+    def batches(data: Dataset) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for xb, yb in _as_batches(data, config.batch_size):
+            yield torch.as_tensor(xb).to(dev, dtype), (torch.as_tensor(yb) if loss_fn else _labels(yb)).to(dev)
+
+    t0 = time.perf_counter()
+    sub = curvature_subsample(len(train), config.curvature_samples, config.seed)
+    factors = fit_head_factors(model, batches(Subset(train, sub.tolist())), config.head_damping, loss_fn,
+                               config.head_params)
+    t1 = time.perf_counter()
+    scores = np.concatenate([self_influence_batch(model, factors, x, y, len(train), loss_fn) for x, y in batches(train)])
+    t2 = time.perf_counter()
+    if not np.isfinite(scores).all():
+        raise SolverDivergedError("non-finite self-influence: the model produces non-finite outputs on some training "
+                                  "samples; check the inputs and weights for NaN/inf")
+    n_params = int(factors.inv.numel())
+    return InfluenceResult(scores, head_solve_info(factors), config, 0, n_params,
+                           {"curvature": t1 - t0, "scores": t2 - t1}, score="self")
 
 
 def score_samples(
     model: nn.Module,
     train: Dataset,
-    val: Dataset,
+    val: Dataset | None = None,
     *,
+    score: ScoreKind = "self",
+    loss_fn: LossFn | None = None,
     solver: Solver = "cg",
     damping: float = 0.1,
+    head_damping: float = 0.1,
     batch_size: int = 256,
     device: str | torch.device | None = None,
     classes: Sequence[int] | None = None,
@@ -595,28 +688,35 @@ def score_samples(
     lissa_scale: float = 10.0,
     seed: int = 0,
     method: Literal["jvp", "grad"] = "jvp",
-) -> np.ndarray:
-    """Predicted change of the summed validation loss when each training sample is removed.
+) -> InfluenceResult:
+    """Score every training sample; returns the scores with the report of how they were made.
 
     Args:
         model: any ``nn.Module`` mapping a batch of inputs to logits; scored in eval mode, restored after.
-        train, val: map-style datasets of ``(input, label)``.
-        solver: ``cg`` (default), ``lissa`` or ``exact`` (dense; small models only).
-        damping: λ added to the curvature.
+        train, val: map-style datasets of ``(input, label)``; ``val`` is needed for ``score="paper"`` only.
+        score: ``self`` (default): self-influence on the model's final Linear with an EK-FAC curvature;
+            high = likely mislabelled or an outlier. ``paper``: delta_val_loss, the predicted change of the
+            summed validation loss when the sample is removed (negative = removing it helps).
+        loss_fn: per-sample loss ``loss_fn(logits, labels) -> (batch,)``; default softmax cross-entropy.
+        solver: ``cg`` (default), ``lissa`` or ``exact`` (dense; small models only); paper score only.
+        damping: λ added to the curvature (paper score); ``head_damping``: relative λ of self-influence.
         batch_size: samples per forward pass.
         device: defaults to CUDA when available.
         classes: score against validation samples of these classes only (paper §4.4).
-        params: None (all trainable), module names, or an int k (the last k layers).
+        params: None (all trainable), module names, or an int k (the last k layers); paper score only.
         curvature: ``ggn`` (Gauss-Newton; default) or ``exact`` (Hessian).
         curvature_samples: seeded subsample size for the curvature (None = all of ``train``).
         method: ``jvp`` (fast) or ``grad`` (per-sample gradients; the reference).
 
     Returns:
-        float64 array, ``delta_val_loss`` in the order of ``train``: negative means that removing the
-        sample is predicted to lower the summed validation loss (the paper drops those).
+        :class:`InfluenceResult`: ``.scores`` (float64, in the order of ``train``), ``.solve`` (iterations,
+        relative residual, converged), ``.harm`` (higher = drop first) and timings; ``np.asarray(result)``
+        gives the scores.
     """
     config = InfluenceConfig(
-        solver=solver, curvature=curvature, damping=damping, curvature_samples=curvature_samples,
-        max_iter=max_iter, tol=tol, lissa_scale=lissa_scale, batch_size=batch_size, seed=seed,
+        score=score, solver=solver, curvature=curvature, damping=damping, head_damping=head_damping,
+        curvature_samples=curvature_samples, max_iter=max_iter, tol=tol, lissa_scale=lissa_scale,
+        batch_size=batch_size, seed=seed,
     )
-    return compute_influence(model, train, val, config, device=device, classes=classes, params=params, method=method).scores
+    return compute_influence(model, train, val, config, device=device, classes=classes, params=params, method=method,
+                             loss_fn=loss_fn)

@@ -1,8 +1,10 @@
 """The Parquet mask: one row per training sample, and the provenance that makes it safe to apply.
 
 Columns (design.md §3): ``sample_id`` int64 (index in the dataset's original training split),
-``label`` int64, ``delta_val_loss`` float64 (predicted change of the summed validation loss when the
-sample is removed; negative = removing it helps), ``keep`` bool.
+``label`` int64, one score column, ``keep`` bool. The score column is ``delta_val_loss`` float64
+(``--score paper``: predicted change of the summed validation loss when the sample is removed;
+negative = removing it helps) or ``self_influence`` float64 (``--score self``, the default: predicted
+rise of the sample's own loss when it is removed; high = likely mislabelled or an outlier).
 
 The file's key-value metadata (key ``idtl_ray``) holds a JSON object with the dataset and split
 fingerprints, model and weights, solver settings and convergence, the validation reference, the sign
@@ -32,14 +34,23 @@ SIGN_CONVENTION = (
     "validation loss; the paper's rule drops samples with delta_val_loss < 0."
 )
 
-SCHEMA = pa.schema(
-    [
-        ("sample_id", pa.int64()),
-        ("label", pa.int64()),
-        ("delta_val_loss", pa.float64()),
-        ("keep", pa.bool_()),
-    ]
+SCORE_COLUMNS = ("delta_val_loss", "self_influence")
+SELF_INFLUENCE_CONVENTION = (
+    "self_influence = (1/n) * grad L(z_i)^T (G + damping*I)^-1 grad L(z_i) over the model's head (EK-FAC): the "
+    "predicted rise of sample i's own loss when it is removed and the head re-fit. High = the model bends towards "
+    "the sample (a flipped label or an outlier); the budget rules drop the highest first."
 )
+
+
+def schema(score_name: str = "delta_val_loss") -> pa.Schema:
+    """The mask's columns, with the score column named after what it holds."""
+    if score_name not in SCORE_COLUMNS:
+        raise MaskError(f"unknown score column {score_name!r}: internal error, please report")
+    return pa.schema([("sample_id", pa.int64()), ("label", pa.int64()), (score_name, pa.float64()),
+                      ("keep", pa.bool_())])
+
+
+SCHEMA = schema()
 
 
 @dataclass
@@ -48,9 +59,17 @@ class Mask:
 
     sample_id: np.ndarray
     label: np.ndarray
-    delta_val_loss: np.ndarray
+    scores: np.ndarray
     keep: np.ndarray
     meta: dict[str, Any]
+    score_name: str = "delta_val_loss"
+
+    @property
+    def delta_val_loss(self) -> np.ndarray:
+        """The paper's score; a self-influence mask has none."""
+        if self.score_name != "delta_val_loss":
+            raise MaskError(f"this mask holds {self.score_name} scores, not delta_val_loss: re-score with --score paper")
+        return self.scores
 
     def __len__(self) -> int:
         return len(self.sample_id)
@@ -137,38 +156,39 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def mask_table(sample_id: np.ndarray, label: np.ndarray, delta_val_loss: np.ndarray, keep: np.ndarray,
-               meta: dict[str, Any]) -> pa.Table:
+def mask_table(sample_id: np.ndarray, label: np.ndarray, scores: np.ndarray, keep: np.ndarray,
+               meta: dict[str, Any], score_name: str = "delta_val_loss") -> pa.Table:
     """Build the mask table (sorted by sample_id) with its metadata; validates the columns."""
     sample_id = np.asarray(sample_id, dtype=np.int64)
     n = len(sample_id)
-    cols = {"label": label, "delta_val_loss": delta_val_loss, "keep": keep}
+    cols = {"label": label, score_name: scores, "keep": keep}
     for name, col in cols.items():
         if len(col) != n:
             raise MaskError(f"mask column {name} has {len(col)} rows, sample_id has {n}: internal error, please report")
     if len(np.unique(sample_id)) != n:
         raise MaskError("mask has duplicate sample ids: internal error, please report")
-    scores = np.asarray(delta_val_loss, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
     if not np.isfinite(scores).all():
-        raise MaskError("refusing to write a mask with non-finite scores: the solver diverged; raise --damping")
+        raise MaskError("refusing to write a mask with non-finite scores: check the model and inputs for NaN/inf")
     order = np.argsort(sample_id, kind="stable")
     table = pa.table(
         {
             "sample_id": sample_id[order],
             "label": np.asarray(label, dtype=np.int64)[order],
-            "delta_val_loss": scores[order],
+            score_name: scores[order],
             "keep": np.asarray(keep, dtype=bool)[order],
         },
-        schema=SCHEMA,
+        schema=schema(score_name),
     )
-    full = {"sign_convention": SIGN_CONVENTION, **meta}
+    convention = SIGN_CONVENTION if score_name == "delta_val_loss" else SELF_INFLUENCE_CONVENTION
+    full = {"sign_convention": convention, **meta, "score_column": score_name}
     return table.replace_schema_metadata({META_KEY: json.dumps(full, default=_json_default).encode()})
 
 
-def write_mask(path: str | Path, sample_id: np.ndarray, label: np.ndarray, delta_val_loss: np.ndarray,
-               keep: np.ndarray, meta: dict[str, Any]) -> Path:
-    """Write the mask atomically; returns its path."""
-    atomic_write_table(mask_table(sample_id, label, delta_val_loss, keep, meta), path)
+def write_mask(path: str | Path, sample_id: np.ndarray, label: np.ndarray, scores: np.ndarray,
+               keep: np.ndarray, meta: dict[str, Any], score_name: str = "delta_val_loss") -> Path:
+    """Write the mask atomically; returns its path. ``score_name``: delta_val_loss or self_influence."""
+    atomic_write_table(mask_table(sample_id, label, scores, keep, meta, score_name), path)
     return Path(path)
 
 
@@ -184,16 +204,18 @@ def read_mask(path: str | Path) -> Mask:
     except Exception as e:  # pyarrow raises several types for a corrupt file
         raise MaskError(f"mask {p} is not a readable Parquet file ({e}); re-run `idtl-ray score`") from e
     raw = (table.schema.metadata or {}).get(META_KEY)
-    missing = [c for c in SCHEMA.names if c not in table.column_names]
+    score_name = next((c for c in SCORE_COLUMNS if c in table.column_names), "delta_val_loss")
+    missing = [c for c in schema(score_name).names if c not in table.column_names]
     if raw is None or missing:
         raise MaskError(f"{p} is not an idtl-ray mask (missing {missing or 'metadata'}); re-run `idtl-ray score`")
     meta = json.loads(raw)
     return Mask(
         sample_id=table["sample_id"].to_numpy(),
         label=table["label"].to_numpy(),
-        delta_val_loss=table["delta_val_loss"].to_numpy(),
+        scores=table[score_name].to_numpy(),
         keep=table["keep"].to_numpy(zero_copy_only=False),
         meta=meta,
+        score_name=score_name,
     )
 
 

@@ -43,8 +43,10 @@ from torch.utils.data import TensorDataset
 
 from .errors import IdtlError, InputError
 from .influence import (CurvatureOperator, InfluenceConfig, InfluenceEngine, SolveInfo, curvature_subsample, eval_mode,
+                        head_solve_info,
                         solve)
 from .mask import atomic_write_table, write_json_atomic
+from .self_influence import HeadFactors, fit_head_factors, self_influence_batch
 
 
 @dataclass
@@ -142,6 +144,16 @@ def _solve_task(model: nn.Module, params: Any, preprocess: Preprocess, x: np.nda
     return s.cpu().numpy(), info
 
 
+def head_factors(model: nn.Module, preprocess: Preprocess, x: np.ndarray, y: np.ndarray,
+                 config: InfluenceConfig) -> dict[str, np.ndarray]:
+    """EK-FAC factors of the head on the curvature subsample (self-influence): on the driver or a GPU worker."""
+    device = _actor_device()
+    model = model.to(device)
+    bs = config.batch_size
+    batches = ((preprocess(x[i:i + bs]).to(device), torch.as_tensor(y[i:i + bs]).to(device)) for i in range(0, len(y), bs))
+    return fit_head_factors(model, batches, config.head_damping, params=config.head_params).to_numpy()
+
+
 class Scorer:
     """A scoring actor of the Ray Data pool (model loaded once per actor).
 
@@ -152,7 +164,7 @@ class Scorer:
     """
 
     def __init__(self, model_ref: Any, params: Any, preprocess: Preprocess, threads: int,
-                 s_source: Any, n_train: int, method: str = "jvp"):
+                 s_source: Any, n_train: int, method: str = "jvp", score: str = "paper"):
         import ray
 
         torch.set_num_threads(max(1, threads))
@@ -161,6 +173,8 @@ class Scorer:
         self.s: torch.Tensor | None = None
         self.n_train = n_train
         self.method = method
+        self.score = score
+        self.factors: HeadFactors | None = None
         self.params = params
         self._curvature: CurvatureOperator | None = None
         # Without an ObjectRef, s_source is the coordinator: sign in (a fresh token per process start, so
@@ -231,8 +245,16 @@ class Scorer:
         return self.s
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        s = self._solution()
+        import ray
+
         x = self.preprocess(batch["x"])
+        if self.score == "self":  # s_source is the ObjectRef of the head's EK-FAC factors
+            if self.factors is None:
+                self.factors = HeadFactors.from_numpy(ray.get(self.s_source), self.engine.device)
+            y = torch.as_tensor(batch["label"]).to(self.engine.device)
+            d = self_influence_batch(self.engine.model, self.factors, x.to(self.engine.device), y, self.n_train)
+            return {"pos": batch["pos"], "delta_val_loss": d}
+        s = self._solution()
         d = self.engine.score_batch(x, batch["label"], s, self.n_train, method=self.method)  # type: ignore[arg-type]
         return {"pos": batch["pos"], "delta_val_loss": d.numpy()}
 
@@ -567,7 +589,7 @@ def run_pipeline(
     state = _open_parts(parts, fingerprint, resume)
     model = model.cpu()
     model_ref = ray.put(model)
-    common = dict(model_ref=model_ref, params=params, preprocess=preprocess, threads=threads)
+    common = dict(model_ref=model_ref, params=params, preprocess=preprocess, threads=threads, score=config.score)
     n = len(train)
     n_shards = -(-n // shard_size)
     done: dict[int, np.ndarray] = dict(state.get("shards", {}))
@@ -616,9 +638,24 @@ def run_pipeline(
             raise value if isinstance(value, BaseException) else IdtlError(str(value))
         return value
 
-    # ── 1-3: g_val, s (reused when resuming) ──
+    # ── 1-3: g_val, s (reused when resuming); self-influence: the head's EK-FAC factors instead ──
     stream: _Stream | None = None
-    if state.get("s") is not None:
+    if config.score == "self":
+        info, n_val = head_solve_info(None), 0
+        timings["validation_gradient_s"] = 0.0
+        if len(pos):
+            t = time.perf_counter()
+            sub = curvature_subsample(n, config.curvature_samples, config.seed)
+            args = (train.x[sub], train.y[sub], config)
+            if gpus:  # on a GPU worker: the driver of a GPU cluster has none
+                task = ray.remote(head_factors).options(num_cpus=cpus, num_gpus=gpus)
+                factors = ray.get(task.remote(model_ref, preprocess, *args))
+            else:
+                factors = head_factors(model, preprocess, *args)
+            timings["solve_s"] = time.perf_counter() - t
+            say(f"self-influence curvature (EK-FAC of the head) on {len(sub)} samples: {timings['solve_s']:.1f} s")
+            stream = start_scoring(ray.put(factors))
+    elif state.get("s") is not None:
         s, info, n_val = state["s"], state["solve"], state["n_val"]
         timings["validation_gradient_s"] = timings["solve_s"] = 0.0
     else:
@@ -689,11 +726,12 @@ def run_pipeline(
             finally:
                 data_log.setLevel(level)
             raise
-    s_ref = ray.put(s)  # broadcast once; every scoring actor reads this one object
-    if stream is not None:
-        coordinator.put.remote([s_ref])
-    elif len(pos):
-        stream = start_scoring(s_ref)
+    if config.score != "self":
+        s_ref = ray.put(s)  # broadcast once; every scoring actor reads this one object
+        if stream is not None:
+            coordinator.put.remote([s_ref])
+        elif len(pos):
+            stream = start_scoring(s_ref)
 
     # ── 4-5: scores, shard by shard ──
     t = time.perf_counter()

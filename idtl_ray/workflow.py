@@ -36,7 +36,7 @@ from .errors import IdtlError, InputError, WeightsError
 from .influence import InfluenceConfig, ParamSpec
 from .mask import Mask, ensure_writable, read_mask, save_figure_atomic, write_json_atomic, write_mask
 from .scoring import ArraySet, PipelineResult, Preprocess, ScoreOutput, ensure_ray, run_fingerprint, run_pipeline
-from .selection import keep_mask
+from .selection import budget_count, harm_of, keep_least_harmful, keep_mask
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -109,42 +109,116 @@ def prepare_model(cfg: ScoreConfig, data: Any, train_x: np.ndarray, train_y: np.
     except ValueError as e:
         raise InputError(str(e)) from e
     source_classes = data.num_classes
+    source: dict[str, Any] = {"num_classes": None, "classes": None, "dataset": None, "kind": "none"}
     head_info: dict[str, Any] = {"mode": cfg.head}
     weights_path = Path(cfg.weights).expanduser() if cfg.weights not in (None, "none", "imagenet") else None
     if weights_path is not None:
         # Build at the checkpoint's class count so its head loads when it fits.
-        source_classes = _checkpoint_classes(weights_path) or data.num_classes
-        if source_classes != data.num_classes:
+        source = _checkpoint_classes(weights_path, model.head_name)
+        source_classes = source["num_classes"] or data.num_classes
+        if source["kind"] == "checkpoint" and source_classes != data.num_classes:
             model = build_model(cfg.model, source_classes, in_channels=c, image_size=h)
     report = load_weights(model, cfg.model, cfg.weights)
     if cfg.weights == "imagenet":
         source_classes = 1000
     head_out = head_module(model).out_features
-    fits = head_out == data.num_classes and not report["head_replaced"]
-    if cfg.head == "keep" and (not fits or source_classes != data.num_classes):
+    fits = head_out == data.num_classes and not report["head_replaced"] and source_classes == data.num_classes
+    n = data.num_classes
+    # keep the weights' head only when it predicts the target's classes: same names, same order (a count is not enough)
+    if cfg.weights in (None, "none"):
+        same, why = None, ""
+    elif cfg.weights == "imagenet":
+        same, why = False, f"ImageNet weights have 1000 classes, {data.name} has {n}"
+    elif not fits and source["num_classes"] is None:
+        same, why = False, f"the weights hold no {cfg.model} head"
+    elif not fits:
+        same, why = False, f"the weights' head has {source_classes} classes, {data.name} has {n}"
+    elif source["classes"] is None:
+        same = None
+        why = ("the weights' classes are unknown (" + ("a plain state dict" if source["kind"] == "state_dict"
+               else "the checkpoint records no class names") + ")")
+    elif list(source["classes"]) == list(data.classes):
+        same, why = True, f"the weights' classes are {_poss(data.name)} ({_class_names(data.classes)})"
+    elif sorted(source["classes"]) == sorted(data.classes):
+        same, why = False, f"the weights' classes are {_poss(data.name)} in another order"
+    else:
+        same = False
+        why = (f"the weights' classes differ: {_poss(source['dataset'] or 'the weights')} "
+               f"{_class_names(source['classes'])} vs {_poss(data.name)} {_class_names(data.classes)}")
+    if cfg.head == "keep" and not fits:
+        no_head = source["num_classes"] is None and cfg.weights != "imagenet"
+        what = why if no_head else f"the weights' head has {source_classes} classes"
         raise WeightsError(
-            f"the weights' head has {source_classes} classes but {data.name} has {data.num_classes}: "
+            f"{what} but {data.name} has {data.num_classes}: "
             "drop --head keep so that a new head is fitted on the target data"
         )
-    new_head = cfg.head == "new" or not fits or source_classes != data.num_classes
     if cfg.weights in (None, "none"):
         new_head = cfg.head == "new"
+        reason = "--head new: a new head was fitted" if new_head else ""
+    elif cfg.head == "new":
+        new_head, reason = True, f"--head new: a new head was fitted ({why})"
+    elif cfg.head == "keep":
+        new_head, reason = False, f"--head keep: the weights' head was kept ({why})"
+        if not same:
+            head_info["warning"] = (f"{why}, yet --head keep kept the weights' head: its outputs may not mean "
+                                    f"{data.name}'s classes; use --head auto to fit a new head")
+            _log(f"warning: {head_info['warning']}")
+    elif same:
+        new_head, reason = False, f"{why}: the weights' head was kept"
+    else:
+        new_head, reason = True, f"{why}: a new head was fitted"
     if new_head:
         if head_out != data.num_classes:
             replace_head(model, data.num_classes)
         _log(f"fitting a new {data.num_classes}-class head on {len(train_y)} target samples (backbone frozen)")
         head_info.update(fit_head(model, train_x, train_y, preprocess, steps=cfg.head_steps, seed=cfg.seed))
-    head_info.update(new_head=bool(new_head), source_classes=int(source_classes))
+    head_info.update(new_head=bool(new_head), source_classes=int(source_classes), num_classes=int(n),
+                     source_dataset=source["dataset"], classes_match=same)
+    if reason:
+        head_info.update(reason=reason, why=why)
     return model, {"weights": report["source"], "loaded_tensors": len(report["loaded"]), "head": head_info}
 
 
-def _checkpoint_classes(path: Path) -> int | None:
-    from .models import _extract_state, _read_torch_file
+def _poss(name: str) -> str:
+    """``digits'`` / ``fashion-mnist's``."""
+    return name + ("'" if name.endswith("s") else "'s")
 
-    _, header = _extract_state(_read_torch_file(path), path)
-    if header is not None and header.get("num_classes"):
-        return int(header["num_classes"])
-    return None
+
+def _class_names(names: Sequence[str], show: int = 2) -> str:
+    """Short form of a class list: ``0..9`` for 0..n-1, else the first few names and ``...``."""
+    names = [str(x) for x in names]
+    if names == [str(i) for i in range(len(names))]:
+        return f"0..{len(names) - 1}"
+    return ", ".join(names) if len(names) <= show + 1 else ", ".join(names[:show]) + ", ..."
+
+
+def _checkpoint_classes(path: Path, head_name: str | None = None) -> dict[str, Any]:
+    """What the weights file says about its classes: ``num_classes``, ``classes`` (names), ``dataset``, ``kind``.
+
+    A project checkpoint gives its class count and, when its meta records them (``pretrain``,
+    ``finetune``), the source dataset and class names. A plain state dict gives only the count,
+    read from the head's weight (``head_name``); its names are unknown (None).
+    """
+    from .models import _extract_state, _normalise_keys, _read_torch_file
+
+    state, header = _extract_state(_read_torch_file(path), path)
+    out: dict[str, Any] = {"num_classes": None, "classes": None, "dataset": None, "kind": "state_dict"}
+    if header is None:
+        w = _normalise_keys(state).get(f"{head_name}.weight") if head_name else None
+        if torch.is_tensor(w) and w.ndim == 2:
+            out["num_classes"] = int(w.shape[0])
+        return out
+    out["kind"] = "checkpoint"
+    if header.get("num_classes"):
+        out["num_classes"] = int(header["num_classes"])
+    meta = header.get("meta") if isinstance(header.get("meta"), dict) else {}
+    if isinstance(meta.get("dataset"), str):
+        out["dataset"] = meta["dataset"]
+    names = meta.get("classes")
+    if (isinstance(names, list) and names and all(isinstance(x, str) for x in names)
+            and (out["num_classes"] is None or len(names) == out["num_classes"])):
+        out["classes"] = list(names)
+    return out
 
 
 def run_score(cfg: ScoreConfig, *, progress: bool = True, on_shard: Any = None) -> dict[str, Any]:
@@ -192,7 +266,7 @@ def run_score(cfg: ScoreConfig, *, progress: bool = True, on_shard: Any = None) 
     fingerprint = run_fingerprint({
         "dataset": data.fingerprint(), "split": split.fingerprint(), "model": mfp,
         "influence": asdict(cfg.influence), "classes": cfg.target_classes, "params": cfg.params,
-        "shard_size": cfg.shard_size,
+        "shard_size": cfg.shard_size, "val_half": cfg.drop == "auto" and cfg.influence.score == "paper",
     })
     # Save the split and the scored model before the long part, so a resumed run reuses both.
     split.save(split_path)
@@ -201,15 +275,22 @@ def run_score(cfg: ScoreConfig, *, progress: bool = True, on_shard: Any = None) 
                                         "model_info": model_info})
 
     ensure_ray(cfg.address)
-    _log(f"scoring {len(train)} training samples of {data.name} against {len(val)} validation samples "
-         f"({cfg.influence.solver}, {cfg.influence.curvature}, damping {cfg.influence.damping})")
+    val_ref, val_pick = _validation_parts(cfg, val)
+    if cfg.influence.score == "self":
+        _log(f"scoring {len(train)} training samples of {data.name} by self-influence "
+             f"(head {cfg.influence.head_params}, EK-FAC, damping {cfg.influence.head_damping} x mean eigenvalue)")
+    else:
+        _log(f"scoring {len(train)} training samples of {data.name} against {len(val_ref.y)} validation samples "
+             f"({cfg.influence.solver}, {cfg.influence.curvature}, damping {cfg.influence.damping})")
     result = run_pipeline(
-        model, ArraySet(train.x, train.y, train_ids), ArraySet(val.x, val.y, np.arange(len(val))), cfg.influence,
+        model, ArraySet(train.x, train.y, train_ids), ArraySet(val_ref.x, val_ref.y, np.arange(len(val_ref.y))), cfg.influence,
         preprocess=preprocess, classes=cfg.target_classes, params=cfg.params, actors=cfg.actors, work_dir=out,
         resume=cfg.resume, shard_size=cfg.shard_size, fingerprint=fingerprint, progress=progress, on_shard=on_shard,
     )
     timings.update(result.timings)
-    keep = keep_mask(result.scores, cfg.drop_threshold, _budget(cfg.drop_budget))
+    t = time.perf_counter()
+    keep, drop_info = decide_keep(cfg, result.scores, model, train.x, train.y, val_pick, data, out, progress)
+    timings["drop_rule_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
     meta = {
         "dataset": data.name,
@@ -224,7 +305,8 @@ def run_score(cfg: ScoreConfig, *, progress: bool = True, on_shard: Any = None) 
         "params": cfg.params,
         "solve": result.solve.as_dict(),
         "validation_reference": {"classes": cfg.target_classes or "all", "n_samples": result.n_val},
-        "drop_rule": {"threshold": cfg.drop_threshold, "budget": cfg.drop_budget},
+        "score": cfg.influence.score,
+        "drop_rule": drop_info,
         "n_train": len(train),
         "n_dropped": int((~keep).sum()),
         "actors": result.actors,
@@ -235,17 +317,62 @@ def run_score(cfg: ScoreConfig, *, progress: bool = True, on_shard: Any = None) 
         "idtl_ray_version": __version__,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    write_mask(mask_path, train_ids, train.y, result.scores, keep, meta)
+    write_mask(mask_path, train_ids, train.y, result.scores, keep, meta, score_column(cfg.influence.score))
     summary = {**meta, "mask": str(mask_path), "per_class": _per_class(train.y, keep, data.classes)}
     write_json_atomic(summary, out / "summary.json")
     shutil.rmtree(out / "parts", ignore_errors=True)  # the mask now holds everything
     return summary
 
 
-def _budget(b: float | None) -> int | float | None:
-    if b is None:
-        return None
-    return int(b) if float(b) >= 1 and float(b).is_integer() else float(b)
+def score_column(score: str) -> str:
+    """The mask column a score kind is written to."""
+    return "self_influence" if score == "self" else "delta_val_loss"
+
+
+def _validation_parts(cfg: ScoreConfig, val: Any) -> tuple[Any, Any]:
+    """(reference for g_val, part the auto budget is chosen on).
+
+    Self-influence never reads the validation split, so --drop auto may use all of it. The paper's score
+    sums over it, so with --drop auto it gets a seeded half and the budget is chosen on the other half.
+    """
+    from .data import ImageArrays
+
+    if cfg.drop != "auto" or cfg.influence.score == "self":
+        return val, val
+    if len(val.y) < 4:
+        raise InputError(f"--drop auto with --score paper splits the validation set in two; {len(val.y)} samples "
+                         "are too few: use a larger --val-fraction or --drop budget")
+    order = np.random.default_rng(cfg.seed).permutation(len(val.y))
+    a, b = np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2:])
+    return ImageArrays(val.x[a], val.y[a]), ImageArrays(val.x[b], val.y[b])
+
+
+def decide_keep(cfg: ScoreConfig, scores: np.ndarray, model: nn.Module, x: np.ndarray, y: np.ndarray,
+                val_pick: Any, data: Any, out: Path, progress: bool) -> tuple[np.ndarray, dict[str, Any]]:
+    """Apply ``cfg.drop`` to the scores: the keep mask and what the rule did (for the metadata)."""
+    from .budget import TrainRecipe, choose_budget
+    from .data import augmentation
+    from .errors import DataError
+
+    if cfg.drop == "paper":
+        return keep_mask(scores, cfg.drop_threshold, cfg.drop_budget), {
+            "rule": "paper", "threshold": cfg.drop_threshold, "budget": cfg.drop_budget}
+    harm = harm_of(scores, cfg.influence.score)
+    if cfg.drop == "budget":
+        b = 0.1 if cfg.drop_budget is None else cfg.drop_budget
+        return keep_least_harmful(harm, budget_count(b, len(harm))), {"rule": "budget", "budget": b}
+    try:
+        augment = augmentation(data.name)
+    except DataError:
+        augment = None
+    import ray
+
+    gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    choice = choose_budget(model, x, y, harm, val_pick.x, val_pick.y, data.mean, data.std,
+                           candidates=cfg.auto_budgets, recipe=TrainRecipe(epochs=cfg.auto_epochs), augment=augment,
+                           seed=cfg.seed, gpus_per_trial=gpus, storage=str((out / "auto-budget").resolve()),
+                           progress=_log if progress else None)
+    return keep_least_harmful(harm, choice.k), {"rule": "auto", **choice.as_dict(), "n_val": int(len(val_pick.y))}
 
 
 def _per_class(y: np.ndarray, keep: np.ndarray, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -292,8 +419,14 @@ def score(
     The inputs are gathered into arrays, shipped to Ray Data and scored exactly like
     :func:`run_score`; the result matches :func:`idtl_ray.score_samples` run in-process. With ``out``,
     a mask is written to ``out/mask.parquet`` (sample ids = positions in ``train``).
+
+    Drop rule: with ``config.score == "paper"`` the paper's (``delta_val_loss < drop_threshold``, at most
+    ``drop_budget``); with self-influence (the default) exactly ``drop_budget`` samples (default 0.1),
+    the highest first. ``drop_budget``: a fraction below 1 or a whole count >= 1.
     """
     config = config or InfluenceConfig()
+    if drop_budget is not None:
+        budget_count(drop_budget, 1)  # a bad budget fails now, not after the scoring
     tx, ty = _materialise(train, config.batch_size)
     vx, vy = _materialise(val, config.batch_size)
     if len(ty) == 0:
@@ -312,15 +445,21 @@ def score(
         model, ArraySet(tx, ty, ids), ArraySet(vx, vy, np.arange(len(vy))), config, classes=classes, params=params,
         actors=actors, work_dir=out, resume=resume, shard_size=shard_size, fingerprint=fp, progress=progress,
     )
-    keep = keep_mask(result.scores, drop_threshold, drop_budget)
+    if config.score == "paper":  # the paper's rule, optionally capped
+        keep = keep_mask(result.scores, drop_threshold, drop_budget)
+        rule = {"rule": "paper", "threshold": drop_threshold, "budget": drop_budget}
+    else:  # self-influence: drop a budget (default 10%), highest first
+        b = 0.1 if drop_budget is None else drop_budget
+        keep = keep_least_harmful(harm_of(result.scores, "self"), budget_count(b, len(ty)))
+        rule = {"rule": "budget", "budget": b}
     if mask_path is not None:
         meta = {"dataset": "user", "dataset_fingerprint": data_fp, "split_fingerprint": split_fp,
                 "model": type(model).__name__, "model_fingerprint": mfp, "influence": asdict(config),
                 "solve": result.solve.as_dict(), "validation_reference": {"classes": list(classes) if classes else "all",
                                                                           "n_samples": result.n_val},
-                "drop_rule": {"threshold": drop_threshold, "budget": drop_budget}, "n_train": len(ty),
+                "score": config.score, "drop_rule": rule, "n_train": len(ty),
                 "n_dropped": int((~keep).sum()), "timings": result.timings, "idtl_ray_version": __version__}
-        write_mask(mask_path, ids, ty, result.scores, keep, meta)
+        write_mask(mask_path, ids, ty, result.scores, keep, meta, score_column(config.score))
         shutil.rmtree(Path(out) / "parts", ignore_errors=True)
     return ScoreOutput(result.scores, keep, result.solve, result.timings, mask_path)
 
@@ -338,13 +477,32 @@ def format_summary(meta: dict[str, Any], mask: Mask | None = None) -> str:
     n = meta.get("n_train", sum(r["kept"] + r["dropped"] for r in per))
     dropped = sum(r["dropped"] for r in per)
     lines.append(f"dataset {meta.get('dataset')}  model {meta.get('model')}  weights {meta.get('weights', '-')}")
-    ref = meta.get("validation_reference", {})
-    lines.append(f"validation reference: classes {ref.get('classes')} ({ref.get('n_samples')} samples)")
+    hd = meta.get("head")
+    if isinstance(hd, dict) and hd.get("reason"):  # why the scored head is new or the weights' own
+        n_out = hd.get("num_classes", "")
+        what = f"new {n_out}-class head fitted" if hd.get("new_head") else f"kept the weights' {n_out}-class head"
+        why = "; ".join(x for x in (f"--head {hd.get('mode')}" if hd.get("mode") not in (None, "auto") else "",
+                                    ("WARNING: " if hd.get("warning") else "") + str(hd.get("why") or "")) if x)
+        lines.append(f"head: {what}" + (f" ({why})" if why else ""))
     s = meta.get("solve", {})
     inf = meta.get("influence", {})
-    lines.append(f"solver {s.get('solver')} on {inf.get('curvature')} curvature, damping {inf.get('damping')}: "
-                 f"{s.get('iterations')} iterations, relative residual {s.get('relative_residual', float('nan')):.2e}"
-                 f" ({'converged' if s.get('converged') else 'NOT converged to tol ' + str(inf.get('tol'))})")
+    if meta.get("score", inf.get("score")) == "self":
+        lines.append(f"score: self-influence over the head's {inf.get('head_params')} (EK-FAC, damping "
+                     f"{inf.get('head_damping')} x mean eigenvalue); high = likely mislabelled, dropped first")
+    else:
+        ref = meta.get("validation_reference", {})
+        lines.append(f"score: delta_val_loss against validation classes {ref.get('classes')} ({ref.get('n_samples')} samples)")
+        lines.append(f"solver {s.get('solver')} on {inf.get('curvature')} curvature, damping {inf.get('damping')}: "
+                     f"{s.get('iterations')} iterations, relative residual {s.get('relative_residual', float('nan')):.2e}"
+                     f" ({'converged' if s.get('converged') else 'NOT converged to tol ' + str(inf.get('tol'))})")
+    rule = meta.get("drop_rule") or {}
+    if rule.get("rule") == "auto":
+        tried = ", ".join(f"{t['k']}: {100 * t['val_error']:.2f}%" if t.get("val_error") is not None else f"{t['k']}: failed"
+                          for t in rule.get("trials", []))
+        lines.append(f"drop rule auto: validation error per samples dropped ({tried}); chose {rule.get('k')} "
+                     f"({rule.get('choice', '')})")
+    elif rule.get("rule"):
+        lines.append(f"drop rule {rule['rule']}: " + ", ".join(f"{k} {v}" for k, v in rule.items() if k != "rule"))
     lines.append(f"kept {n - dropped} / dropped {dropped} of {n} training samples ({100 * dropped / max(n, 1):.1f}% dropped)")
     lines.append(f"{'class':<16}{'kept':>8}{'dropped':>9}")
     for r in per[:100]:
@@ -367,15 +525,19 @@ def inspect_mask(path: str | Path, png: str | Path | None = None) -> tuple[str, 
     png = Path(png) if png is not None else (p if p.is_dir() else p.parent) / "scores.png"
     labels = np.unique(mask.label)
     fig, ax = plt.subplots(figsize=(max(6, min(0.35 * len(labels), 30)), 4))
-    data = [mask.delta_val_loss[mask.label == c] for c in labels]
+    data = [mask.scores[mask.label == c] for c in labels]
     ax.boxplot(data, showfliers=True, flierprops={"markersize": 2})
     ax.set_xticks(range(1, len(labels) + 1), [str(int(c)) for c in labels], fontsize=7 if len(labels) > 20 else 9)
-    ax.axhline(mask.meta.get("drop_rule", {}).get("threshold", 0.0), color="r", lw=0.8, ls="--", label="drop below")
+    self_score = mask.score_name == "self_influence"
+    if (~mask.keep).any():  # the cut between what the rule dropped and what it kept
+        cut = mask.scores[~mask.keep].min() if self_score else mask.scores[~mask.keep].max()
+        ax.axhline(cut, color="r", lw=0.8, ls="--", label="drop above" if self_score else "drop below")
     ax.set_xlabel("class")
-    ax.set_ylabel("delta_val_loss")
-    ax.set_title(f"{mask.meta.get('dataset')}: predicted change of summed val loss if removed; "
-                 f"{int((~mask.keep).sum())} of {len(mask)} dropped", fontsize=9)
-    ax.legend(loc="best", fontsize=8)
+    ax.set_ylabel(mask.score_name)
+    what = "self-influence (high = likely mislabelled)" if self_score else "predicted change of summed val loss if removed"
+    ax.set_title(f"{mask.meta.get('dataset')}: {what}; {int((~mask.keep).sum())} of {len(mask)} dropped", fontsize=9)
+    if (~mask.keep).any():
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     save_figure_atomic(fig, png, dpi=110)
     return format_summary(mask.meta, mask), png

@@ -199,7 +199,8 @@ def test_pretrain_writes_a_project_checkpoint_with_its_meta(tmp_path: Path, monk
     cfg = got[0]
     assert (cfg.strategy, cfg.split, cfg.lr, cfg.batch_size, cfg.lr_drop_at) == ("scratch", "none", 1e-3, 128, 1.0)
     _, meta = M.load_checkpoint(tmp_path / "src.pt")
-    assert meta == {"dataset": "digits", "dataset_fingerprint": "abc", "epochs": 2, "test_error": 1.5}
+    assert meta == {"dataset": "digits", "classes": [str(i) for i in range(10)], "dataset_fingerprint": "abc", "epochs": 2,
+                    "test_error": 1.5}
     assert res["path"] == str((tmp_path / "src.pt").resolve())
 
 

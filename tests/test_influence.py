@@ -78,7 +78,7 @@ def lr_setup():
 def exact_scores(model, train, val, **kw):
     cfg = dict(solver="exact", damping=LAM, curvature_samples=None, batch_size=4096)
     cfg.update(kw)
-    return compute_influence(model, train, val, InfluenceConfig(**cfg))
+    return compute_influence(model, train, val, InfluenceConfig(score="paper", **cfg))
 
 
 def test_matches_leave_one_out_retraining(lr_setup):
@@ -119,9 +119,9 @@ def test_iterative_solvers_agree_with_exact(lr_setup):
     g, _ = engine.validation_gradient(val)
     damping = 0.05
     op = engine.curvature(train, "ggn", damping, samples=None, batch_size=4096)
-    s_exact, _ = solve(op, g, InfluenceConfig(solver="exact", damping=damping))
-    s_cg, info_cg = solve(op, g, InfluenceConfig(solver="cg", damping=damping, tol=1e-7, max_iter=300))
-    s_lissa, info_l = solve(op, g, InfluenceConfig(solver="lissa", damping=damping, tol=1e-6, max_iter=3000, lissa_scale=1.5))
+    s_exact, _ = solve(op, g, InfluenceConfig(score="paper", solver="exact", damping=damping))
+    s_cg, info_cg = solve(op, g, InfluenceConfig(score="paper", solver="cg", damping=damping, tol=1e-7, max_iter=300))
+    s_lissa, info_l = solve(op, g, InfluenceConfig(score="paper", solver="lissa", damping=damping, tol=1e-6, max_iter=3000, lissa_scale=1.5))
     print(f"\ncg: {info_cg}\nlissa: {info_l}")
     assert info_cg.converged and info_cg.iterations > 1
     assert rel_err(s_cg, s_exact) < 1e-4
@@ -195,8 +195,8 @@ def test_ggn_product_equals_dense_jacobian_form():
 def test_cg_on_cnn_with_ggn_matches_exact():
     model = trained_cnn(torch.float64)
     train, val = digit_images(200, offset=600, dtype=torch.float64), digit_images(60, offset=900, dtype=torch.float64)
-    a = compute_influence(model, train, val, InfluenceConfig(solver="exact", damping=0.01, curvature_samples=None))
-    b = compute_influence(model, train, val, InfluenceConfig(solver="cg", damping=0.01, curvature_samples=None, tol=1e-9, max_iter=500))
+    a = compute_influence(model, train, val, InfluenceConfig(score="paper", solver="exact", damping=0.01, curvature_samples=None))
+    b = compute_influence(model, train, val, InfluenceConfig(score="paper", solver="cg", damping=0.01, curvature_samples=None, tol=1e-9, max_iter=500))
     assert rel_err(b.scores, a.scores) < 1e-4
 
 
@@ -204,7 +204,7 @@ def test_jvp_scores_equal_per_sample_gradient_scores_small_cnn():
     model = trained_cnn()
     model.train()  # the engine must switch to eval and back
     train, val = digit_images(64, offset=600), digit_images(32, offset=900)
-    cfg = InfluenceConfig(solver="cg", damping=0.1, curvature_samples=64, max_iter=20, tol=1e-3)
+    cfg = InfluenceConfig(score="paper", solver="cg", damping=0.1, curvature_samples=64, max_iter=20, tol=1e-3)
     engine = InfluenceEngine(model, device="cpu")
     g, _ = engine.validation_gradient(val)
     s, _ = solve(engine.curvature(train, cfg.curvature, cfg.damping, cfg.curvature_samples), g, cfg)
@@ -237,7 +237,7 @@ def test_dropping_negative_scores_removes_flipped_labels_and_lowers_val_loss():
     torch.manual_seed(0)
     train, val, flipped = digits(flip=0.2)
     model = fit(nn.Linear(64, 10).double(), *train.tensors)
-    scores = score_samples(model, train, val, solver="cg", damping=LAM, curvature_samples=None, tol=1e-8, max_iter=300, batch_size=4096)
+    scores = score_samples(model, train, val, score="paper", solver="cg", damping=LAM, curvature_samples=None, tol=1e-8, max_iter=300, batch_size=4096).scores
     keep = keep_mask(scores)
     dropped = ~keep
     before = val_loss(model, val)
@@ -257,8 +257,8 @@ def test_class_targeted_reference_equals_filtered_validation_set(lr_setup):
     x, y = val.tensors
     sel = torch.isin(y, torch.tensor(classes))
     a = exact_scores(model, train, val, damping=LAM)
-    targeted = compute_influence(model, train, val, InfluenceConfig(solver="exact", damping=LAM, curvature_samples=None), classes=classes)
-    filtered = compute_influence(model, train, TensorDataset(x[sel], y[sel]), InfluenceConfig(solver="exact", damping=LAM, curvature_samples=None))
+    targeted = compute_influence(model, train, val, InfluenceConfig(score="paper", solver="exact", damping=LAM, curvature_samples=None), classes=classes)
+    filtered = compute_influence(model, train, TensorDataset(x[sel], y[sel]), InfluenceConfig(score="paper", solver="exact", damping=LAM, curvature_samples=None))
     assert targeted.n_val == int(sel.sum()) < len(val)
     assert rel_err(targeted.scores, filtered.scores) < 1e-12
     assert rel_err(targeted.scores, a.scores) > 1e-3  # the restriction really changes something
@@ -269,7 +269,7 @@ def test_restricting_parameters(lr_setup):
     train, val = digit_images(64, offset=600, dtype=torch.float64), digit_images(32, offset=900, dtype=torch.float64)
     engine = InfluenceEngine(model, params=["fc"], device="cpu")
     assert engine.space.names == ["fc.weight", "fc.bias"]
-    scores = score_samples(model, train, val, params=["fc"], solver="exact", curvature_samples=None)
+    scores = score_samples(model, train, val, score="paper", params=["fc"], solver="exact", curvature_samples=None).scores
     assert scores.shape == (64,) and np.isfinite(scores).all()
     with pytest.raises(InputError, match="matches no trainable parameter"):
         InfluenceEngine(model, params=["nope"])
@@ -287,7 +287,7 @@ def test_empty_validation_set(lr_setup):
     model, train, _ = lr_setup
     empty = TensorDataset(torch.zeros(0, 64, dtype=torch.float64), torch.zeros(0, dtype=torch.long))
     with pytest.raises(InputError, match="validation set is empty.*pass a validation set"):
-        score_samples(model, train, empty)
+        score_samples(model, train, empty, score="paper")
 
 
 def test_labels_outside_model_outputs(lr_setup):
@@ -295,24 +295,24 @@ def test_labels_outside_model_outputs(lr_setup):
     x, y = val.tensors
     bad = TensorDataset(x, torch.where(y == 9, torch.tensor(12), y))
     with pytest.raises(InputError, match=r"label 12 is outside the model's 10 outputs.*head"):
-        score_samples(model, train, bad)
+        score_samples(model, train, bad, score="paper")
     bad_train = TensorDataset(train.tensors[0], -train.tensors[1] - 1)
     with pytest.raises(InputError, match="outside the model's 10 outputs"):
-        score_samples(model, bad_train, val)
+        score_samples(model, bad_train, val, score="paper")
 
 
 def test_model_without_trainable_parameters(lr_setup):
     model, train, val = lr_setup
     frozen = copy.deepcopy(model).requires_grad_(False)
     with pytest.raises(InputError, match="no trainable parameters.*requires_grad"):
-        score_samples(frozen, train, val)
+        score_samples(frozen, train, val, score="paper")
 
 
 def test_divergent_solver_raises_and_never_returns_nan(lr_setup):
     model, train, val = lr_setup
     # LiSSA with a scale below the largest eigenvalue blows up geometrically.
     with pytest.raises(SolverDivergedError, match="lissa solver diverged.*raise lissa_scale"):
-        score_samples(model, train, val, solver="lissa", lissa_scale=1e-3, max_iter=500, curvature_samples=None)
+        score_samples(model, train, val, score="paper", solver="lissa", lissa_scale=1e-3, max_iter=500, curvature_samples=None)
     # CG on an indefinite matrix (a negative shift stands in for the true Hessian of a non-convex net).
     with pytest.raises(SolverDivergedError, match="cg solver diverged.*negative curvature.*curvature='ggn'"):
         _cg_on_indefinite(model, train, val)
@@ -324,14 +324,14 @@ def _cg_on_indefinite(model, train, val):
     g, _ = engine.validation_gradient(val)
     op = engine.curvature(train, "exact", damping=0.0, samples=None, batch_size=4096)
     op.damping = -1.0  # shifts every eigenvalue below zero: the matrix is negative definite
-    solve(op, g, InfluenceConfig(solver="cg"))
+    solve(op, g, InfluenceConfig(score="paper", solver="cg"))
 
 
 def test_bad_config_values():
     with pytest.raises(InputError, match="unknown solver"):
-        InfluenceConfig(solver="newton")
+        InfluenceConfig(score="paper", solver="newton")
     with pytest.raises(InputError, match="damping"):
-        InfluenceConfig(damping=float("nan"))
+        InfluenceConfig(score="paper", damping=float("nan"))
 
 
 def test_keep_mask_rule():

@@ -23,7 +23,7 @@ from idtl_ray.mask import check_mask, read_mask
 from idtl_ray.models import build_model, save_checkpoint
 from idtl_ray.workflow import inspect_mask, run_score, score
 
-FAST = InfluenceConfig(curvature_samples=256, max_iter=10, tol=1e-3, batch_size=64)
+FAST = InfluenceConfig(score="paper", curvature_samples=256, max_iter=10, tol=1e-3, batch_size=64)
 
 
 def rel_err(a, b) -> float:
@@ -53,8 +53,8 @@ def test_ray_scores_equal_in_process_scores(ray_session, digits_tensors, tmp_pat
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        inproc = score_samples(model, train, val, solver=cfg.solver, damping=cfg.damping, batch_size=cfg.batch_size,
-                               curvature_samples=cfg.curvature_samples, max_iter=cfg.max_iter, tol=cfg.tol, device="cpu")
+        inproc = score_samples(model, train, val, score="paper", solver=cfg.solver, damping=cfg.damping, batch_size=cfg.batch_size,
+                               curvature_samples=cfg.curvature_samples, max_iter=cfg.max_iter, tol=cfg.tol, device="cpu").scores
     finally:
         torch.set_num_threads(threads)
     out = score(model, train, val, config=cfg, actors=2, out=tmp_path / "run", shard_size=300)
@@ -72,8 +72,8 @@ def test_ray_scores_equal_in_process_scores(ray_session, digits_tensors, tmp_pat
 
 
 def _cfg(tmp_path: Path, name: str, **kw) -> ScoreConfig:
-    base = dict(dataset="digits", model="sample-cnn", out=str(tmp_path / name), shard_size=200, actors=2,
-                influence=InfluenceConfig(curvature_samples=256, max_iter=10, tol=1e-3, batch_size=50))
+    base = dict(dataset="digits", model="sample-cnn", out=str(tmp_path / name), shard_size=200, actors=2, drop="paper",
+                influence=InfluenceConfig(score="paper", curvature_samples=256, max_iter=10, tol=1e-3, batch_size=50))
     base.update(kw)
     return ScoreConfig(**base)
 
@@ -205,6 +205,43 @@ def test_interrupted_run_resumes_without_rescoring(reference_run, tmp_path):
     assert np.allclose(mask.delta_val_loss, ref.delta_val_loss, rtol=1e-9, atol=0)
 
 
+# ── the default score (self-influence) and the drop rules on Ray ─────────────────────────────────
+
+
+def test_ray_self_influence_equals_in_process(ray_session, digits_tensors, tmp_path):
+    model, train, val = digits_tensors
+    cfg = InfluenceConfig(batch_size=64, curvature_samples=256)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        inproc = score_samples(model, train, batch_size=64, curvature_samples=256, device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert inproc.score == "self" and inproc.solve.converged
+    out = score(model, train, val, config=cfg, actors=2, out=tmp_path / "self", shard_size=300, drop_budget=1.0)
+    assert rel_err(out.scores, inproc.scores) < 1e-6
+    mask = read_mask(tmp_path / "self")
+    assert mask.score_name == "self_influence" and np.array_equal(mask.scores, out.scores)
+    # drop_budget=1.0 is one sample, as in run_score (one meaning everywhere)
+    assert int((~mask.keep).sum()) == 1 and not mask.keep[np.argmax(out.scores)]
+    with pytest.raises(MaskError, match="not delta_val_loss"):
+        mask.delta_val_loss
+
+
+def test_run_score_budget_one_means_one_sample_and_auto_records_its_trials(ray_session, tmp_path):
+    fast = InfluenceConfig(curvature_samples=256, batch_size=64)
+    one = run_score(_cfg(tmp_path, "one", drop="budget", drop_budget=1.0, influence=fast), progress=False)
+    assert one["n_dropped"] == 1 and one["drop_rule"] == {"rule": "budget", "budget": 1.0}
+    frac = run_score(_cfg(tmp_path, "frac", drop="budget", drop_budget=0.25, influence=fast), progress=False)
+    assert frac["n_dropped"] == int(0.25 * frac["n_train"])
+    auto = run_score(_cfg(tmp_path, "auto", drop="auto", auto_budgets=[0.1], auto_epochs=1, influence=fast),
+                     progress=False)
+    rule = read_mask(auto["mask"]).meta["drop_rule"]
+    assert rule["rule"] == "auto" and [t["k"] for t in rule["trials"]] == [0, int(0.1 * auto["n_train"])]
+    assert all(0 <= t["val_error"] <= 1 for t in rule["trials"])
+    assert auto["n_dropped"] == rule["k"] and rule["k"] in (0, int(0.1 * auto["n_train"]))
+
+
 # ── CLI errors: one line, exit code 2, no partial mask ───────────────────────────────────────────
 
 
@@ -223,7 +260,8 @@ def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
         assert n in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("case", ["unknown-dataset", "missing-files", "class-count", "corrupt-weights", "unwritable"])
+@pytest.mark.parametrize("case", ["unknown-dataset", "missing-files", "class-count", "corrupt-weights", "unwritable",
+                                  "paper-rule-needs-paper-score", "bad-budget"])
 def test_cli_errors_are_one_line_and_leave_no_mask(case, tmp_path):
     out = tmp_path / "out"
     args = ["score", "--out", str(out)]
@@ -242,6 +280,12 @@ def test_cli_errors_are_one_line_and_leave_no_mask(case, tmp_path):
         (tmp_path / "bad.pt").write_bytes(b"not a torch file at all")
         r = _cli(*args, "--dataset", "digits", "--weights", str(tmp_path / "bad.pt"), cwd=tmp_path)
         _one_line_error(r, str(tmp_path / "bad.pt"))
+    elif case == "paper-rule-needs-paper-score":
+        r = _cli(*args, "--dataset", "digits", "--drop", "paper", cwd=tmp_path)
+        _one_line_error(r, "--drop paper", "--score paper")
+    elif case == "bad-budget":
+        r = _cli(*args, "--dataset", "digits", "--drop", "budget", "--drop-budget", "2.5", cwd=tmp_path)
+        _one_line_error(r, "whole number", "fraction")
     else:
         out.mkdir()
         out.chmod(0o500)

@@ -38,13 +38,13 @@ def test_gpu_cluster_solves_on_an_actor_and_matches_in_process(ray_with_a_logica
     val = TensorDataset(to_tensor(va.x, d.mean, d.std).double(), torch.from_numpy(va.y))
     torch.manual_seed(0)
     model = build_model("sample-cnn", 10, in_channels=1, image_size=8).double()
-    cfg = InfluenceConfig(curvature_samples=128, max_iter=8, tol=1e-3, batch_size=64)
+    cfg = InfluenceConfig(score="paper", curvature_samples=128, max_iter=8, tol=1e-3, batch_size=64)
 
     def no_driver_solve(*args, **kwargs):
         raise AssertionError("on a GPU cluster the driver must not solve")
 
-    inproc = score_samples(model, train, val, solver=cfg.solver, damping=cfg.damping, batch_size=cfg.batch_size,
-                           curvature_samples=cfg.curvature_samples, max_iter=cfg.max_iter, tol=cfg.tol, device="cpu")
+    inproc = score_samples(model, train, val, score="paper", solver=cfg.solver, damping=cfg.damping, batch_size=cfg.batch_size,
+                           curvature_samples=cfg.curvature_samples, max_iter=cfg.max_iter, tol=cfg.tol, device="cpu").scores
     # The actor runs the solve in its own process (unpatched); only the driver's copies are replaced.
     monkeypatch.setattr(S, "_solve_task", no_driver_solve)
     monkeypatch.setattr(S, "solve", no_driver_solve)

@@ -1,0 +1,161 @@
+"""`--drop auto`: choose how many samples to drop by fine-tuning on validation, one Ray Tune trial per budget.
+
+Why: how many samples a target should lose depends on how noisy it is, which the scores alone do not
+say (on clean data any fixed budget throws away good samples; on noisy data too small a budget keeps
+flipped ones). So each candidate budget is tried: the pre-trained (adapted) model is fine-tuned on the
+samples that budget keeps and scored on the validation split. The default score, self-influence,
+never sees the validation split, so these numbers are unbiased by the scoring.
+
+Choice: the smallest budget whose validation error is within one standard error of the best (the
+"one-standard-error rule"): a larger budget must earn its place by more than the noise of a finite
+validation set. On a clean target that keeps (almost) everything.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import InputError
+from .selection import budget_count, keep_least_harmful
+
+DEFAULT_CANDIDATES = (0.0, 0.05, 0.1, 0.2, 0.3)
+
+
+@dataclass
+class TrainRecipe:
+    """A short fine-tuning run: the paper's optimiser and schedule (Adam, x0.1 at half), fewer epochs."""
+
+    epochs: int = field(default=10, metadata={"help": "Epochs of each fine-tuning trial."})
+    batch_size: int = field(default=128, metadata={"help": "Batch size of each trial."})
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (x0.1 at half the epochs)."})
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise InputError(f"the auto budget's recipe needs epochs >= 1, batch_size >= 1, lr > 0; got {self}")
+
+
+def fine_tune(model: nn.Module, x: np.ndarray, y: np.ndarray, recipe: TrainRecipe, mean: Any, std: Any,
+              augment: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
+              device: torch.device | str = "cpu") -> nn.Module:
+    """Fine-tune ``model`` in place on uint8 NHWC images ``x`` and labels ``y``; returns it."""
+    from .finetune import _images
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model.to(device).train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=recipe.lr)
+    drop_at = max(1, round(0.5 * recipe.epochs))
+    for epoch in range(recipe.epochs):
+        for g in opt.param_groups:
+            g["lr"] = recipe.lr * (0.1 if epoch >= drop_at else 1.0)
+        order = rng.permutation(len(y))
+        for i in range(0, len(order), recipe.batch_size):
+            idx = np.sort(order[i:i + recipe.batch_size])
+            if len(idx) < 2:  # BatchNorm cannot train on one sample
+                continue
+            opt.zero_grad(set_to_none=True)
+            logits = model(_images(x[idx], augment, mean, std).to(device))
+            torch.nn.functional.cross_entropy(logits, torch.as_tensor(y[idx], device=device)).backward()
+            opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def error_rate(model: nn.Module, x: np.ndarray, y: np.ndarray, mean: Any, std: Any,
+               device: torch.device | str = "cpu") -> float:
+    """Fraction of ``x`` the model misclassifies (eval mode)."""
+    from .data import to_tensor
+
+    model.to(device).eval()
+    wrong = 0
+    for i in range(0, len(y), 512):
+        pred = model(to_tensor(x[i:i + 512], mean, std).to(device)).argmax(1).cpu().numpy()
+        wrong += int((pred != y[i:i + 512]).sum())
+    return wrong / max(1, len(y))
+
+
+@dataclass
+class BudgetChoice:
+    """The chosen budget and every trial's number (written into the mask's metadata and the summary)."""
+
+    k: int
+    fraction: float
+    trials: list[dict[str, Any]]
+    choice: str = "smallest budget within one standard error of the best validation error"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"k": self.k, "fraction": self.fraction, "choice": self.choice, "trials": self.trials}
+
+
+def pick(trials: list[dict[str, Any]], n_val: int) -> dict[str, Any]:
+    """The one-standard-error rule over finished trials (``k``, ``val_error``)."""
+    ok = [t for t in trials if t.get("val_error") is not None]
+    if not ok:
+        raise InputError("every auto-budget trial failed: see the trial errors in the log, or use --drop budget")
+    best = min(t["val_error"] for t in ok)
+    se = math.sqrt(max(best * (1 - best), 1.0 / n_val) / n_val)
+    return min((t for t in ok if t["val_error"] <= best + se), key=lambda t: t["k"])
+
+
+def _trial(config: dict[str, Any], model: nn.Module, data: dict[str, Any], recipe: TrainRecipe) -> None:
+    import ray.tune
+
+    torch.set_num_threads(1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    keep = keep_least_harmful(data["harm"], int(config["k"]))
+    m = fine_tune(copy.deepcopy(model), data["x"][keep], data["y"][keep], recipe, data["mean"], data["std"],
+                  data["augment"], data["seed"], device)
+    ray.tune.report({"val_error": error_rate(m, data["val_x"], data["val_y"], data["mean"], data["std"], device)})
+
+
+def choose_budget(model: nn.Module, x: np.ndarray, y: np.ndarray, harm: np.ndarray, val_x: np.ndarray,
+                  val_y: np.ndarray, mean: Any, std: Any, *, candidates: Sequence[float] = DEFAULT_CANDIDATES,
+                  recipe: TrainRecipe | None = None, augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  seed: int = 0, gpus_per_trial: float = 0.0, storage: str | None = None,
+                  progress: Callable[[str], None] | None = None) -> BudgetChoice:
+    """Fine-tune once per candidate budget (a Ray Tune grid) and pick one by validation error.
+
+    ``harm``: higher = dropped first (:func:`idtl_ray.selection.harm_of`). ``candidates``: fractions or
+    counts (:func:`idtl_ray.selection.budget_count`); 0 is always tried. Needs a running Ray.
+    """
+    import ray.tune
+
+    recipe = recipe or TrainRecipe()
+    if len(val_y) == 0:
+        raise InputError("--drop auto needs a validation split to choose the budget on: use --drop budget instead")
+    ks = sorted({0, *(budget_count(c, len(y)) for c in candidates)})
+    if ks[-1] >= len(y):
+        raise InputError(f"a candidate budget drops all {len(y)} samples: use fractions below 1")
+    data = {"x": x, "y": y, "harm": np.asarray(harm, dtype=np.float64), "val_x": val_x, "val_y": val_y,
+            "mean": mean, "std": std, "augment": augment, "seed": seed}
+    if progress:
+        progress(f"--drop auto: fine-tuning {len(ks)} candidates ({', '.join(map(str, ks))} samples dropped), "
+                 f"{recipe.epochs} epochs each, on Ray Tune")
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(_trial, model=model.cpu(), data=data, recipe=recipe),
+                                        {"cpu": 1, "gpu": gpus_per_trial})
+    tuner = ray.tune.Tuner(
+        trainable, param_space={"k": ray.tune.grid_search(ks)},
+        run_config=ray.tune.RunConfig(storage_path=storage, verbose=0,
+                                      failure_config=ray.tune.FailureConfig(max_failures=1)),
+    )
+    results = tuner.fit()
+    trials = []
+    for r in results:
+        k = int(r.config["k"])
+        err = (r.metrics or {}).get("val_error") if r.error is None else None
+        trials.append({"k": k, "fraction": round(k / len(y), 4), "val_error": err,
+                       "error": None if r.error is None else str(r.error).strip().splitlines()[-1][:200]})
+    trials.sort(key=lambda t: t["k"])
+    chosen = pick(trials, len(val_y))
+    if progress:
+        progress("--drop auto: " + ", ".join(f"{t['k']}: {100 * t['val_error']:.2f}%" if t["val_error"] is not None
+                                              else f"{t['k']}: failed" for t in trials) + f" -> drop {chosen['k']}")
+    return BudgetChoice(chosen["k"], chosen["k"] / len(y), trials)
