@@ -133,7 +133,7 @@ def train_model(train: TensorDataset, epochs: int, seed: int) -> tuple[torch.nn.
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(b)
+            total += float(loss.detach()) * len(b)
         losses.append(total / len(y))
     model.eval()
     return model, losses

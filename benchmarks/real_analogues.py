@@ -191,9 +191,15 @@ def main() -> None:
     ap.add_argument("--table3-seeds", type=int, nargs="+", default=[0, 1], help="Table 3 trains 6 runs per seed.")
     ap.add_argument("--results", default=str(ROOT / "results" / "analogue"))
     ap.add_argument("--work", default=str(ROOT / "runs" / "analogue"))
+    ap.add_argument("--selection", choices=["paper", "default"], default="paper",
+                    help="paper: the paper's score and rule (as the jobs); default: idtl-ray's defaults (self-influence, "
+                         "--drop auto), written to <results>-default and run under <work>-default")
     ap.add_argument("--ablation", action="store_true", help="After the tables: Table 2's instance arm with a "
                     "random mask of the same size and with a 10%% drop budget (needs Table 2 run first).")
     args = ap.parse_args()
+    shared = Path(args.work).resolve()  # data and source model: the same for both selections
+    if args.selection == "default":
+        args.work, args.results = args.work + "-default", args.results + "-default"
     work = Path(args.work).resolve()
     import ray
 
@@ -203,12 +209,13 @@ def main() -> None:
         return
     specs: dict[int, E.TableSpec] = {}
     if set(args.tables) & {2, 3, 5}:
-        source, target = build_cifar_files(work / "_data")
-        specs.update(cifar_specs(target, pretrain_source(source, work)))
+        source, target = build_cifar_files(shared / "_data")
+        specs.update(cifar_specs(target, pretrain_source(source, shared)))
     specs[1] = digits_spec()
     for n in args.tables:
         t = time.perf_counter()
         seeds = args.table3_seeds if n == 3 else args.seeds
+        specs[n] = replace(specs[n], selection=args.selection)
         doc = E.run_table(n, out=work, seeds=seeds, resources=E.Resources.default(True), spec=specs[n])
         Path(args.results).mkdir(parents=True, exist_ok=True)
         for f in doc["files"].values():

@@ -6,9 +6,11 @@ flipped ones). So each candidate budget is tried: the pre-trained (adapted) mode
 samples that budget keeps and scored on the validation split. The default score, self-influence,
 never sees the validation split, so these numbers are unbiased by the scoring.
 
-Choice: the smallest budget whose validation error is within one standard error of the best (the
-"one-standard-error rule"): a larger budget must earn its place by more than the noise of a finite
-validation set. On a clean target that keeps (almost) everything.
+Choice: the smallest budget whose validation error is within one standard error of the best's, the
+standard error taken on the paired difference (only validation samples on which the two models
+disagree count, so samples both get wrong, such as mislabelled validation samples, add no noise): a
+larger budget must earn its place by more than the noise of a finite validation set. On a clean
+target that keeps (almost) everything.
 """
 
 from __future__ import annotations
@@ -69,17 +71,20 @@ def fine_tune(model: nn.Module, x: np.ndarray, y: np.ndarray, recipe: TrainRecip
 
 
 @torch.no_grad()
-def error_rate(model: nn.Module, x: np.ndarray, y: np.ndarray, mean: Any, std: Any,
-               device: torch.device | str = "cpu") -> float:
-    """Fraction of ``x`` the model misclassifies (eval mode)."""
+def correct(model: nn.Module, x: np.ndarray, y: np.ndarray, mean: Any, std: Any,
+            device: torch.device | str = "cpu") -> np.ndarray:
+    """Per sample: does the model (eval mode) predict the label?"""
     from .data import to_tensor
 
     model.to(device).eval()
-    wrong = 0
-    for i in range(0, len(y), 512):
-        pred = model(to_tensor(x[i:i + 512], mean, std).to(device)).argmax(1).cpu().numpy()
-        wrong += int((pred != y[i:i + 512]).sum())
-    return wrong / max(1, len(y))
+    preds = [model(to_tensor(x[i:i + 512], mean, std).to(device)).argmax(1).cpu().numpy() for i in range(0, len(y), 512)]
+    return np.concatenate(preds) == y if preds else np.zeros(0, bool)
+
+
+def error_rate(model: nn.Module, x: np.ndarray, y: np.ndarray, mean: Any, std: Any,
+               device: torch.device | str = "cpu") -> float:
+    """Fraction of ``x`` the model misclassifies (eval mode)."""
+    return float(1.0 - correct(model, x, y, mean, std, device).mean()) if len(y) else 0.0
 
 
 @dataclass
@@ -89,20 +94,31 @@ class BudgetChoice:
     k: int
     fraction: float
     trials: list[dict[str, Any]]
-    choice: str = "smallest budget within one standard error of the best validation error"
+    choice: str = "smallest budget within one paired standard error of the best validation error"
 
     def as_dict(self) -> dict[str, Any]:
         return {"k": self.k, "fraction": self.fraction, "choice": self.choice, "trials": self.trials}
 
 
-def pick(trials: list[dict[str, Any]], n_val: int) -> dict[str, Any]:
-    """The one-standard-error rule over finished trials (``k``, ``val_error``)."""
+def pick(trials: list[dict[str, Any]], correct_by_k: dict[int, np.ndarray]) -> dict[str, Any]:
+    """The paired one-standard-error rule over finished trials (``k``, ``val_error``).
+
+    ``correct_by_k[k]``: per validation sample, whether trial k's model got it right. A trial ties with
+    the best when it loses at most one standard error of the paired difference, sqrt(b + c) samples
+    (b, c: samples only one of the two gets right).
+    """
     ok = [t for t in trials if t.get("val_error") is not None]
     if not ok:
         raise InputError("every auto-budget trial failed: see the trial errors in the log, or use --drop budget")
-    best = min(t["val_error"] for t in ok)
-    se = math.sqrt(max(best * (1 - best), 1.0 / n_val) / n_val)
-    return min((t for t in ok if t["val_error"] <= best + se), key=lambda t: t["k"])
+    best = min(ok, key=lambda t: (t["val_error"], t["k"]))
+    hits = correct_by_k[best["k"]]
+
+    def ties(t: dict[str, Any]) -> bool:
+        mine = correct_by_k[t["k"]]
+        b, c = int((hits & ~mine).sum()), int((mine & ~hits).sum())
+        return b - c <= math.sqrt(b + c)
+
+    return min((t for t in ok if ties(t)), key=lambda t: t["k"])
 
 
 def _trial(config: dict[str, Any], model: nn.Module, data: dict[str, Any], recipe: TrainRecipe) -> None:
@@ -113,7 +129,8 @@ def _trial(config: dict[str, Any], model: nn.Module, data: dict[str, Any], recip
     keep = keep_least_harmful(data["harm"], int(config["k"]))
     m = fine_tune(copy.deepcopy(model), data["x"][keep], data["y"][keep], recipe, data["mean"], data["std"],
                   data["augment"], data["seed"], device)
-    ray.tune.report({"val_error": error_rate(m, data["val_x"], data["val_y"], data["mean"], data["std"], device)})
+    hits = correct(m, data["val_x"], data["val_y"], data["mean"], data["std"], device)
+    ray.tune.report({"val_error": float(1.0 - hits.mean()), "val_correct": hits.tolist()})
 
 
 def choose_budget(model: nn.Module, x: np.ndarray, y: np.ndarray, harm: np.ndarray, val_x: np.ndarray,
@@ -147,14 +164,16 @@ def choose_budget(model: nn.Module, x: np.ndarray, y: np.ndarray, harm: np.ndarr
                                       failure_config=ray.tune.FailureConfig(max_failures=1)),
     )
     results = tuner.fit()
-    trials = []
+    trials, correct_by_k = [], {}
     for r in results:
         k = int(r.config["k"])
         err = (r.metrics or {}).get("val_error") if r.error is None else None
+        if err is not None:
+            correct_by_k[k] = np.asarray(r.metrics["val_correct"], dtype=bool)
         trials.append({"k": k, "fraction": round(k / len(y), 4), "val_error": err,
                        "error": None if r.error is None else str(r.error).strip().splitlines()[-1][:200]})
     trials.sort(key=lambda t: t["k"])
-    chosen = pick(trials, len(val_y))
+    chosen = pick(trials, correct_by_k)
     if progress:
         progress("--drop auto: " + ", ".join(f"{t['k']}: {100 * t['val_error']:.2f}%" if t["val_error"] is not None
                                               else f"{t['k']}: failed" for t in trials) + f" -> drop {chosen['k']}")

@@ -31,7 +31,7 @@ class ScoreConfig:
     image_size: int | None = field(default=None, metadata={"help": "Resize folder datasets to this size (default 64)."})
     val_fraction: float = field(default=0.1, metadata={"help": "Validation share carved from train when the dataset ships none (paper: 10%)."})
     target_classes: list[int] | None = field(default=None, metadata={"help": "Score against validation samples of these classes only (paper 4.4)."})
-    head: str = field(default="auto", metadata={"help": "auto: fit a new head when class counts differ; new: always; keep: never."})
+    head: str = field(default="auto", metadata={"help": "auto: keep the weights' head only when they record the target's class names, else fit a new one; new: always; keep: never."})
     head_steps: int = field(default=50, metadata={"help": "L-BFGS steps of the linear probe that fits a new head (backbone frozen)."})
     influence: InfluenceConfig = field(default_factory=InfluenceConfig, metadata={"help": "Solver settings."})
     params: list[str] | None = field(default=None, metadata={"help": "Score with these modules' parameters only (default: all)."})

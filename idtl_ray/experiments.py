@@ -121,6 +121,7 @@ class TableSpec:
     smoke: bool = field(default=False, metadata={"help": "Tiny variant on offline data (numbers not comparable with the paper)."})
     analogue: str = field(default="", metadata={"help": "A real-data analogue at a smaller scale: what it runs instead of the paper's setting (one paragraph)."})
     notes: tuple[str, ...] = field(default=(), metadata={"help": "What the table's protocol leaves open and how it is settled here."})
+    selection: str = field(default="paper", metadata={"help": "paper: the paper's score and rule (the jobs); default: idtl-ray's defaults (self-influence, --drop auto)."})
 
 
 def _paper_rows(models: tuple[str, ...], columns: tuple[str, ...], numbers: dict[str, dict[str, tuple[float, ...]]],
@@ -612,11 +613,17 @@ def _train_in_process(name: str, src: SourceSpec, seed: int, path: Path, data_di
 
 def _score(ctx: _Context, s: Setting, dataset: str, weights: str, seed: int, classes: list[int] | None) -> dict[str, Any]:
     from .config import ScoreConfig
+    from .influence import InfluenceConfig
     from .workflow import run_score
 
     tag = "" if classes is None else "-classA" + "_".join(map(str, classes))
     out = ctx.root / f"seed{seed}" / f"score-{s.score_key()}{tag}"
+    # The jobs reproduce the paper: its validation-influence score and its rule (drop every score < 0).
+    # selection="default" runs idtl-ray's own defaults instead (self-influence, --drop auto).
+    rule = ({"influence": InfluenceConfig(score="paper"), "drop": "paper"} if ctx.table.selection == "paper"
+            else {"auto_epochs": max(1, s.epochs)})
     cfg = ScoreConfig(dataset=dataset, model=s.model, weights=weights, data_dir=ctx.data_dir, image_size=s.image_size,
+                      **rule,  # type: ignore[arg-type]
                       target_classes=classes, seed=seed, out=str(out), resume=True, actors=ctx.res.score_actors,
                       address=_cluster_address())  # fmt: skip
     _log(f"seed {seed}: scoring {dataset} with {s.model} ({weights}){'' if classes is None else f' against class {classes}'}")

@@ -598,7 +598,7 @@ class InfluenceResult:
 
 def head_solve_info(factors: Any) -> SolveInfo:
     """The solve report of a self-influence run: EK-FAC is a direct inverse, so it is exact by construction."""
-    return SolveInfo("ekfac-head", 0, 0.0, True, 0.0, 0.0, 0)
+    return SolveInfo("ekfac-head", 0, 0.0, True, 0.0, 0.0)
 
 
 def compute_influence(

@@ -270,7 +270,7 @@ def run_score(cfg: ScoreConfig, *, progress: bool = True, on_shard: Any = None) 
     })
     # Save the split and the scored model before the long part, so a resumed run reuses both.
     split.save(split_path)
-    save_checkpoint(model_path, model, {"dataset": data.name, "dataset_fingerprint": data.fingerprint(),
+    save_checkpoint(model_path, model, {"dataset": data.name, "classes": list(data.classes), "dataset_fingerprint": data.fingerprint(),
                                         "split_fingerprint": split.fingerprint(), "weights_arg": cfg.weights,
                                         "model_info": model_info})
 

@@ -221,11 +221,27 @@ def test_score_config_checks_the_drop_rule_before_any_work():
     assert ScoreConfig(drop="paper", influence=InfluenceConfig(score="paper")).drop == "paper"
 
 
-def test_auto_budget_takes_the_smallest_within_one_standard_error():
-    trials = [{"k": 0, "val_error": 0.30}, {"k": 10, "val_error": 0.29}, {"k": 20, "val_error": 0.20},
-              {"k": 40, "val_error": 0.21}]
-    assert pick(trials, 400)["k"] == 20          # 0.21 is within one SE (0.02) of 0.20, but 20 < 40
-    clean = [{"k": 0, "val_error": 0.100}, {"k": 10, "val_error": 0.095}, {"k": 20, "val_error": 0.12}]
-    assert pick(clean, 400)["k"] == 0             # a 0.5-point gain on 400 samples is noise
+def test_auto_budget_takes_the_smallest_within_one_paired_standard_error():
+    n = 400
+    base = np.zeros(n, bool)
+    base[:280] = True                                    # k=0: 70% right
+    better = base.copy()
+    better[280:320] = True                               # k=20: right on 40 more samples
+    close = better.copy()
+    close[280:285] = False                               # k=40: 5 fewer than k=20: 5 > sqrt(5), worse
+    nearly = better.copy()
+    nearly[280] = False                                  # k=10: 1 fewer than k=20: 1 <= sqrt(1), a tie
+    c = {0: base, 10: nearly, 20: better, 40: close}
+    trials = [{"k": k, "val_error": 1 - v.mean()} for k, v in c.items()]
+    assert pick(trials, c)["k"] == 10
+    # a clean target: every budget differs from k=0 by a couple of samples either way -> keep everything
+    rng = np.random.default_rng(0)
+    c = {0: rng.random(n) < 0.9}
+    for k in (10, 20):
+        v = c[0].copy()
+        v[rng.choice(n, 3, replace=False)] ^= True
+        c[k] = v
+    trials = [{"k": k, "val_error": 1 - v.mean()} for k, v in c.items()]
+    assert pick(trials, c)["k"] == 0
     with pytest.raises(InputError, match="every auto-budget trial failed"):
-        pick([{"k": 0, "val_error": None}], 100)
+        pick([{"k": 0, "val_error": None}], {})
