@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -52,3 +54,27 @@ def test_gpu_cluster_solves_on_an_actor_and_matches_in_process(ray_with_a_logica
     err = float(np.linalg.norm(out.scores - inproc) / np.linalg.norm(inproc))
     assert err < 1e-9, err
     assert (tmp_path / "run" / "mask.parquet").exists()
+
+
+def test_gpu_cluster_fits_the_self_influence_factors_off_the_driver(ray_with_a_logical_gpu, tmp_path, monkeypatch):
+    import idtl_ray.scoring as S
+
+    d = load_dataset("digits")
+    tr, va, _ = apply_split(d, make_split(d, 0.1, 0))
+    train = TensorDataset(to_tensor(tr.x[:600], d.mean, d.std).double(), torch.from_numpy(tr.y[:600]))
+    val = TensorDataset(to_tensor(va.x, d.mean, d.std).double(), torch.from_numpy(va.y))
+    torch.manual_seed(0)
+    model = build_model("sample-cnn", 10, in_channels=1, image_size=8).double()
+    cfg = InfluenceConfig(curvature_samples=128, batch_size=64)
+    inproc = score_samples(model, train, curvature_samples=128, batch_size=64, device="cpu").scores
+    real, driver = S.head_factors, os.getpid()
+
+    def off_the_driver(*args, **kwargs):  # shipped by value to the GPU worker, where it runs the real one
+        if os.getpid() == driver:
+            raise AssertionError("on a GPU cluster the driver must not fit the factors")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(S, "head_factors", off_the_driver)
+    out = score(model, train, val, config=cfg, out=tmp_path / "self", shard_size=200, drop_budget=0.1)
+    assert float(np.linalg.norm(out.scores - inproc) / np.linalg.norm(inproc)) < 1e-9
+    assert int((~out.keep).sum()) == 60
