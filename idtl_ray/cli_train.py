@@ -37,8 +37,12 @@ def _h(name: str) -> str:
 
 
 def _score_fn(dataset: str, model: str, weights: str, data_dir: str | None, image_size: int | None,
-              val_fraction: float, seed: int, address: str | None) -> Callable[[str], str]:  # fmt: skip
-    """``compare`` without a mask: run the scoring stage into the given directory, return the mask path."""
+              val_fraction: float, seed: int, address: str | None, epochs: int = 10) -> Callable[[str], str]:  # fmt: skip
+    """``compare`` without a mask: run the scoring stage into the given directory, return the mask path.
+
+    Its ``--drop auto`` trials train as long as the comparison's runs: how much label noise hurts, and so
+    which budget pays, depends on the length of training.
+    """
 
     def score(out_dir: str) -> str:
         from .config import ScoreConfig
@@ -46,7 +50,7 @@ def _score_fn(dataset: str, model: str, weights: str, data_dir: str | None, imag
 
         res = run_score(ScoreConfig(dataset=dataset, model=model, weights=weights, data_dir=data_dir,
                                     image_size=image_size, val_fraction=val_fraction, seed=seed, out=out_dir,
-                                    address=address))  # fmt: skip
+                                    address=address, auto_epochs=epochs))  # fmt: skip
         return str(res["mask"])
 
     return score
@@ -177,7 +181,7 @@ def register(app: typer.Typer) -> None:
         names = parse_methods(baselines)  # a typo fails here, before Ray starts
         ensure_ray(address)
         run_compare(dataset, model, weights, epochs, out=out, mask=mask,
-                    score_fn=_score_fn(dataset, model, weights, data_dir, image_size, val_fraction, seed, address),
+                    score_fn=_score_fn(dataset, model, weights, data_dir, image_size, val_fraction, seed, address, epochs),
                     scratch_epochs=scratch_epochs, baselines=names, data_dir=data_dir, image_size=image_size,
                     val_fraction=val_fraction,
                     batch_size=batch_size, lr=lr, lr_drop_at=lr_drop_at, freeze_conv=freeze_conv, workers=workers,
