@@ -1,5 +1,8 @@
 """Influence engine: per-sample predicted change of the summed validation loss (design.md §1-2).
 
+Two scores (``InfluenceConfig.score``): ``self`` (the default: self-influence over the model's head,
+:mod:`idtl_ray.self_influence`) and ``paper`` (delta_val_loss, below).
+
 For training samples z_i (i = 1..n) and validation samples v_j, at the model's parameters θ̂:
 
     g_val = Σ_j ∇θ L(v_j)                        (validation_gradient; optionally chosen classes only)

@@ -9,6 +9,11 @@ the first-order prediction of how much z_i's *own* loss rises when it is removed
 sample only by bending towards it: a flipped label, or an outlier. Unlike the validation-loss score it
 needs no validation set, so a noisy validation split cannot pull it towards the flipped samples.
 
+By default only the head's bias is used (``head_params="bias"``): its per-sample gradient is δ_i and its
+Gauss-Newton matrix is B = E[∂²L/∂z²] exactly, so the score is exact, and on noisy targets it found
+flipped labels better than the whole head (benchmarks/bench_selection.py: the weight part adds each
+sample's feature leverage, which ranks atypical but correct images high).
+
 Why the head and why EK-FAC: the head's per-sample gradient is an outer product δ_i ⊗ f̃_i (δ = ∂L/∂logits,
 f̃ = [features, 1]), and its Gauss-Newton matrix G = E[H_out ⊗ f̃f̃ᵀ] is close to the Kronecker product
 B ⊗ A (B = E[H_out], A = E[f̃f̃ᵀ]; K-FAC). In the eigenbases of A and B the per-sample gradients
