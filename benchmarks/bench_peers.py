@@ -43,6 +43,7 @@ The folder (``--peers-site`` or ``IDTL_PEERS_SITE``; default /tmp/idtl-peers-sit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -100,6 +101,20 @@ def bottom_overlap(a: np.ndarray, b: np.ndarray, frac: float = 0.1) -> float:
     """Share of the ``frac`` lowest-scored (most harmful: what the paper drops) samples that both agree on."""
     k = max(1, int(round(frac * len(a))))
     return len(set(np.argsort(a)[:k]) & set(np.argsort(b)[:k])) / k
+
+
+def write_json(path: Path, obj: dict[str, Any]) -> None:
+    """Atomic: a temp file in the same folder, then os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".json.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, default=float)
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_path)
+        raise
 
 
 # ── data and model ─────────────────────────────────────────────────────────────────────────────────
@@ -294,6 +309,30 @@ def main(argv: list[str] | None = None) -> int:
             cpu_s=f_cpu + g_cpu, wall_s=f_wall + g_wall, factors_cpu_s=f_cpu, factors_wall_s=f_wall,
             scores_cpu_s=g_cpu, scores_wall_s=g_wall, scores=kagg, settings={**kset, "aggregate_query_gradients": True})
 
+    base = rows["idtl-ray paper (default CG)"]
+    for r in rows.values():
+        r["cpu_ratio_vs_idtl"] = r["cpu_s"] / base["cpu_s"]
+        r["wall_ratio_vs_idtl"] = r["wall_s"] / base["wall_s"]
+
+    def result(ref_info: dict[str, Any] | None, ref: np.ndarray | None) -> dict[str, Any]:
+        k_scores = rows["Kronfluence EK-FAC, pairwise then summed"]["scores"]
+        return dict(
+            benchmark="bench_peers", date=time.strftime("%Y-%m-%d %H:%M:%S"), data=data_note, model="sample-cnn",
+            n_params=n_params, n_train=len(train), n_val=len(val), damping=a.damping, seed=a.seed, epochs=a.epochs,
+            train_epoch_losses=epoch_losses, train_acc=accuracy(model, train), val_acc=accuracy(model, val),
+            threads=a.threads, torch=torch.__version__, python=platform.python_version(), cpu_count=os.cpu_count(),
+            load_average=os.getloadavg(), kronfluence=kronfluence.__version__, install=INSTALL_LINE,
+            sign="both scores are grad L(z_i) . (H+λI)^-1 g_val: positive = helpful; ρ is signed",
+            spearman_idtl_vs_kronfluence=spearman(rows["idtl-ray paper (default CG)"]["scores"], k_scores),
+            reference=ref_info if ref_info is not None else ("skipped" if a.no_reference else "pending"),
+            methods={n: {key: v for key, v in r.items() if key != "scores"} for n, r in rows.items()},
+            scores={n: np.asarray(r["scores"]).tolist() for n, r in rows.items()}
+            | ({"reference": ref.tolist()} if ref is not None else {}),
+        )
+
+    # the timed part is kept even if the (long) reference solve is interrupted
+    write_json(a.out, result(None, None))
+
     # converged reference
     ref_info: dict[str, Any] | None = None
     ref = None
@@ -310,12 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reference: {rres.solve.iterations} CG iterations, residual {rres.solve.relative_residual:.2e}, "
               f"{cpu:.0f} CPU-s", flush=True)
 
-    base = rows["idtl-ray paper (default CG)"]
     for name, r in rows.items():
-        r["cpu_ratio_vs_idtl"] = r["cpu_s"] / base["cpu_s"]
-        r["wall_ratio_vs_idtl"] = r["wall_s"] / base["wall_s"]
-        paper_quantity = not name.startswith("idtl-ray default")
-        if ref is not None and paper_quantity:
+        if ref is not None and not name.startswith("idtl-ray default"):  # the self-influence is another quantity
             r["spearman_vs_reference"] = spearman(r["scores"], ref)
             r["bottom10_overlap_vs_reference"] = bottom_overlap(r["scores"], ref)
 
@@ -338,26 +373,9 @@ def main(argv: list[str] | None = None) -> int:
               f"converged={s['converged']}")
     k = rows["Kronfluence EK-FAC, pairwise then summed"]
     print(f"Kronfluence (pairwise) / idtl-ray: {k['cpu_ratio_vs_idtl']:.2f}x CPU, {k['wall_ratio_vs_idtl']:.2f}x wall")
-    if ref is not None:
-        print(f"Spearman(idtl-ray, Kronfluence) = {spearman(base['scores'], k['scores']):+.3f}")
+    print(f"Spearman(idtl-ray, Kronfluence) = {spearman(base['scores'], k['scores']):+.3f}")
 
-    out = dict(
-        benchmark="bench_peers", date=time.strftime("%Y-%m-%d %H:%M:%S"), data=data_note, model="sample-cnn",
-        n_params=n_params, n_train=len(train), n_val=len(val), damping=a.damping, seed=a.seed, epochs=a.epochs,
-        train_epoch_losses=epoch_losses, train_acc=accuracy(model, train), val_acc=accuracy(model, val),
-        threads=a.threads, torch=torch.__version__, python=platform.python_version(), cpu_count=os.cpu_count(),
-        load_average=os.getloadavg(), kronfluence=kronfluence.__version__, install=INSTALL_LINE,
-        sign="both scores are grad L(z_i) . (H+λI)^-1 g_val: positive = helpful; ρ is signed",
-        spearman_idtl_vs_kronfluence=(spearman(base["scores"], k["scores"])),
-        reference=ref_info,
-        methods={n: {key: v for key, v in r.items() if key != "scores"} for n, r in rows.items()},
-        scores={n: np.asarray(r["scores"]).tolist() for n, r in rows.items()} | ({"reference": ref.tolist()} if ref is not None else {}),
-    )
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=".bench_peers.", suffix=".json.tmp", dir=a.out.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(out, f, indent=1, default=float)
-    os.replace(tmp_path, a.out)
+    write_json(a.out, result(ref_info, ref))
     print(f"wrote {a.out}")
     return 0
 
