@@ -17,7 +17,7 @@ $IDTL inspect "$OUT/score/mask.parquet"
 # The demo scores afresh each time, so it compares afresh too (a compare directory refuses a re-scored mask).
 rm -rf "$OUT/compare"
 $IDTL compare --dataset digits --model sample-cnn --weights "$OUT/source.pt" --mask "$OUT/score" \
-  --epochs 5 --baselines random,loss,cleanlab --out "$OUT/compare"
+  --epochs 5 --out "$OUT/compare"
 echo "mask:       $OUT/score/mask.parquet"
 echo "comparison: $OUT/compare/compare.md"
 echo "took $(( $(date +%s) - start )) s"
