@@ -110,6 +110,9 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1, default=float)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes it 0600
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -265,9 +268,16 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("ignore", RuntimeWarning)
             compute_influence(model, sub_t, sub_v, paper, device="cpu")
         compute_influence(model, sub_t, None, InfluenceConfig(batch_size=a.batch_size), device="cpu")
-        w = KronfluenceRun(model, tmp, "warmup")
-        w.fit(sub_t, 32, a.seed)
-        w.scores(sub_t, sub_v, a.damping, 16, 32)
+        # Kronfluence's warm-up on an 8x8 sample-cnn: same code paths, without paying the real model's
+        # 4096x4096 eigendecomposition twice
+        torch.manual_seed(a.seed)
+        tiny = build_model("sample-cnn", 10, 3, 8)
+        tiny_t = TensorDataset(torch.randn(64, 3, 8, 8), torch.arange(64) % 10)
+        tiny_v = TensorDataset(torch.randn(16, 3, 8, 8), torch.arange(16) % 10)
+        w = KronfluenceRun(tiny, tmp, "warmup")
+        w.fit(tiny_t, 32, a.seed)
+        w.scores(tiny_t, tiny_v, a.damping, 16, 32)
+        w.scores(tiny_t, tiny_v, a.damping, 16, 32, aggregate=True)
         print("warm-up done", flush=True)
 
         # idtl-ray, paper score, default solver settings
