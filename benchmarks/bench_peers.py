@@ -26,8 +26,10 @@ Sign: both scores are ∇L(z_i)·(H+λI)^-1 g_val without a minus, so for both p
 sample is predicted to raise the validation loss; Kronfluence's convention), and ρ is reported signed.
 
 Timing: CPU time = user + sys of ``getrusage`` (this process, all its threads, plus children) around each
-call, and wall time; torch runs with ``--threads`` (2) intra-op threads; every method is first run once on
-a small subset to warm up imports and lazy initialisation; then one timed run each (they take minutes).
+call, and wall time; torch runs with ``--threads`` (2) intra-op threads; idtl-ray is first run once on a
+small subset and Kronfluence on an 8x8 sample-cnn (imports, lazy initialisation); then one timed run each
+(they take minutes; the reference solve, ~90 CG iterations on all samples, takes the longest: ~1,000
+CPU-s at the defaults). The JSON is written once before the reference and again after it.
 
 Kronfluence is NOT a dependency of idtl-ray. Install it beside the project venv, without dependency
 resolution, so that both sides import the project venv's own torch:
