@@ -103,23 +103,18 @@ def features_and_logits(model: nn.Module, x_uint8: np.ndarray, mean: Sequence[fl
     The model's train/eval mode is restored afterwards.
     """
     from .data import to_tensor
-    from .models import head_module
+    from .influence import eval_mode
+    from .self_influence import features_and_logits as batch_features, head_module
 
     head = head_module(model)
+    device = next(model.parameters()).device
     feats: list[torch.Tensor] = []
     logits: list[torch.Tensor] = []
-    hook = head.register_forward_hook(lambda _m, inp, _out: feats.append(inp[0].detach().flatten(1).float().cpu()))
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for i in range(0, len(x_uint8), batch_size):
-                xb = to_tensor(x_uint8[i:i + batch_size], tuple(mean), tuple(std)).to(device)
-                logits.append(model(xb).float().cpu())
-    finally:
-        hook.remove()
-        model.train(was_training)
+    with eval_mode(model):  # one hook helper for the head's input, shared with self-influence
+        for i in range(0, len(x_uint8), batch_size):
+            f, z = batch_features(model, to_tensor(x_uint8[i:i + batch_size], tuple(mean), tuple(std)).to(device))
+            feats.append(f.float().cpu())
+            logits.append(z.float().cpu())
     if not logits:
         return np.zeros((0, head.in_features), np.float32), np.zeros((0, head.out_features), np.float32)
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()

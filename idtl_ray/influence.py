@@ -599,7 +599,7 @@ class InfluenceResult:
         return self.scores if self.score == "self" else -self.scores
 
 
-def head_solve_info(factors: Any) -> SolveInfo:
+def head_solve_info() -> SolveInfo:
     """The solve report of a self-influence run: EK-FAC is a direct inverse, so it is exact by construction."""
     return SolveInfo("ekfac-head", 0, 0.0, True, 0.0, 0.0)
 
@@ -666,7 +666,7 @@ def _self_influence(model: nn.Module, train: Dataset, config: InfluenceConfig, d
         raise SolverDivergedError("non-finite self-influence: the model produces non-finite outputs on some training "
                                   "samples; check the inputs and weights for NaN/inf")
     n_params = int(factors.inv.numel())
-    return InfluenceResult(scores, head_solve_info(factors), config, 0, n_params,
+    return InfluenceResult(scores, head_solve_info(), config, 0, n_params,
                            {"curvature": t1 - t0, "scores": t2 - t1}, score="self")
 
 

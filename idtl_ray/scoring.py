@@ -641,7 +641,7 @@ def run_pipeline(
     # ── 1-3: g_val, s (reused when resuming); self-influence: the head's EK-FAC factors instead ──
     stream: _Stream | None = None
     if config.score == "self":
-        info, n_val = head_solve_info(None), 0
+        info, n_val = head_solve_info(), 0
         timings["validation_gradient_s"] = 0.0
         if len(pos):
             t = time.perf_counter()
