@@ -4,10 +4,12 @@ written beside the mask (the style of Kronfluence's arguments).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, WeightsError
 from .influence import InfluenceConfig
 from .selection import DROP_RULES, budget_count
 
@@ -18,6 +20,36 @@ def help_of(cls: type, name: str) -> str:
         if f.name == name:
             return str(f.metadata.get("help", ""))
     raise KeyError(name)
+
+
+def check_params(model: str, params: list[str], score: str = "paper") -> None:
+    """Refuse ``--param`` names that select nothing, before any data loads.
+
+    The names are checked against the registry model's structure, built on PyTorch's meta device (no
+    memory, no weights): parameter names do not depend on the class count, channels or image size.
+    ``--param`` chooses the parameters of ``--score paper``; self-influence always uses the head.
+    """
+    if score != "paper":
+        raise InputError("--param chooses the parameters of --score paper; --score self always scores through the "
+                         "model's head (choose with --head-params bias|head): add --score paper or drop --param")
+    import torch
+
+    from .models import build_model
+
+    with torch.device("meta"):
+        net = build_model(model, 2, 3, 32)
+    names = [n for n, _ in net.named_parameters()]
+    bad = [p for p in params if not any(n == p or n.startswith(p + ".") for n in names)]
+    if bad:  # each name must select something: a typo beside a good name would be dropped silently
+        top = sorted({n.split(".")[0] for n in names}, key=[n.split(".")[0] for n in names].index)
+        raise InputError(f"--param {' '.join(bad)}: {model} has no such module; give module or parameter names "
+                         f"such as {', '.join(top)}{_deep_example(names)}")
+
+
+def _deep_example(names: list[str]) -> str:
+    """`` (or deeper ones, e.g. layer4.2.bn3)``: the module of the model's last nested parameter, if any."""
+    deep = [m for m in (n.rpartition(".")[0] for n in names) if "." in m]
+    return f" (or deeper ones, e.g. {deep[-1]})" if deep else ""
 
 
 @dataclass
@@ -61,8 +93,18 @@ class ScoreConfig:
         if self.drop == "paper" and self.influence.score != "paper":
             raise InputError("--drop paper reads delta_val_loss, which --score self does not compute: "
                              "add --score paper, or use --drop auto / --drop budget")
+        # Everything that can be checked without the data is checked here, before any data loads or Ray
+        # starts: a typo must not cost a whole scoring run.
         if self.drop_budget is not None:
-            budget_count(self.drop_budget, 1_000_000)  # checked now, not after the whole scoring
+            if self.drop == "auto":  # auto picks the budget itself; a given one would be silently ignored
+                raise InputError("--drop-budget applies to --drop budget and --drop paper; --drop auto (the default) "
+                                 "chooses among --auto-budget values: add --drop budget, or pass the value as --auto-budget")
+            budget_count(self.drop_budget, 1_000_000)
+        if not math.isfinite(self.drop_threshold):
+            raise InputError(f"--drop-threshold must be a finite number, got {self.drop_threshold} (the paper uses 0)")
+        if self.drop_threshold != 0.0 and self.drop != "paper":
+            raise InputError(f"--drop-threshold applies to --drop paper only, not --drop {self.drop}: "
+                             "add --drop paper --score paper, or leave --drop-threshold out")
         if self.drop == "auto":
             if not self.auto_budgets:
                 raise InputError("--drop auto needs at least one candidate budget (--auto-budgets 0 0.05 0.1 0.2)")
@@ -76,6 +118,26 @@ class ScoreConfig:
             raise InputError(f"val_fraction must be in (0, 1), got {self.val_fraction}: the paper uses 0.1")
         if self.actors is not None and self.actors < 1:
             raise InputError(f"actors must be >= 1, got {self.actors}")
+        if self.shard_size < 1:
+            raise InputError(f"--shard-size must be >= 1 (samples per checkpointed shard), got {self.shard_size}; "
+                             "the default is 1024")
+        if self.head_steps < 1:
+            raise InputError(f"--head-steps must be >= 1 (L-BFGS steps of the new head), got {self.head_steps}")
+        if self.image_size is not None and self.image_size < 1:
+            raise InputError(f"--image-size must be a positive number of pixels, got {self.image_size}")
+        if self.target_classes is not None and any(c < 0 for c in self.target_classes):
+            raise InputError(f"--target-class takes class indices >= 0, got {self.target_classes}")
+        from .models import MODELS
+
+        if self.model not in MODELS:
+            raise InputError(f"unknown model {self.model!r}: use one of {', '.join(MODELS)}")
+        if self.weights not in (None, "none", "imagenet") and not self.resume:
+            path = Path(self.weights).expanduser()
+            if not path.is_file():  # a resumed run reuses its saved model.pt and needs no weights file
+                raise WeightsError(f"weights file {path} not found: pass an existing checkpoint or state-dict file, "
+                                   "or --weights imagenet|none")
+        if self.params:
+            check_params(self.model, self.params, self.influence.score)
 
     @property
     def out_dir(self) -> str:

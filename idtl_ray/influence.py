@@ -170,12 +170,14 @@ def select_parameters(model: nn.Module, params: ParamSpec = None) -> list[str]:
         if isinstance(params, str):
             params = [params]
         prefixes = list(params)
-        names = [n for n in trainable if any(n == p or n.startswith(p + ".") for p in prefixes)]
-        if not names:
+        # every name must select something: a typo beside a good name would otherwise be dropped silently
+        unmatched = [p for p in prefixes if not any(n == p or n.startswith(p + ".") for n in trainable)]
+        if unmatched:
             modules = sorted({n.rsplit(".", 1)[0] for n in trainable})
             raise InputError(
-                f"params={prefixes} matches no trainable parameter: use module names of the model, e.g. {modules[-3:]}"
+                f"params={unmatched} matches no trainable parameter: use module names of the model, e.g. {modules[-3:]}"
             )
+        names = [n for n in trainable if any(n == p or n.startswith(p + ".") for p in prefixes)]
     if not names:
         raise InputError(f"params={params!r} selects no trainable parameter: choose other layers")
     return names
@@ -623,6 +625,9 @@ def compute_influence(
     if len(train) == 0:
         raise InputError("the training set is empty: give at least one training sample")
     if config.score == "self":
+        if params is not None:  # silently scoring other parameters than asked would mislead
+            raise InputError("params chooses the parameters of score='paper'; self-influence always uses the model's "
+                             "head (head_params='bias' or 'head'): pass score='paper' or leave params out")
         return _self_influence(model, train, config, device, loss_fn)
     if val is None:
         raise InputError("score='paper' needs a validation set (delta_val_loss is the change of its summed loss): "
