@@ -102,6 +102,26 @@ def datasets() -> None:
     typer.echo(f"{'folder:PATH':<16} images in train/<class>/*, test/<class>/* [, val/<class>/*]")
 
 
+@app.command()
+@user_errors
+def prepare(
+    dataset: str = typer.Option(..., help="Dataset to prepare: a registry name (see `idtl-ray datasets`), npz:PATH or folder:PATH."),
+    out: str = typer.Option(..., help="Directory to write: a local path or a URI pyarrow opens (s3://bucket/prefix)."),
+    data_dir: Optional[str] = typer.Option(None, help=help_of(S, "data_dir")),
+    image_size: Optional[int] = typer.Option(None, help="Resize the images to this size (pixels)."),
+    val_fraction: float = typer.Option(0.1, help=help_of(S, "val_fraction")),
+    seed: int = typer.Option(0, help="Seed of the train/validation split written into the `split` column."),
+    shard_mb: int = typer.Option(192, help="Target payload of one Parquet shard in MiB (small datasets give one per split)."),
+) -> None:
+    """Write a dataset as Parquet shards plus manifest.json; every command accepts the directory as --dataset."""
+    from .data.prepare import format_summary, prepare_dataset
+
+    manifest = prepare_dataset(dataset, out, data_dir=data_dir, image_size=image_size, val_fraction=val_fraction,
+                               seed=seed, shard_bytes=shard_mb * 2**20)
+    typer.echo(format_summary(manifest, out))
+    typer.echo(f"manifest: {out.rstrip('/')}/manifest.json")
+
+
 try:  # training commands (Ray Train / Tune) live in their own module
     from .cli_train import register as _register_train
 

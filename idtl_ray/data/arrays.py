@@ -204,6 +204,7 @@ def augmentation(name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
     - svhn: translation only; design.md lists no flip for SVHN, and mirrored digits change meaning.
     - cats-vs-dogs, folder:*: horizontal flip, zoom 0.8-1.2, shear 0.2 rad (Keras 1 used radians).
     - digit datasets and npz:*: None.
+    - a directory written by ``idtl-ray prepare``: the recipe of the dataset it holds.
     """
     from torchvision import transforms as T
 
@@ -220,6 +221,10 @@ def augmentation(name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
         )
     if name in _DIGIT_SETS or name.startswith("npz:"):
         return None
-    from .registry import DATASETS  # lazy: the registry builds on this module
+    from .readers import is_prepared_location, read_manifest  # lazy: both build on this module
+    from .registry import DATASETS
+
+    if is_prepared_location(name):  # a prepared directory: the recipe of the dataset it holds
+        return augmentation(read_manifest(name).dataset)
 
     raise DataError(f"no augmentation recipe for unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")

@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import DataError
 from .arrays import ImageArrays, TargetData, _make, resize_dataset
 from .files import _folder_layout_hint, load_folder, load_npz, read_idx
+from .readers import is_prepared_location, load_prepared
 from .splits import split_train_val
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -295,7 +296,11 @@ def load_dataset(
     download: bool = True,
     image_size: int | None = None,
 ) -> TargetData:
-    """Load a dataset by registry name, or ``npz:PATH`` / ``folder:PATH``.
+    """Load a dataset by registry name, ``npz:PATH`` / ``folder:PATH``, or a prepared directory.
+
+    A prepared directory (a local path or a URI such as ``s3://bucket/prefix``, written by
+    ``idtl-ray prepare``) gives the same :class:`TargetData` as its source, checked against its
+    manifest's checksums (:func:`idtl_ray.data.readers.load_prepared`); ``data_dir`` is not used then.
 
     ``data_dir`` defaults to :func:`default_data_dir`. torchvision datasets are first read from disk
     and downloaded only if that fails and ``download`` is true. ``image_size`` resizes folder
@@ -309,10 +314,13 @@ def load_dataset(
     if name.startswith("folder:"):
         return load_folder(name[7:], image_size)
     info = DATASETS.get(name)
+    if info is None and is_prepared_location(name):
+        return load_prepared(name, image_size=image_size)
     if info is None:
         raise DataError(
             f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}, or npz:PATH "
-            f"(x_train,y_train,x_test,y_test[,x_val,y_val]) or folder:PATH (train/<class>/*, test/<class>/*)"
+            f"(x_train,y_train,x_test,y_test[,x_val,y_val]) or folder:PATH (train/<class>/*, test/<class>/*), "
+            f"or a directory written by idtl-ray prepare"
         )
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     data = info.loader(root, download, image_size)
