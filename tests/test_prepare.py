@@ -17,7 +17,7 @@ import pytest
 
 from idtl_ray.data import TargetData, augmentation, load_dataset, make_split
 from idtl_ray.data import prepare as P
-from idtl_ray.data.readers import read_manifest
+from idtl_ray.data.readers import read_manifest, read_prepared
 from idtl_ray.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,6 +185,33 @@ def test_bad_arguments_fail_before_loading(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="pyarrow cannot open"):
         P.prepare_dataset("digits", "nosuchscheme://bucket/x")
     assert not (tmp_path / "a").exists()
+
+
+def test_read_prepared_gives_the_same_pixels_and_labels(ray_session, prepared: Path, digits: TargetData) -> None:
+    split = make_split(digits)
+    expected = {"train": (digits.train.x[split.train_ids], digits.train.y[split.train_ids], split.train_ids),
+                "val": (digits.train.x[split.val_ids], digits.train.y[split.val_ids], split.val_ids),
+                "test": (digits.test.x, digits.test.y, np.arange(len(digits.test)))}
+    batches = list(read_prepared(str(prepared)).iter_batches(batch_size=None, batch_format="numpy"))
+    got = {k: np.concatenate([b[k] for b in batches]) for k in ("x", "label", "sample_id", "split")}
+    assert got["x"].dtype == np.uint8 and got["x"].shape[1:] == (8, 8, 1)
+    for s, (x, y, ids) in expected.items():
+        sel = got["split"] == s
+        order = np.argsort(got["sample_id"][sel])
+        assert np.array_equal(got["sample_id"][sel][order], ids)
+        assert np.array_equal(got["x"][sel][order], x) and np.array_equal(got["label"][sel][order], y)
+    assert read_prepared(str(prepared), "val", verify=True).count() == len(split.val_ids)
+    with pytest.raises(DataError, match="unknown split"):
+        read_prepared(str(prepared), "holdout")
+
+
+def test_read_prepared_checks_the_files_first(prepared: Path, tmp_path: Path) -> None:
+    d = _copy(prepared, tmp_path)
+    (d / "val-00000.parquet").unlink()
+    with pytest.raises(DataError) as e:
+        read_prepared(str(d), "val")  # fails on the driver, before Ray is needed
+    _one_line(e, "val-00000.parquet", "missing", "re-run idtl-ray prepare")
+    assert read_manifest(str(d)).counts["val"] == 144
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

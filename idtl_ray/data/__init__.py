@@ -13,7 +13,7 @@ Dataset names (see :data:`DATASETS`): ``mnist``, ``emnist-letters``, ``fashion-m
 Modules: :mod:`.arrays` (containers, statistics, resizing, torch side), :mod:`.files` (IDX, npz and
 image-folder readers), :mod:`.registry` (the named datasets and :func:`load_dataset`),
 :mod:`.splits` (validation splits), :mod:`.prepare` (Parquet shards + manifest: the format and the
-writer) and :mod:`.readers` (a prepared directory back in memory). Everything
+writer) and :mod:`.readers` (a prepared directory back in memory, or as a Ray Dataset). Everything
 is re-exported here: import from ``idtl_ray.data``.
 """
 
@@ -33,7 +33,7 @@ from .arrays import (
 )
 from .files import DEFAULT_FOLDER_IMAGE_SIZE, IMAGE_EXTENSIONS, load_folder, load_npz, read_idx
 from .prepare import Manifest, prepare_dataset, write_prepared
-from .readers import load_prepared, read_manifest
+from .readers import load_prepared, read_manifest, read_prepared
 from .registry import (
     DATASETS,
     FASHION_MNIST_SYSTEM_DIR,
@@ -66,6 +66,7 @@ __all__ = [
     "prepare_dataset",
     "read_idx",
     "read_manifest",
+    "read_prepared",
     "resize_dataset",
     "resize_images",
     "split_train_val",

@@ -3,6 +3,9 @@
 - :func:`load_prepared`: the whole dataset as :class:`TargetData`, identical to the source's (same
   arrays, classes, statistics and fingerprint), every shard checked against its sha256. This is what
   :func:`idtl_ray.data.load_dataset` returns for a prepared directory.
+- :func:`read_prepared`: a lazy ``ray.data.Dataset`` over the shards (``read_parquet``), decoded on CPU
+  workers into a uint8 NHWC ``x`` column plus ``label``, ``sample_id`` and ``split``; the driver never
+  holds the images.
 
 A damaged or incomplete directory raises one :class:`DataError` naming the file and the fix: re-run
 ``idtl-ray prepare``.
@@ -14,6 +17,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +28,9 @@ from ..errors import DataError
 from .arrays import ImageArrays, TargetData, _make, resize_dataset
 from .prepare import COLUMNS, MANIFEST, SPLITS, Manifest, Shard, _first_line, open_location
 from .splits import Split
+
+if TYPE_CHECKING:  # pragma: no cover
+    import ray.data
 
 
 def is_prepared_location(name: str) -> bool:
@@ -91,6 +98,16 @@ def decode_images(col: pa.Array | pa.ChunkedArray, shape: tuple[int, int, int], 
             raise ValueError(f"a PNG image has shape {a.shape}, expected {tuple(shape)}")
         out[i] = a
     return out
+
+
+def _decode_batch(batch: pa.Table, shape: tuple[int, int, int], encoding: str) -> dict[str, np.ndarray]:
+    """``map_batches`` function of :func:`read_prepared`: the image column -> ``x``."""
+    return {
+        "x": decode_images(batch.column("image"), shape, encoding),
+        "label": batch.column("label").to_numpy().astype(np.int64, copy=False),
+        "sample_id": batch.column("sample_id").to_numpy().astype(np.int64, copy=False),
+        "split": np.asarray(batch.column("split").to_pylist(), dtype=object),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,3 +195,52 @@ def _check_split(m: Manifest, tables: dict[str, list[pa.Table]], data: TargetDat
     if split.fingerprint() != m.split.get("fingerprint"):
         raise DataError(f"{location}: the split column does not match the split in {MANIFEST}; "
                         f"{_fix(location, m.source)}")  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Ray Data
+
+
+def _check_files(fs: pafs.FileSystem, base: str, shards: list[Shard], location: str, m: Manifest,
+                 verify: bool) -> None:  # fmt: skip
+    """Every shard exists with its recorded size (and, with ``verify``, its sha256: streamed, not held)."""
+    infos = fs.get_file_info([f"{base}/{s.file}" for s in shards])
+    for s, info in zip(shards, infos):
+        if info.type == pafs.FileType.NotFound:
+            raise DataError(f"{location}: shard {s.file} is missing; {_fix(location, m.source)}")
+        if info.size != s.bytes:
+            raise DataError(f"{location}: shard {s.file} is damaged (size differs from {MANIFEST}); "
+                            f"{_fix(location, m.source)}")  # fmt: skip
+        if verify:
+            h = hashlib.sha256()
+            with fs.open_input_stream(info.path) as f:
+                while chunk := f.read(8 * 2**20):
+                    h.update(chunk)
+            if h.hexdigest() != s.sha256:
+                raise DataError(f"{location}: shard {s.file} is damaged (sha256 differs from {MANIFEST}); "
+                                f"{_fix(location, m.source)}")  # fmt: skip
+
+
+def read_prepared(location: str, split: str | None = None, *, verify: bool = False,
+                  batch_size: int = 1024) -> ray.data.Dataset:  # fmt: skip
+    """A Ray Dataset over a prepared directory's shards, images decoded on CPU workers.
+
+    Columns: ``x`` uint8 (H, W, C) per row, ``label`` int64, ``sample_id`` int64 and ``split``.
+    ``split`` ("train", "val" or "test") reads only that split's shards; ``None`` reads all. The
+    shards' presence and sizes are checked here; ``verify`` also checks their sha256 (streamed
+    through the driver). Row order is not guaranteed: use ``sample_id``.
+    """
+    import ray.data
+
+    if split is not None and split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)} or None for all")
+    m = read_manifest(location)
+    shards = [s for s in m.shards if split is None or s.split == split]
+    if not shards:
+        raise DataError(f"{location}: the prepared dataset has no {split} rows")
+    fs, base = open_location(location)
+    _check_files(fs, base, shards, location, m, verify)
+    ds = ray.data.read_parquet([f"{base}/{s.file}" for s in shards], filesystem=fs)  # the shards hold COLUMNS
+    kwargs: dict[str, Any] = {"shape": tuple(m.image_shape), "encoding": m.image_encoding}
+    return ds.map_batches(_decode_batch, batch_format="pyarrow", batch_size=batch_size, fn_kwargs=kwargs,
+                          num_cpus=1)  # fmt: skip
