@@ -33,7 +33,8 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .errors import InputError, SolverDivergedError
-from .self_influence import LossFn, cross_entropy, fit_head_factors, self_influence_batch
+from .self_influence import (LossFn, check_finite_model, cross_entropy, fit_head_factors, nonfinite_error,
+                             self_influence_batch)
 
 Solver = Literal["cg", "lissa", "exact"]
 ScoreKind = Literal["self", "paper"]
@@ -128,6 +129,11 @@ def default_device() -> torch.device:
 def _as_batches(data: Dataset, batch_size: int) -> DataLoader:
     # Map-style dataset of (input, label); order preserved so scores line up with `train`.
     return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
+
+
+def _finite_inputs(x: torch.Tensor) -> torch.Tensor:
+    """Whether a batch's inputs are all finite, as a 0-d tensor (no host sync until the caller reads it)."""
+    return torch.isfinite(x).all() if x.is_floating_point() else torch.ones((), dtype=torch.bool, device=x.device)
 
 
 def _labels(y: Any) -> torch.Tensor:
@@ -443,6 +449,8 @@ class InfluenceEngine:
         self.loss_fn: LossFn = loss_fn or cross_entropy
         self.custom_loss = loss_fn is not None
         self.model = model.to(self.device)
+        # NaN weights would surface as a "diverged" solver, which no damping can fix: name the tensor now
+        check_finite_model(self.model)
         self.space = ParamSpace(model, select_parameters(model, params), self.device)
         self.num_outputs: int | None = None
 
@@ -479,14 +487,15 @@ class InfluenceEngine:
         total = torch.zeros(self.space.dim, dtype=torch.float64, device=self.device)
         count = 0
         with eval_mode(self.model):
-            for xb, yb in _as_batches(val, batch_size):
+            for b, (xb, yb) in enumerate(_as_batches(val, batch_size)):
                 x, y = self._prepare(xb, yb)
+                pos = np.arange(b * batch_size, b * batch_size + len(y))
                 if wanted is not None:
                     keep = torch.isin(y, wanted)
-                    x, y = x[keep], y[keep]
+                    x, y, pos = x[keep], y[keep], pos[keep.cpu().numpy()]
                     if len(y) == 0:
                         continue
-                g, n = self.gradient_sum(x, y)
+                g, n = self.gradient_sum(x, y, positions=pos)
                 total += g.double()
                 count += n
         if count == 0:
@@ -495,16 +504,32 @@ class InfluenceEngine:
             )
         return total, count
 
-    def gradient_sum(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Σ over one batch of ∇θ L; the partial sum a Ray worker returns."""
+    def gradient_sum(self, x: torch.Tensor, y: torch.Tensor, *,
+                     positions: Sequence[int] | None = None) -> tuple[torch.Tensor, int]:
+        """Σ over one batch of ∇θ L; the partial sum a Ray worker returns.
+
+        A non-finite sum raises :class:`InputError` naming the validation samples (``positions``: their
+        places in the validation set, else their rows in the batch) and whether inputs or outputs are at fault.
+        """
         def loss_fn(q: dict[str, torch.Tensor]) -> torch.Tensor:
             logits = self.logits(q, x)
             self._check(logits, y)
             return self.loss_fn(logits, y).sum()
 
         with eval_mode(self.model):
-            g = grad(loss_fn)(self.space.params)
-        return self.space.flatten(g), len(y)
+            g = self.space.flatten(grad(loss_fn)(self.space.params))
+            # inputs too: an inf input can give finite outputs (a saturated tanh) and still be a data error
+            if not bool(torch.isfinite(g).all() & _finite_inputs(x)):  # one sync; diagnosed only on failure
+                raise self._nonfinite("validation", x, y, positions)
+        return g, len(y)
+
+    def _nonfinite(self, role: str, x: torch.Tensor, y: torch.Tensor, positions: Sequence[int] | None) -> InputError:
+        """The error for a batch with a non-finite result: names its samples and what is at fault."""
+        with torch.no_grad():
+            out = self.logits(self.space.params, x) if bool(torch.isfinite(x).all()) else None
+            if out is not None and bool(torch.isfinite(out).all()):
+                out = self.loss_fn(out, y)  # finite logits: is it the loss?
+        return nonfinite_error(role, x, out, positions)
 
     def curvature(
         self,
@@ -519,25 +544,36 @@ class InfluenceEngine:
         if len(train) == 0:
             raise InputError("the training set is empty: give at least one training sample")
         data: Dataset = train
+        positions = np.arange(len(train))  # of the curvature samples in `train`: named when one is not finite
         if samples is not None and samples < len(train):
-            data = Subset(train, curvature_subsample(len(train), samples, seed).tolist())
+            positions = curvature_subsample(len(train), samples, seed)
+            data = Subset(train, positions.tolist())
         batches = []
         for xb, yb in _as_batches(data, batch_size):
             batches.append(self._prepare(xb, yb))
-        with eval_mode(self.model):  # label check once, up front, not inside the solver loop
+        # Labels and finiteness once, up front, not inside the solver loop: one forward pass over the
+        # (small) curvature sample, so that a NaN input or output is named here instead of being
+        # reported by the solver as divergence.
+        with eval_mode(self.model), torch.no_grad():
+            start = 0
             for x, y in batches:
-                with torch.no_grad():
-                    self._check(self.logits(self.space.params, x[:1]), y)
+                logits = self.logits(self.space.params, x)
+                self._check(logits, y)
+                if not bool(torch.isfinite(self.loss_fn(logits, y)).all() & _finite_inputs(x)):
+                    raise self._nonfinite("training (curvature sample)", x, y, positions[start:start + len(y)])
+                start += len(y)
         return CurvatureOperator(self, batches, kind, damping)
 
     def score_batch(
-        self, x: Any, y: Any, s: torch.Tensor, n_train: int, method: Literal["jvp", "grad"] = "jvp"
+        self, x: Any, y: Any, s: torch.Tensor, n_train: int, method: Literal["jvp", "grad"] = "jvp", *,
+        positions: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """delta_val_loss for one batch: (1/n_train) ∇θ L(z_i)·s, float64 on the CPU.
 
         ``jvp``: the directional derivative of the per-sample losses along s, in one forward-mode pass
         (about 3x inference, no per-sample gradient stored). ``grad``: per-sample gradients with
-        vmap(grad) dotted with s, the slow exact reference.
+        vmap(grad) dotted with s, the slow exact reference. A non-finite score raises
+        :class:`InputError` naming the samples (``positions`` in the training set, else rows of the batch).
         """
         x, y = self._prepare(x, y)
         sd = self.space.unflatten(s.to(self.device, self.space.dtype))
@@ -560,6 +596,8 @@ class InfluenceEngine:
                 d = sum((gs[n].flatten(1) @ sd[n].reshape(-1)) for n in self.space.names)
             else:
                 raise InputError(f"unknown scoring method {method!r}: use jvp or grad")
+            if not bool(torch.isfinite(d).all() & _finite_inputs(x)):
+                raise self._nonfinite("training", x, y, positions)
         return d.detach().double().cpu() / n_train
 
     def score_dataset(
@@ -568,7 +606,8 @@ class InfluenceEngine:
     ) -> np.ndarray:
         """Scores of every sample of ``train``, in its order."""
         n = len(train) if n_train is None else n_train
-        out = [self.score_batch(xb, yb, s, n, method) for xb, yb in _as_batches(train, batch_size)]
+        out = [self.score_batch(xb, yb, s, n, method, positions=range(b * batch_size, b * batch_size + len(yb)))
+               for b, (xb, yb) in enumerate(_as_batches(train, batch_size))]
         return torch.cat(out).numpy() if out else np.zeros(0)
 
 
@@ -656,16 +695,21 @@ def _self_influence(model: nn.Module, train: Dataset, config: InfluenceConfig, d
     model = model.to(dev)
     dtype = next(model.parameters()).dtype
 
-    def batches(data: Dataset) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for xb, yb in _as_batches(data, config.batch_size):
-            yield torch.as_tensor(xb).to(dev, dtype), (torch.as_tensor(yb) if loss_fn else _labels(yb)).to(dev)
+    bs = config.batch_size
+
+    def batches(data: Dataset, positions: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
+        """(x, y, the samples' positions in ``train``: named if one of them is not finite)."""
+        for b, (xb, yb) in enumerate(_as_batches(data, bs)):
+            yield (torch.as_tensor(xb).to(dev, dtype), (torch.as_tensor(yb) if loss_fn else _labels(yb)).to(dev),
+                   positions[b * bs:b * bs + len(yb)])
 
     t0 = time.perf_counter()
     sub = curvature_subsample(len(train), config.curvature_samples, config.seed)
-    factors = fit_head_factors(model, batches(Subset(train, sub.tolist())), config.head_damping, loss_fn,
+    factors = fit_head_factors(model, batches(Subset(train, sub.tolist()), sub), config.head_damping, loss_fn,
                                config.head_params)
     t1 = time.perf_counter()
-    scores = np.concatenate([self_influence_batch(model, factors, x, y, len(train), loss_fn) for x, y in batches(train)])
+    scores = np.concatenate([self_influence_batch(model, factors, x, y, len(train), loss_fn, positions=pos)
+                             for x, y, pos in batches(train, np.arange(len(train)))])
     t2 = time.perf_counter()
     if not np.isfinite(scores).all():
         raise SolverDivergedError("non-finite self-influence: the model produces non-finite outputs on some training "

@@ -503,7 +503,25 @@ def load_weights(model: nn.Module, name: str, weights: str | None) -> dict[str, 
             f"{path} is a {header.get('model_name')} checkpoint but the model is {name}; "
             f"pass --model {header.get('model_name')} or a {name} checkpoint"
         )
+    _check_finite_state(state, model, path)
     return _load_state(model, state, source=str(path), imagenet=False)
+
+
+def _check_finite_state(state: dict[str, torch.Tensor], model: nn.Module, path: Path) -> None:
+    """Refuse a weights file with NaN (or inf in a parameter), naming the tensor.
+
+    Caught here, at load time, rather than later as NaN scores or a "diverged" solver. Buffers may
+    hold inf on purpose (masks), never NaN.
+    """
+    params = {n for n, _ in model.named_parameters()}
+    for key, t in _normalise_keys(state).items():
+        if not torch.is_tensor(t) or not t.is_floating_point():
+            continue
+        bad = ~torch.isfinite(t) if key in params else torch.isnan(t)
+        k = int(bad.sum())
+        if k:
+            raise WeightsError(f"{path}: tensor {key} holds NaN or inf ({k} of {t.numel()} values): the file is corrupt "
+                               "or was saved from a diverged training; use another weights file, or retrain")
 
 
 def hybrid_init(model: nn.Module, pretrained_state: dict[str, torch.Tensor], k: int) -> list[str]:

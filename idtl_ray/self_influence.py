@@ -25,7 +25,7 @@ iterative solve, about the cost of one inference pass. Damping is relative to th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +43,71 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The default per-sample loss: softmax cross-entropy, one value per sample."""
     return F.cross_entropy(logits, y, reduction="none")
+
+
+# ── non-finite values: name the tensor or the samples, not a solver (issue 11) ──────────────────────
+
+
+def check_finite_model(model: nn.Module) -> None:
+    """Refuse a model whose weights hold NaN or inf, naming the tensor; every score would be NaN.
+
+    Parameters must be finite; buffers must not be NaN (an inf buffer can be deliberate, e.g. an
+    attention mask). One pass over the weights, done once when an engine is built.
+    """
+    bad: list[tuple[str, int, int]] = []
+    for kind, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in tensors:
+            if t.is_meta or not t.is_floating_point():
+                continue
+            wrong = ~torch.isfinite(t) if kind == "parameter" else torch.isnan(t)
+            k = int(wrong.sum())
+            if k:
+                bad.append((f"{kind} {name}", k, t.numel()))
+    if bad:
+        what, k, n = bad[0]
+        more = f" (and {len(bad) - 1} more tensor{'s' if len(bad) > 2 else ''}: {', '.join(b[0] for b in bad[1:4])}" \
+               f"{', ...' if len(bad) > 4 else ''})" if len(bad) > 1 else ""
+        raise InputError(f"the model's {what} holds NaN or inf ({k} of {n} values){more}: the weights are corrupt or "
+                         "come from a diverged training; check the weights file (or the run that wrote it) and load finite weights")
+
+
+def _rows(bad: torch.Tensor, positions: Sequence[int] | None) -> str:
+    """``17, 45 and 3 more``: the flagged rows, as dataset positions when known."""
+    idx = bad.nonzero().flatten().tolist()
+    names = [int(positions[i]) for i in idx] if positions is not None else idx
+    shown = ", ".join(map(str, names[:5]))
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _samples(role: str, bad: torch.Tensor, positions: Sequence[int] | None) -> str:
+    if positions is not None:
+        return f"{role} samples {_rows(bad, positions)}"
+    return f"rows {_rows(bad, None)} of a {role} batch"
+
+
+def nonfinite_error(role: str, x: torch.Tensor, out: torch.Tensor | None = None,
+                    positions: Sequence[int] | None = None) -> InputError:
+    """The InputError for a batch that gave a non-finite result: which samples, and whether their inputs
+    or only the model's outputs are to blame.
+
+    ``x``: the batch's model inputs; ``out``: per-sample outputs (losses, logits or scores) that are
+    non-finite somewhere; ``positions``: the samples' positions in the dataset (named in the message).
+    Call it only after a non-finite result: it reads the whole batch.
+    """
+    if x.is_floating_point():
+        bad_in = ~torch.isfinite(x.reshape(len(x), -1)).all(1)
+        if bool(bad_in.any()):
+            return InputError(f"{_samples(role, bad_in, positions)} hold NaN or inf inputs: check the input data "
+                              "(corrupt images, or a normalisation that divides by a zero std)")
+    if out is not None and out.numel():
+        bad_out = ~torch.isfinite(out.reshape(len(out), -1)).all(1)
+        if bool(bad_out.any()):
+            return InputError(f"the model's outputs are NaN or inf on {_samples(role, bad_out, positions)} although their "
+                              "inputs and the weights are finite (they overflow): check that the inputs are normalised "
+                              "as the model expects and that the weights are the intended ones")
+    where = f"{role} samples {positions[0]}..{positions[-1]}" if positions is not None and len(positions) else f"a {role} batch"
+    return InputError(f"the loss or its gradient is NaN or inf on {where} although inputs, outputs and weights are "
+                      "finite: check the loss function, the labels and the input data")
 
 
 def head_module(model: nn.Module) -> nn.Linear:
@@ -118,7 +183,7 @@ class HeadFactors:
         return cls(t["ua"], t["ub"], t["inv"], float(d["damping"]), int(d["n_samples"]), str(d["params"]))
 
 
-def fit_head_factors(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+def fit_head_factors(model: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]],
                      damping: float = 0.1, loss_fn: LossFn | None = None, params: str = "bias") -> HeadFactors:
     """EK-FAC factors of the head's curvature on ``batches`` of (model input, label).
 
@@ -126,6 +191,8 @@ def fit_head_factors(model: nn.Module, batches: Iterable[tuple[torch.Tensor, tor
     those bases (the Gauss-Newton matrix's diagonal there). ``damping`` is relative to their mean.
     ``params="bias"`` (default) scores through the head's bias only: then A = [1] and the curvature is
     exactly B, so the inverse is exact; ``"head"`` uses the whole head (weight and bias).
+    A batch may carry a third element, the samples' positions in the dataset, named when one of them
+    gives NaN or inf (weights are checked first, see :func:`check_finite_model`).
     """
     if params not in ("bias", "head"):
         raise InputError(f"unknown head_params {params!r}: use bias or head")
@@ -133,13 +200,18 @@ def fit_head_factors(model: nn.Module, batches: Iterable[tuple[torch.Tensor, tor
         raise InputError(f"the self-influence damping must be > 0 (relative to the mean eigenvalue), got {damping}")
     from .influence import eval_mode  # late: influence imports this module
 
+    check_finite_model(model)
     head = head_module(model)
     with eval_mode(model):
         cached = []
         a = b = None
         n = 0
-        for x, y in batches:
+        for batch in batches:
+            x, y = batch[0], batch[1]
             f, logits = features_and_logits(model, x)
+            # name the samples: a NaN here is no curvature problem (inputs too: an inf may saturate to finite outputs)
+            if not bool(torch.isfinite(logits).all() & (torch.isfinite(x).all() if x.is_floating_point() else True)):
+                raise nonfinite_error("training (curvature sample)", x, logits, batch[2] if len(batch) > 2 else None)
             f1 = _inputs(f, head, params)
             delta, h_out = _output_grads(logits, y, loss_fn)
             a = f1.T @ f1 if a is None else a + f1.T @ f1
@@ -161,8 +233,12 @@ def fit_head_factors(model: nn.Module, batches: Iterable[tuple[torch.Tensor, tor
 
 
 def self_influence_batch(model: nn.Module, factors: HeadFactors, x: torch.Tensor, y: torch.Tensor, n_train: int,
-                         loss_fn: LossFn | None = None) -> np.ndarray:
-    """(1/n_train) ∇L(z_i)ᵀ (G + λI)^-1 ∇L(z_i) over the head, for one batch; float64."""
+                         loss_fn: LossFn | None = None, positions: Sequence[int] | None = None) -> np.ndarray:
+    """(1/n_train) ∇L(z_i)ᵀ (G + λI)^-1 ∇L(z_i) over the head, for one batch; float64.
+
+    A non-finite score raises :class:`InputError` naming the samples (``positions``: their places in
+    the dataset, else their rows in the batch) and whether their inputs or the model's outputs are at fault.
+    """
     from .influence import eval_mode
 
     head = head_module(model)
@@ -172,4 +248,7 @@ def self_influence_batch(model: nn.Module, factors: HeadFactors, x: torch.Tensor
     delta, _ = _output_grads(logits, y.to(logits.device), loss_fn)
     rb = (delta.to(factors.ub.device) @ factors.ub) ** 2          # (B, K)
     ra = (f1 @ factors.ua) ** 2                                  # (B, D')
-    return (((rb @ factors.inv) * ra).sum(1) / n_train).cpu().numpy()
+    scores = ((rb @ factors.inv) * ra).sum(1) / n_train
+    if not bool(torch.isfinite(scores).all() & (torch.isfinite(x).all() if x.is_floating_point() else True)):
+        raise nonfinite_error("training", x, torch.cat([f.flatten(1), logits], 1), positions)
+    return scores.cpu().numpy()

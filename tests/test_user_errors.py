@@ -81,3 +81,78 @@ def test_params_with_self_influence_is_refused() -> None:
     data = [(torch.randn(4), i % 2) for i in range(8)]
     with pytest.raises(InputError, match="params chooses the parameters of score='paper'"):
         score_samples(model, data, params=["1"], device="cpu")
+
+
+# ── b. NaN or inf in the weights or the inputs: named, not reported as a diverged solver ────────────
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def _pairs(n: int, seed: int, bad: dict[int, float] | None = None) -> list[tuple[torch.Tensor, int]]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    for i, v in (bad or {}).items():
+        x[i, 1] = v
+    return [(x[i], i % 3) for i in range(n)]
+
+
+def _paper(model: nn.Module, train, val, **kw):
+    return score_samples(model, train, val, score="paper", device="cpu", batch_size=16, **kw)
+
+
+@pytest.mark.parametrize("score", ["paper", "self"])
+def test_nan_weights_name_the_tensor(score: str) -> None:
+    model = _net()
+    with torch.no_grad():
+        model[3].weight[1, 2] = float("nan")
+    with pytest.raises(InputError, match=r"parameter 3\.weight holds NaN or inf \(1 of 24 values\).*check the weights file"):
+        score_samples(model, _pairs(40, 0), _pairs(20, 1), score=score, device="cpu")
+
+
+def test_nan_validation_input_names_the_sample() -> None:
+    with pytest.raises(InputError, match=r"^validation samples 37 hold NaN or inf inputs: check the input data"):
+        _paper(_net(), _pairs(40, 0), _pairs(50, 1, {37: float("nan")}))
+
+
+def test_nan_training_input_names_the_sample() -> None:
+    # in the curvature sample (all 40 samples are), then outside it (a 10-sample curvature subsample)
+    with pytest.raises(InputError, match=r"^training \(curvature sample\) samples 21 hold NaN or inf inputs"):
+        _paper(_net(), _pairs(40, 0, {21: float("inf")}), _pairs(20, 1))
+    from idtl_ray.influence import curvature_subsample
+
+    outside = next(i for i in range(40) if i not in set(curvature_subsample(40, 10, 0).tolist()))
+    with pytest.raises(InputError, match=rf"^training samples {outside} hold NaN or inf inputs"):
+        _paper(_net(), _pairs(40, 0, {outside: float("nan")}), _pairs(20, 1), curvature_samples=10)
+    with pytest.raises(InputError, match=r"^training \(curvature sample\) samples 5 hold NaN or inf inputs"):
+        score_samples(_net(), _pairs(40, 0, {5: float("nan")}), device="cpu")  # self-influence
+
+
+def test_overflowing_outputs_are_named_with_finite_inputs() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).double()
+    with torch.no_grad():
+        model[1].weight.fill_(1e308)  # finite weights whose logits overflow to inf on most samples
+    with pytest.raises(InputError, match=r"^the model's outputs are NaN or inf on validation samples \d+(, \d+)*( and \d+ more)? "
+                                         r"although their inputs and the weights are finite"):
+        _paper(model, _pairs(40, 0), _pairs(20, 1))
+
+
+def test_real_divergence_keeps_its_message() -> None:
+    from idtl_ray.errors import SolverDivergedError
+
+    with pytest.raises(SolverDivergedError, match="lissa solver diverged.*raise lissa_scale"):
+        _paper(_net(), _pairs(40, 0), _pairs(20, 1), solver="lissa", lissa_scale=1e-3, max_iter=500)
+
+
+def test_a_weights_file_with_nan_is_refused_at_load(tmp_path) -> None:
+    from idtl_ray import models as M
+
+    model = M.build_model("sample-cnn", 10, 1, 8)
+    state = model.state_dict()
+    state["conv2.bias"][3] = float("nan")
+    torch.save(state, tmp_path / "w.pt")
+    with pytest.raises(WeightsError, match=r"w\.pt: tensor conv2\.bias holds NaN or inf \(1 of 32 values\)"):
+        M.load_weights(M.build_model("sample-cnn", 10, 1, 8), "sample-cnn", str(tmp_path / "w.pt"))
+
