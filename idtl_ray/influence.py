@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -126,9 +126,43 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _as_batches(data: Dataset, batch_size: int) -> DataLoader:
+def _as_batches(data: Dataset, batch_size: int, role: str = "train") -> DataLoader:
     # Map-style dataset of (input, label); order preserved so scores line up with `train`.
+    check_pairs(data, role)
     return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
+
+
+_INPUT_KEYS = ("image", "img", "pixel_values", "input", "inputs", "x", "features")
+_LABEL_KEYS = ("label", "labels", "target", "targets", "y", "class")
+
+
+def check_pairs(data: Dataset, role: str = "train") -> None:
+    """Refuse a dataset whose items are not ``(input, label)`` pairs, saying how to adapt it.
+
+    Reads ``data[0]`` only. Dict items (HuggingFace-style ``{"image": ..., "label": ...}``) are not
+    guessed at: which key is the input is the user's call, so the message shows the wrapper with the
+    likeliest keys. Inputs must be tensors or arrays (a PIL image needs a transform first).
+    """
+    if len(data) == 0:
+        return
+    item = data[0]
+    if isinstance(item, Mapping):
+        keys = [str(k) for k in item]
+        xk = next((k for k in _INPUT_KEYS if k in keys), keys[0] if keys else "image")
+        yk = next((k for k in _LABEL_KEYS if k in keys), next((k for k in keys if k != xk), "label"))
+        raise InputError(
+            f"{role}[0] is a dict with keys {keys}, but {role} must be a map-style dataset of (input, label) tuples: "
+            f"wrap it in a Dataset whose __getitem__(i) returns ({role}[i]['{xk}'], {role}[i]['{yk}']) "
+            f"(for a small set, the list [(d['{xk}'], d['{yk}']) for d in {role}] will do)")
+    if isinstance(item, (str, bytes)) or not isinstance(item, Sequence) or len(item) != 2:
+        what = (f"a {type(item).__name__} of length {len(item)}" if isinstance(item, Sequence) and not isinstance(item, (str, bytes))
+                else f"a {type(item).__module__.split('.')[0]}.{type(item).__name__}".replace("builtins.", ""))
+        raise InputError(f"{role}[0] is {what}, but {role} must be a map-style dataset of (input, label) tuples: "
+                         f"return (x, y) from __getitem__ (e.g. torch.utils.data.TensorDataset(x, y))")
+    x = item[0]
+    if not (torch.is_tensor(x) or isinstance(x, (np.ndarray, np.generic, int, float, list, tuple))):
+        raise InputError(f"{role}[0]'s input is a {type(x).__module__}.{type(x).__name__}, not a tensor or array: "
+                         "convert it in the dataset (for images, e.g. torchvision.transforms.ToTensor())")
 
 
 def _finite_inputs(x: torch.Tensor) -> torch.Tensor:
@@ -487,7 +521,7 @@ class InfluenceEngine:
         total = torch.zeros(self.space.dim, dtype=torch.float64, device=self.device)
         count = 0
         with eval_mode(self.model):
-            for b, (xb, yb) in enumerate(_as_batches(val, batch_size)):
+            for b, (xb, yb) in enumerate(_as_batches(val, batch_size, "val")):
                 x, y = self._prepare(xb, yb)
                 pos = np.arange(b * batch_size, b * batch_size + len(y))
                 if wanted is not None:
@@ -745,7 +779,10 @@ def score_samples(
 
     Args:
         model: any ``nn.Module`` mapping a batch of inputs to logits; scored in eval mode, restored after.
-        train, val: map-style datasets of ``(input, label)``; ``val`` is needed for ``score="paper"`` only.
+        train, val: map-style datasets of ``(input, label)`` tuples (``val`` is needed for ``score="paper"``
+            only). Dict items (e.g. a HuggingFace ``{"image": ..., "label": ...}`` dataset) are refused
+            with an :class:`InputError` naming the wrapper to write: a Dataset whose ``__getitem__(i)``
+            returns ``(ds[i]["image"], ds[i]["label"])``; which key holds the input is not guessed.
         score: ``self`` (default): self-influence on the model's final Linear with an EK-FAC curvature;
             high = likely mislabelled or an outlier. ``paper``: delta_val_loss, the predicted change of the
             summed validation loss when the sample is removed (negative = removing it helps).

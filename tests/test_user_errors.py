@@ -156,3 +156,55 @@ def test_a_weights_file_with_nan_is_refused_at_load(tmp_path) -> None:
     with pytest.raises(WeightsError, match=r"w\.pt: tensor conv2\.bias holds NaN or inf \(1 of 32 values\)"):
         M.load_weights(M.build_model("sample-cnn", 10, 1, 8), "sample-cnn", str(tmp_path / "w.pt"))
 
+
+# ── c. datasets whose items are not (input, label) pairs ─────────────────────────────────────────
+
+
+class _Dicts(torch.utils.data.Dataset):
+    """A HuggingFace-style map-style dataset: items are {"image": ..., "label": ...}."""
+
+    def __init__(self, pairs: list) -> None:
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.pairs[i][0], "label": self.pairs[i][1]}
+
+
+@pytest.mark.parametrize("score", ["self", "paper"])
+def test_dict_items_give_one_clear_error(score: str) -> None:
+    train, val = _pairs(40, 0), _pairs(20, 1)
+    with pytest.raises(InputError, match=r"^train\[0\] is a dict with keys \['image', 'label'\], but train must be a "
+                                         r"map-style dataset of \(input, label\) tuples: wrap it in a Dataset whose "
+                                         r"__getitem__\(i\) returns \(train\[i\]\['image'\], train\[i\]\['label'\]\)"):
+        score_samples(_net(), _Dicts(train), val, score=score, device="cpu")
+    if score == "paper":
+        with pytest.raises(InputError, match=r"^val\[0\] is a dict"):
+            score_samples(_net(), train, _Dicts(val), score=score, device="cpu")
+    # the wrapper the message names works
+    class Pairs(torch.utils.data.Dataset):
+        def __init__(self, ds):
+            self.ds = ds
+
+        def __len__(self):
+            return len(self.ds)
+
+        def __getitem__(self, i):
+            return self.ds[i]["image"], self.ds[i]["label"]
+
+    assert len(score_samples(_net(), Pairs(_Dicts(train)), val, score=score, device="cpu")) == 40
+
+
+def test_other_item_shapes_are_named() -> None:
+    x = torch.randn(8, 4, dtype=torch.float64)
+    with pytest.raises(InputError, match=r"^train\[0\] is a torch.Tensor, but train must be .*TensorDataset"):
+        score_samples(_net(), x, device="cpu")  # inputs without labels
+    triples = [(x[i], 0, i) for i in range(8)]
+    with pytest.raises(InputError, match=r"^train\[0\] is a tuple of length 3"):
+        score_samples(_net(), triples, device="cpu")
+    pil = pytest.importorskip("PIL.Image")
+    images = [(pil.new("L", (2, 2)), 0) for _ in range(8)]
+    with pytest.raises(InputError, match=r"input is a PIL.Image.Image, not a tensor or array: .*ToTensor"):
+        score_samples(_net(), images, device="cpu")
