@@ -22,6 +22,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 S, I = ScoreConfig, InfluenceConfig  # short names for the help lookups below
 
 
+@app.callback()
+def _before_every_command() -> None:
+    """Keep Ray's known-harmless error lines off the terminal (see scoring.session.KNOWN_RAY_NOISE)."""
+    from .scoring.session import filter_ray_noise
+
+    filter_ray_noise()
+
+
 @app.command()
 @user_errors
 def score(

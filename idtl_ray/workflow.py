@@ -10,11 +10,13 @@ Output directory (``ScoreConfig.out_dir``)::
     split.json     the train/validation split every later stage reuses
     model.pt       the adapted model that was scored (new head fitted when classes differ)
     summary.json   settings, solver convergence, counts per class, time per stage
-    parts/         finished shards of an unfinished run (what --resume continues from)
+    parts/         s and the written scores of an unfinished run (what --resume continues from)
+    .idtl-lock     held by the run that owns the directory
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import shutil
@@ -35,7 +37,9 @@ from .config import ScoreConfig
 from .errors import IdtlError, InputError, WeightsError
 from .influence import InfluenceConfig, ParamSpec
 from .mask import Mask, ensure_writable, read_mask, save_figure_atomic, write_json_atomic, write_mask
-from .scoring import ArraySet, PipelineResult, Preprocess, ScoreOutput, ensure_ray, run_fingerprint, run_pipeline
+from .scoring import (ArraySet, PipelineResult, Preprocess, ScoreOutput, ensure_ray, hold_directory, run_fingerprint,
+                      run_pipeline)
+from .scoring.parts import LOCK_NAME
 from .selection import budget_count, harm_of, keep_least_harmful, keep_mask
 
 
@@ -167,6 +171,10 @@ def prepare_model(cfg: ScoreConfig, data: Any, train_x: np.ndarray, train_y: np.
         new_head, reason = False, f"{why}: the weights' head was kept"
     else:
         new_head, reason = True, f"{why}: a new head was fitted"
+    if cfg.weights in (None, "none"):
+        head_info["warning"] = (f"--weights none: {cfg.model} is randomly initialised, so the scores describe an "
+                                "untrained model; pass --weights (a pre-trained checkpoint, or imagenet) for transfer learning")
+        _log(f"warning: {head_info['warning']}")
     if new_head:
         if head_out != data.num_classes:
             replace_head(model, data.num_classes)
@@ -221,19 +229,51 @@ def _checkpoint_classes(path: Path, head_name: str | None = None) -> dict[str, A
     return out
 
 
-def run_score(cfg: ScoreConfig, *, progress: bool = True, on_shard: Any = None) -> dict[str, Any]:
-    """Score a registry dataset with a registry model and write the mask; returns the summary dict."""
+def run_score(cfg: ScoreConfig, *, progress: bool = True, on_progress: Any = None) -> dict[str, Any]:
+    """Score a registry dataset with a registry model and write the mask; returns the summary dict.
+
+    The run holds ``cfg.out_dir`` (a second run into it refuses); an ``--out`` this run created is
+    removed again when the run fails before writing anything into it.
+    """
+    out = Path(cfg.out_dir)
+    created = not out.exists()
+    ensure_writable(out / "mask.parquet")  # fail before any expensive work
+    try:
+        with hold_directory(out):
+            return _run_score(cfg, out, progress, on_progress)
+    except BaseException:
+        if created and out.exists() and {p.name for p in out.iterdir()} <= {LOCK_NAME}:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _finished_summary(cfg: ScoreConfig, out: Path) -> dict[str, Any] | None:
+    """The summary of a finished run in ``out`` made with these settings (``--resume`` returns it as is);
+    one made with other settings is refused, as an unfinished one is."""
+    import json
+
+    mask_path, summary_path = out / "mask.parquet", out / "summary.json"
+    if not (mask_path.exists() and summary_path.exists()) or (out / "parts").exists():
+        return None
+    summary = json.loads(summary_path.read_text())
+    old = {k: v for k, v in summary.get("config", {}).items() if k != "resume"}
+    new = {k: v for k, v in json.loads(json.dumps(cfg.to_dict(), default=str)).items() if k != "resume"}
+    if old != new:
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise InputError(f"cannot resume: {out} holds a finished run with other settings ({', '.join(changed)}); "
+                         "drop --resume to score again, or choose another --out")
+    return summary
+
+
+def _run_score(cfg: ScoreConfig, out: Path, progress: bool, on_progress: Any) -> dict[str, Any]:
     from .data import apply_split, load_dataset, make_split, Split
     from .models import load_checkpoint, save_checkpoint
 
     t_start = time.perf_counter()
-    out = Path(cfg.out_dir)
-    mask_path = ensure_writable(out / "mask.parquet")  # fail before any expensive work
-    if cfg.resume and mask_path.exists() and (out / "summary.json").exists() and not (out / "parts").exists():
-        import json
-
+    mask_path = out / "mask.parquet"
+    if cfg.resume and (summary := _finished_summary(cfg, out)) is not None:
         _log(f"{mask_path} is complete; nothing to resume")
-        return json.loads((out / "summary.json").read_text())
+        return summary
     timings: dict[str, float] = {}
     t = time.perf_counter()
     data = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size)
@@ -248,6 +288,9 @@ def run_score(cfg: ScoreConfig, *, progress: bool = True, on_shard: Any = None) 
     if split is None or split.dataset_fingerprint != data.fingerprint():
         split = make_split(data, cfg.val_fraction, cfg.seed)
     train, val, train_ids = apply_split(data, split)
+    if len(np.unique(train.y)) < 2:
+        raise InputError(f"{data.name}'s training split holds a single class ({data.classes[int(train.y[0])]!r}): "
+                         "influence scores need at least two; check the dataset or --target-class")
     preprocess = Preprocess(data.mean, data.std)
     timings["load_data_s"] = time.perf_counter() - t
 
@@ -285,7 +328,8 @@ def run_score(cfg: ScoreConfig, *, progress: bool = True, on_shard: Any = None) 
     result = run_pipeline(
         model, ArraySet(train.x, train.y, train_ids), ArraySet(val_ref.x, val_ref.y, np.arange(len(val_ref.y))), cfg.influence,
         preprocess=preprocess, classes=cfg.target_classes, params=cfg.params, actors=cfg.actors, work_dir=out,
-        resume=cfg.resume, shard_size=cfg.shard_size, fingerprint=fingerprint, progress=progress, on_shard=on_shard,
+        resume=cfg.resume, shard_size=cfg.shard_size, fingerprint=fingerprint, progress=progress,
+        on_progress=on_progress,
     )
     timings.update(result.timings)
     t = time.perf_counter()
@@ -312,6 +356,7 @@ def run_score(cfg: ScoreConfig, *, progress: bool = True, on_shard: Any = None) 
         "actors": result.actors,
         "device": result.device,
         "shards_reused": result.shards_reused,
+        "samples_scored": result.samples_scored,
         "timings": timings,
         "config": cfg.to_dict(),
         "idtl_ray_version": __version__,
@@ -441,10 +486,11 @@ def score(
                           "classes": list(classes) if classes else None, "params": str(params), "shard": shard_size})
     mask_path = ensure_writable(Path(out) / "mask.parquet") if out is not None else None
     ensure_ray(address)
-    result: PipelineResult = run_pipeline(
-        model, ArraySet(tx, ty, ids), ArraySet(vx, vy, np.arange(len(vy))), config, classes=classes, params=params,
-        actors=actors, work_dir=out, resume=resume, shard_size=shard_size, fingerprint=fp, progress=progress,
-    )
+    with hold_directory(out) if out is not None else contextlib.nullcontext():
+        result: PipelineResult = run_pipeline(
+            model, ArraySet(tx, ty, ids), ArraySet(vx, vy, np.arange(len(vy))), config, classes=classes, params=params,
+            actors=actors, work_dir=out, resume=resume, shard_size=shard_size, fingerprint=fp, progress=progress,
+        )
     if config.score == "paper":  # the paper's rule, optionally capped
         keep = keep_mask(result.scores, drop_threshold, drop_budget)
         rule = {"rule": "paper", "threshold": drop_threshold, "budget": drop_budget}
@@ -484,6 +530,8 @@ def format_summary(meta: dict[str, Any], mask: Mask | None = None) -> str:
         why = "; ".join(x for x in (f"--head {hd.get('mode')}" if hd.get("mode") not in (None, "auto") else "",
                                     ("WARNING: " if hd.get("warning") else "") + str(hd.get("why") or "")) if x)
         lines.append(f"head: {what}" + (f" ({why})" if why else ""))
+    if isinstance(hd, dict) and str(hd.get("warning", "")).startswith("--weights none"):
+        lines.append(f"WARNING: {hd['warning']}")
     s = meta.get("solve", {})
     inf = meta.get("influence", {})
     if meta.get("score", inf.get("score")) == "self":

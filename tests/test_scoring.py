@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from torch.utils.data import TensorDataset
@@ -113,41 +114,49 @@ def test_mask_refused_for_another_dataset_or_split(reference_run):
         check_mask(mask, m5.fingerprint(), make_split(m5).fingerprint(), m5.name)
 
 
-def test_failed_solve_stops_the_scoring_actors_that_wait_for_it(ray_session, tmp_path, monkeypatch):
-    # On CPUs the scoring pool starts during the solve; when the solve fails, its actors must not hang.
-    import time
-
+def _scorer_actors() -> set[str]:
     import ray
     from ray.util.state import list_actors
 
-    import idtl_ray.scoring as S
-
-    def broken_solve(*args, **kwargs):
-        time.sleep(5)  # long enough for the scoring actors to be up and waiting for s
-        raise SolverDivergedError("cg diverged (test)")
-
-    monkeypatch.setattr(S, "solve", broken_solve)  # the driver's CG loop (its products run on the actors)
     gcs = ray.get_runtime_context().gcs_address
+    return {a.actor_id for a in list_actors(address=gcs, filters=[("state", "!=", "DEAD")])
+            if "Scorer" in (a.class_name or "")}
 
-    def scorers() -> set[str]:  # alive, starting or restarting
-        return {a.actor_id for a in list_actors(address=gcs, filters=[("state", "!=", "DEAD")])
-                if "Scorer" in (a.class_name or "")}
 
-    # Runs before the SIGKILL test below: an actor Ray restarts after SIGKILL can outlive its pool
-    # and show up here; earlier pools' actors do not count either.
-    before = scorers()
-    t = time.perf_counter()
-    with pytest.raises(SolverDivergedError, match="diverged"):
-        run_score(_cfg(tmp_path, "diverged"), progress=False)
-    assert time.perf_counter() - t < 240
-    assert not (tmp_path / "diverged" / "mask.parquet").exists()
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        alive = scorers() - before
-        if not alive:
-            break
-        time.sleep(2)
-    assert not alive, f"scoring actors of the failed run still alive: {alive}"
+def test_killed_prescore_worker_is_retried_and_the_run_completes(reference_run, tmp_path):
+    # The pre-scoring task (g_val, curvature, solve) runs in one worker; SIGKILL it mid-solve and Ray
+    # runs it again: the run completes with the scores of an undisturbed run.
+    import threading
+    import time
+
+    import ray
+    from ray.util.state import list_tasks
+
+    ref, _ = reference_run
+    gcs = ray.get_runtime_context().gcs_address
+    killed: list[int] = []
+    slow = InfluenceConfig(score="paper", curvature_samples=256, max_iter=10, tol=1e-3, batch_size=50)
+
+    def kill_prescore() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            for t in list_tasks(address=gcs, filters=[("name", "=", "idtl-prescore"), ("state", "=", "RUNNING")],
+                                detail=True):
+                if t.worker_pid:
+                    time.sleep(1.0)  # inside the solve (g_val takes a fraction of a second)
+                    os.kill(t.worker_pid, signal.SIGKILL)
+                    killed.append(t.worker_pid)
+                    return
+            time.sleep(0.1)
+
+    th = threading.Thread(target=kill_prescore, daemon=True)
+    th.start()
+    summary = run_score(_cfg(tmp_path, "prekill", influence=slow), progress=False)
+    th.join(5)
+    assert killed, "the pre-scoring worker was not found running"
+    mask = read_mask(summary["mask"])
+    assert np.array_equal(mask.sample_id, ref.sample_id)
+    assert np.allclose(mask.delta_val_loss, ref.delta_val_loss, rtol=1e-9, atol=0)
 
 
 def test_an_actors_error_reaches_the_caller_with_its_type(ray_session, digits_tensors, tmp_path):
@@ -156,9 +165,11 @@ def test_an_actors_error_reaches_the_caller_with_its_type(ray_session, digits_te
     from idtl_ray.errors import InputError
 
     model, train, val = digits_tensors
+    before = _scorer_actors()
     with pytest.raises(InputError, match="matches no trainable parameter"):
         score(model, train, val, config=FAST, params=["no_such_layer"], actors=2, out=tmp_path / "bad")
     assert not (tmp_path / "bad" / "mask.parquet").exists()
+    assert not _scorer_actors() - before, "a failed pre-scoring stage must not start the scoring actors"
 
 
 def test_killed_scoring_actor_loses_nothing(reference_run, tmp_path):
@@ -168,7 +179,7 @@ def test_killed_scoring_actor_loses_nothing(reference_run, tmp_path):
 
     killed: list[int] = []
 
-    def kill_one_actor(shard: int) -> None:
+    def kill_one_actor(rows: int) -> None:  # from the progress thread, while the pool runs
         if killed:
             return
         gcs = ray.get_runtime_context().gcs_address
@@ -178,7 +189,7 @@ def test_killed_scoring_actor_loses_nothing(reference_run, tmp_path):
                 killed.append(a.pid)
                 return
 
-    summary = run_score(_cfg(tmp_path, "kill"), progress=False, on_shard=kill_one_actor)
+    summary = run_score(_cfg(tmp_path, "kill"), progress=False, on_progress=kill_one_actor)
     assert killed, "no scoring actor was found to kill"
     mask = read_mask(summary["mask"])
     assert len(np.unique(mask.sample_id)) == len(mask) == len(ref)
@@ -187,20 +198,25 @@ def test_killed_scoring_actor_loses_nothing(reference_run, tmp_path):
 
 
 def test_interrupted_run_resumes_without_rescoring(reference_run, tmp_path):
-    ref, _ = reference_run
+    import _thread
 
-    def interrupt(shard: int) -> None:
-        if shard >= 0 and len(list((tmp_path / "resume" / "parts").glob("shard-*.parquet"))) >= 3:
-            raise KeyboardInterrupt
+    ref, _ = reference_run
+    files = tmp_path / "resume" / "parts" / "scores"
+
+    def interrupt(rows: int) -> None:  # Ctrl-C once some score files are complete
+        if rows >= 400:
+            _thread.interrupt_main()
 
     with pytest.raises(KeyboardInterrupt):
-        run_score(_cfg(tmp_path, "resume"), progress=False, on_shard=interrupt)
+        run_score(_cfg(tmp_path, "resume"), progress=False, on_progress=interrupt)
     assert not (tmp_path / "resume" / "mask.parquet").exists()
-    done = len(list((tmp_path / "resume" / "parts").glob("shard-*.parquet")))
-    assert done >= 3
+    done = len(list(files.glob("*.parquet")))
+    assert done >= 2
+    written = {int(i) for f in files.glob("*.parquet") for i in pq.read_table(f)["sample_id"].to_pylist()}
     summary = run_score(_cfg(tmp_path, "resume", resume=True), progress=False)
     mask = read_mask(summary["mask"])
     assert summary["shards_reused"] == done
+    assert summary["samples_scored"] == summary["n_train"] - len(written)  # only what was not written
     assert np.array_equal(mask.sample_id, ref.sample_id)
     assert np.allclose(mask.delta_val_loss, ref.delta_val_loss, rtol=1e-9, atol=0)
 
@@ -297,3 +313,54 @@ def test_cli_errors_are_one_line_and_leave_no_mask(case, tmp_path):
         _one_line_error(r, "cannot write", "--out")
     assert not list(tmp_path.rglob("mask.parquet"))
     assert not list(tmp_path.rglob("*.tmp"))
+    if case != "unwritable":  # the --out this run created is gone again, not left empty
+        assert not out.exists(), sorted(p.name for p in out.iterdir())
+
+
+def test_a_second_run_into_the_same_out_refuses_while_the_first_holds_it(tmp_path):
+    from idtl_ray.scoring import hold_directory
+
+    out = tmp_path / "busy"
+    with hold_directory(out):  # what a running `score` holds
+        r = _cli("score", "--out", str(out), "--dataset", "digits", cwd=tmp_path)
+    _one_line_error(r, "in use by another idtl-ray run", f"pid {os.getpid()}", "another --out")
+    assert not (out / "mask.parquet").exists()
+
+
+def test_a_normal_cli_run_logs_no_error_lines(tmp_path):
+    import re
+
+    r = _cli("score", "--out", str(tmp_path / "ok"), "--dataset", "digits", "--drop", "budget", "--drop-budget", "0.1",
+             "--curvature-samples", "256", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    errors = [ln for ln in r.stderr.splitlines() if re.search(r"^\[[^]]* E \d+ \d+\]|\bERROR\b|Traceback", ln)]
+    assert not errors, errors
+    assert (tmp_path / "ok" / "mask.parquet").exists()
+
+
+def test_single_class_dataset_is_refused_before_ray_starts(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (60, 8, 8, 1), dtype=np.uint8)
+    np.savez(tmp_path / "one.npz", x_train=x, y_train=np.zeros(60, np.int64), x_test=x[:10], y_test=np.zeros(10, np.int64))
+    r = _cli("score", "--out", str(tmp_path / "o"), "--dataset", f"npz:{tmp_path / 'one.npz'}", cwd=tmp_path)
+    _one_line_error(r, "single class", "at least two")
+    assert "Started a local Ray" not in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_resume_returns_a_finished_run_only_for_its_own_settings(reference_run):
+    from idtl_ray.errors import InputError
+
+    _, summary = reference_run
+    root = Path(summary["mask"]).parent.parent
+    again = run_score(_cfg(root, "ref", resume=True), progress=False)
+    assert again["created_utc"] == summary["created_utc"]  # returned as is, nothing rescored
+    with pytest.raises(InputError, match=r"finished run with other settings \(.*seed"):
+        run_score(_cfg(root, "ref", resume=True, seed=1), progress=False)
+
+
+def test_weights_none_warns_that_the_model_is_untrained(reference_run):
+    _, summary = reference_run
+    from idtl_ray.workflow import format_summary
+
+    assert "untrained model" in summary["head"]["warning"]
+    assert "WARNING: --weights none" in format_summary(summary)

@@ -1,0 +1,137 @@
+"""What the scoring stages share: the sample arrays, how a worker turns them into model input, the
+worker's device set-up, and the result types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import IdtlError, InputError
+from ..influence import SolveInfo
+
+
+@dataclass
+class ArraySet:
+    """Samples as arrays: ``x`` (uint8 NHWC images, or float model inputs), ``y`` int64, stable ``ids``."""
+
+    x: np.ndarray
+    y: np.ndarray
+    ids: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.y = np.asarray(self.y, dtype=np.int64)
+        self.ids = np.asarray(self.ids, dtype=np.int64)
+        if not (len(self.x) == len(self.y) == len(self.ids)):
+            raise InputError(f"x, y and ids differ in length ({len(self.x)}, {len(self.y)}, {len(self.ids)})")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class Preprocess:
+    """How a worker turns a batch of ``x`` into model input: normalise uint8 NHWC, or pass floats through.
+
+    On a GPU the uint8 batch is pinned, copied without blocking and normalised on the device (a quarter
+    of the bytes of a float batch cross the bus, and the CPU does no per-pixel work). On the CPU it is
+    exactly :func:`idtl_ray.data.to_tensor`, so scores match the in-process engine bit for bit.
+    """
+
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __call__(self, x: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
+        device = device or torch.device("cpu")
+        if self.mean is None:
+            return torch.as_tensor(np.ascontiguousarray(x)).to(device)
+        if device.type != "cuda":
+            from ..data import to_tensor
+
+            return to_tensor(x, self.mean, self.std)
+        if x.ndim != 4:
+            raise InputError(f"expected uint8 images (N,H,W,C), got shape {x.shape}")
+        t = torch.from_numpy(np.ascontiguousarray(x)).pin_memory().to(device, non_blocking=True)
+        t = t.permute(0, 3, 1, 2).float().div_(255.0)
+        m = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
+        s = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
+        return t.sub_(m).div_(s).contiguous()
+
+
+def worker_device() -> torch.device:
+    """CUDA when Ray gave this worker a GPU (it sets CUDA_VISIBLE_DEVICES), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def setup_worker(threads: int) -> torch.device:
+    """Set a worker's torch threads and, on a GPU, TF32 matmuls and cuDNN autotuning; return its device.
+
+    TF32 keeps the scores in float32 storage and accumulation (design.md §2 rules out bf16, not TF32);
+    autotuning pays off because every batch of a run has the same shape.
+    """
+    torch.set_num_threads(max(1, threads))
+    device = worker_device()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def device_batch_size(batch_size: int, gpu: bool) -> int:
+    """Scoring batch for the device: a GPU is only busy with large batches (the JVP needs no more memory
+    per sample than inference), a CPU is not faster with them."""
+    return max(batch_size, 1024) if gpu else batch_size
+
+
+def unwrap_ray_error(error: BaseException) -> BaseException:
+    """The user-facing error inside a Ray task or actor error (its own type and text), else ``error``."""
+    from ray.exceptions import RayTaskError
+
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, IdtlError) and type(e).__module__.startswith("idtl_ray"):
+            return e
+        cause = getattr(e, "cause", None)
+        if isinstance(e, RayTaskError) and isinstance(cause, BaseException) and not isinstance(cause, RayTaskError):
+            if not isinstance(cause, IdtlError):
+                return cause  # a task's own exception (a bug, or torch's OOM): its type and text, no Ray wrapper
+        e = cause if isinstance(cause, BaseException) else e.__cause__
+    return error
+
+
+@dataclass
+class PipelineResult:
+    """Scores aligned with the training set's order, and how they were made."""
+
+    scores: np.ndarray
+    solve: SolveInfo
+    n_val: int
+    timings: dict[str, float]
+    shards_reused: int = 0
+    samples_scored: int = 0
+    actors: int = 1
+    device: str = "cpu"
+
+
+@dataclass
+class ScoreOutput:
+    """What :func:`idtl_ray.score` returns."""
+
+    scores: np.ndarray
+    keep: np.ndarray
+    solve: SolveInfo
+    timings: dict[str, float] = field(default_factory=dict)
+    mask_path: Path | None = None
+
+
+def _get(ref_or_value: Any) -> Any:
+    import ray
+
+    # Ray Data does not resolve ObjectRefs passed through fn_constructor_kwargs (ray-2.60-notes §1.2).
+    return ray.get(ref_or_value) if isinstance(ref_or_value, ray.ObjectRef) else ref_or_value

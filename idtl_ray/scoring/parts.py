@@ -1,0 +1,141 @@
+"""A scoring run's working directory: the lock, resume, and the merge of the written score files.
+
+    <out>/.idtl-lock             held (flock) by the run that owns <out>; a second run refuses
+    <out>/parts/run.json         the run's fingerprint: a resume with other settings is refused
+    <out>/parts/prescored.npz    s or the head factors, so a resume skips the pre-scoring stage
+    <out>/parts/scores/*.parquet (sample_id, score) files written by Ray Data, one per write task
+
+A file a killed write task left half-written does not parse: it is deleted and its samples scored
+again. A retried task can write a sample twice: the merge keeps one copy (the scores are
+deterministic, so either copy is the same number).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from ..errors import IdtlError, InputError
+from ..influence import SolveInfo
+from ..mask import write_json_atomic
+from .prescore import Prescored
+
+LOCK_NAME = ".idtl-lock"
+
+
+@contextmanager
+def hold_directory(out: str | Path) -> Iterator[None]:
+    """Hold ``out`` for this process; another run into it refuses with one line while we hold it.
+
+    An OS lock (flock), so a crashed run releases it with its process and never leaves a stale lock.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise InputError(f"{out} is in use by another idtl-ray run (pid {owner}): wait for it to finish, "
+                             "or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+class RunParts:
+    """The ``parts/`` folder of one run (or a throw-away one when the caller gave no ``--out``)."""
+
+    def __init__(self, root: Path, fingerprint: str, resume: bool):
+        self.root = root
+        self.scores_dir = root / "scores"
+        manifest = root / "run.json"
+        if root.exists() and not resume:
+            shutil.rmtree(root)  # a fresh run never mixes with an old one
+        if resume and manifest.exists():
+            old = json.loads(manifest.read_text())
+            if old.get("fingerprint") != fingerprint:
+                raise IdtlError(
+                    f"cannot resume: the unfinished run in {root.parent} used other settings or data "
+                    f"(fingerprint {old.get('fingerprint')} != {fingerprint}); drop --resume to start over")
+        self.scores_dir.mkdir(parents=True, exist_ok=True)
+        if not manifest.exists():
+            write_json_atomic({"fingerprint": fingerprint}, manifest)
+
+    # ── the pre-scoring result ──
+
+    def load_prescored(self) -> Prescored | None:
+        """The saved s / factors of an earlier attempt of this run, if any."""
+        f = self.root / "prescored.npz"
+        if not f.exists():
+            return None
+        z = np.load(f, allow_pickle=False)
+        meta = json.loads(str(z["meta"]))
+        payload: Any = z["s"] if "s" in z.files else {k[2:]: z[k] for k in z.files if k.startswith("f_")}
+        return Prescored(payload, SolveInfo(**meta["solve"]), int(meta["n_val"]), {})
+
+    def save_prescored(self, p: Prescored) -> None:
+        """Save it atomically (a unique temporary name, then rename)."""
+        arrays = {"s": p.payload} if isinstance(p.payload, np.ndarray) else {f"f_{k}": v for k, v in p.payload.items()}
+        tmp = self.root / f".prescored.{os.getpid()}.tmp.npz"
+        np.savez(tmp, meta=json.dumps({"solve": p.solve.as_dict(), "n_val": p.n_val}), **arrays)
+        os.replace(tmp, self.root / "prescored.npz")
+
+    # ── the written scores ──
+
+    def _paths(self) -> list[Path]:
+        return sorted(self.scores_dir.glob("*.parquet"))
+
+    def files(self) -> int:
+        """How many score files there are."""
+        return len(self._paths())
+
+    def rows_written(self) -> int:
+        """Rows in the complete score files so far (progress; files still being written do not count)."""
+        total = 0
+        for f in self._paths():
+            try:
+                total += pq.read_metadata(f).num_rows
+            except Exception:
+                pass
+        return total
+
+    def read_scores(self, drop_damaged: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(sample_id, score) of every complete file, duplicates removed (first copy kept)."""
+        ids, scores = [], []
+        for f in self._paths():
+            try:
+                t = pq.read_table(f, columns=["sample_id", "score"])
+            except Exception:
+                if drop_damaged:
+                    f.unlink(missing_ok=True)  # half-written by a killed task: its samples are scored again
+                continue
+            ids.append(t["sample_id"].to_numpy())
+            scores.append(t["score"].to_numpy())
+        if not ids:
+            return np.zeros(0, np.int64), np.zeros(0, np.float64)
+        sid, sc = np.concatenate(ids), np.concatenate(scores)
+        sid, first = np.unique(sid, return_index=True)
+        return sid, sc[first]
+
+    def merge(self, ids: np.ndarray) -> np.ndarray:
+        """Scores aligned with ``ids`` (the training order); every id must have been scored."""
+        sid, sc = self.read_scores()
+        pos = np.searchsorted(sid, ids)
+        found = (pos < len(sid)) & (sid[np.minimum(pos, len(sid) - 1)] == ids) if len(sid) else np.zeros(len(ids), bool)
+        if not found.all():
+            raise IdtlError(f"scoring lost {int((~found).sum())} samples (e.g. sample_id {ids[~found][:3].tolist()}): "
+                            "re-run with --resume to score them")
+        return sc[pos].astype(np.float64)

@@ -1,0 +1,137 @@
+"""The pre-scoring worker: everything that needs the model before scoring, in one Ray task.
+
+The paper's score needs s = (H + λI)⁻¹ g_val: the validation gradient, the curvature on a seeded
+subsample and the iterative solve. Self-influence needs the head's EK-FAC factors instead. Either way
+it is one task, on a GPU when the cluster has one, that runs the in-process engine's own code (so the
+result is the in-process result) and returns its payload once; s travels in the model's dtype
+(float32 for a float32 model). Ray retries the task if its worker dies (a lost node, an OOM kill).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from ..errors import IdtlError, InputError
+from ..influence import CurvatureOperator, InfluenceConfig, InfluenceEngine, SolveInfo, head_solve_info, solve
+from ..self_influence import fit_head_factors
+from .common import Preprocess, setup_worker, unwrap_ray_error
+
+PRESCORE_RETRIES = 2  # a worker that dies (node lost, OOM kill) is restarted this often
+WAIT_REPORT_S = 30.0  # "still working" line while the driver waits
+
+
+@dataclass
+class Prescored:
+    """What scoring needs: s (paper) or the head's factors (self), with the solve's report."""
+
+    payload: Any  # np.ndarray s, or the dict of HeadFactors.to_numpy()
+    solve: SolveInfo
+    n_val: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def validation_gradient(engine: InfluenceEngine, preprocess: Preprocess, x: np.ndarray, y: np.ndarray,
+                        classes: Sequence[int] | None, batch_size: int) -> tuple[torch.Tensor, int]:
+    """Σ ∇θ L over the validation arrays (only ``classes`` when given), batch by batch as in-process.
+
+    Preprocessing per batch keeps the worker's memory at one batch of floats, whatever the set's size.
+    """
+    wanted = None if classes is None else np.asarray(list(classes), dtype=np.int64)
+    total = torch.zeros(engine.space.dim, dtype=torch.float64, device=engine.device)
+    count = 0
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        if wanted is not None:
+            keep = np.isin(yb, wanted)
+            xb, yb = xb[keep], yb[keep]
+            if len(yb) == 0:
+                continue
+        g, n = engine.gradient_sum(preprocess(xb, engine.device).to(engine.device, engine.space.dtype),
+                                   torch.as_tensor(yb).to(engine.device))
+        total += g.double()
+        count += n
+    if count == 0:
+        raise InputError(f"no validation sample belongs to classes {list(classes or [])}: "
+                         "choose classes present in the validation set")
+    return total, count
+
+
+def curvature_on(engine: InfluenceEngine, preprocess: Preprocess, x: np.ndarray, y: np.ndarray,
+                 config: InfluenceConfig) -> CurvatureOperator:
+    """The damped curvature on the (already drawn) subsample ``x, y``, batched as in-process."""
+    data = TensorDataset(preprocess(x).to(engine.space.dtype), torch.as_tensor(y))
+    return engine.curvature(data, config.curvature, config.damping, samples=None, batch_size=config.batch_size)
+
+
+def head_factors(model: nn.Module, preprocess: Preprocess, x: np.ndarray, y: np.ndarray,
+                 config: InfluenceConfig, device: torch.device | None = None) -> dict[str, np.ndarray]:
+    """EK-FAC factors of the head on the curvature subsample (self-influence)."""
+    device = device or torch.device("cpu")
+    model = model.to(device)
+    bs = config.batch_size
+    batches = ((preprocess(x[i:i + bs], device).to(device), torch.as_tensor(y[i:i + bs]).to(device))
+               for i in range(0, len(y), bs))
+    return fit_head_factors(model, batches, config.head_damping, params=config.head_params).to_numpy()
+
+
+def prescore(model: nn.Module, params: Any, preprocess: Preprocess, sub: tuple[np.ndarray, np.ndarray],
+             val: tuple[np.ndarray, np.ndarray] | None, classes: Sequence[int] | None, config: InfluenceConfig,
+             threads: int) -> Prescored:
+    """The whole pre-scoring stage in this process: head factors (self), or g_val → curvature → s (paper)."""
+    device = setup_worker(threads)
+    t0 = time.perf_counter()
+    if config.score == "self":
+        factors = head_factors(model, preprocess, *sub, config, device)
+        return Prescored(factors, head_solve_info(), 0, {"validation_gradient_s": 0.0, "solve_s": time.perf_counter() - t0})
+    engine = InfluenceEngine(model, params=params, device=device)
+    if val is None:
+        raise InputError("score='paper' needs a validation set: pass one, or use score='self'")
+    g, n_val = validation_gradient(engine, preprocess, *val, classes, config.batch_size)
+    t1 = time.perf_counter()
+    s, info = solve(curvature_on(engine, preprocess, *sub, config), g, config)
+    # Cast once, here: scoring uses s in the model's dtype, so anything wider is wasted on the wire.
+    s_wire = s.to(engine.space.dtype).cpu().numpy()
+    return Prescored(s_wire, info, n_val, {"validation_gradient_s": t1 - t0, "solve_s": time.perf_counter() - t1})
+
+
+def run_prescore(model_ref: Any, params: Any, preprocess: Preprocess, sub: tuple[np.ndarray, np.ndarray],
+                 val: tuple[np.ndarray, np.ndarray] | None, classes: Sequence[int] | None, config: InfluenceConfig,
+                 *, gpu: bool, cpus: float, threads: int, say: Callable[[str], None]) -> Prescored:
+    """Run :func:`prescore` as one Ray task (a GPU one on a GPU cluster) and wait for it.
+
+    Errors come back with their own type and text; a worker that dies is retried by Ray.
+    """
+    import ray
+
+    task = ray.remote(prescore).options(num_cpus=cpus, num_gpus=1 if gpu else 0, max_retries=PRESCORE_RETRIES,
+                                        retry_exceptions=False, name="idtl-prescore")
+    what = "head factors (EK-FAC)" if config.score == "self" else "validation gradient, curvature and solve"
+    say(f"pre-scoring on one {'GPU' if gpu else f'{threads}-thread CPU'} worker: {what}")
+    ref = task.remote(model_ref, params, preprocess, sub, val, classes, config, threads)
+    t0 = time.monotonic()
+    try:
+        while not ray.wait([ref], timeout=WAIT_REPORT_S)[0]:
+            say(f"pre-scoring still running ({time.monotonic() - t0:.0f} s)")
+        return ray.get(ref)
+    except BaseException as e:
+        if not ray.wait([ref], timeout=0)[0]:  # interrupted: do not leave the task running
+            ray.cancel(ref, force=True)
+        inner = unwrap_ray_error(e)
+        if isinstance(inner, ray.exceptions.RayError):  # the worker died more often than Ray retries
+            raise IdtlError(f"the pre-scoring worker died {PRESCORE_RETRIES + 1} times ({type(inner).__name__}): "
+                            "check the nodes' memory and `ray logs`, then re-run (score: with --resume)") from None
+        raise inner from None
+
+
+def log(msg: str) -> None:
+    """A progress line on stderr."""
+    print(f"  {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,78 @@
+"""Joining or starting Ray for a command."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join a running cluster, or start an embedded local Ray, unless Ray is up already.
+
+    ``address`` given: join it. ``RAY_ADDRESS`` set (inside `ray job submit`): join that. Otherwise
+    start a fresh local Ray, never attaching by accident to another instance on the machine.
+    """
+    import ray
+
+    for name in ("ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR"}
+    if address:
+        kwargs["address"] = address
+    elif not os.environ.get("RAY_ADDRESS"):
+        kwargs["address"] = "local"
+        if num_cpus:
+            kwargs["num_cpus"] = num_cpus
+    ray.init(**kwargs)
+
+
+# Lines Ray's C++ core prints at error level for conditions that are not errors in our use. Ray Data
+# passes every pool actor's constructor arguments by reference, so each run logs this one once
+# (ray-project/ray#57733); our actors' arguments stay referenced by the pipeline for its whole life.
+KNOWN_RAY_NOISE = (b"has constructor arguments in the object store and max_restarts > 0",)
+_filtering = False
+
+
+def filter_ray_noise(patterns: tuple[bytes, ...] = KNOWN_RAY_NOISE) -> None:
+    """Drop Ray's known-harmless error lines from this process's stderr (the CLI installs it once).
+
+    C++ writes straight to file descriptor 2, so the filter sits there: a pipe whose reader thread
+    forwards every other line unchanged, and hands fd 2 back at exit.
+    """
+    global _filtering
+    if _filtering:
+        return
+    import atexit
+    import threading
+
+    real = os.dup(2)
+    r, w = os.pipe()
+    os.dup2(w, 2)
+    os.close(w)
+
+    def pump() -> None:
+        rest = b""
+        while chunk := os.read(r, 65536):
+            *lines, rest = (rest + chunk).split(b"\n")
+            out = b"".join(ln + b"\n" for ln in lines if not any(p in ln for p in patterns))
+            if out:
+                os.write(real, out)
+        if rest:
+            os.write(real, rest)
+
+    thread = threading.Thread(target=pump, name="idtl-stderr", daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        import sys
+
+        sys.stderr.flush()
+        os.dup2(real, 2)  # closes our end of the pipe: the reader drains what is left and stops
+        thread.join(1.0)
+
+    atexit.register(restore)
+    _filtering = True
