@@ -1,8 +1,10 @@
 """The paper's models, adapted to small images, with weight loading, checkpoints and layer tools.
 
 Models (:data:`MODELS`): ``sample-cnn`` (paper 4.1), torchvision ``vgg16``, ``resnet50``,
-``densenet121`` (paper 4.2) and ``resnet18`` (tests and benchmarks). Adaptation to small images
-(paper 4.2: "remove the pooling layers outside the blocks"):
+``densenet121`` (paper 4.2) and ``resnet18`` (tests and benchmarks). Adaptation to small images,
+below :data:`SMALL_IMAGE_PX` pixels only (paper 4.2: "remove the pooling layers outside the blocks");
+at that size and above the torchvision architectures are kept as they are, global pooling included
+(so ImageNet's classifier shapes fit, and a 224-pixel ResNet-50 head sees 2048 features, not 100,352):
 
 - ResNet: ``maxpool`` -> Identity, global ``avgpool`` -> Flatten; ``fc`` sees C * (H/16)^2 features
   (ResNet-50 at 32x32: 2048 * 2 * 2 = 8192).
@@ -115,15 +117,20 @@ class VGG16Small(nn.Module):
 
 
 class DenseNetSmall(nn.Module):
-    """torchvision DenseNet ``features``/``classifier`` (same key names), flattening instead of pooling."""
+    """torchvision DenseNet ``features``/``classifier`` (same key names); small images are flattened
+    instead of pooled, large ones pooled globally as torchvision does."""
 
-    def __init__(self, features: nn.Module, classifier: nn.Module) -> None:
+    def __init__(self, features: nn.Module, classifier: nn.Module, global_pool: bool = False) -> None:
         super().__init__()
         self.features = features
         self.classifier = classifier
+        self.global_pool = global_pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(F.relu(self.features(x)), 1))
+        h = F.relu(self.features(x))
+        if self.global_pool:
+            h = F.adaptive_avg_pool2d(h, 1)
+        return self.classifier(torch.flatten(h, 1))
 
 
 def _flat_dim(body: nn.Module, in_channels: int, image_size: int, name: str) -> int:
@@ -155,6 +162,9 @@ def xavier_init_(module: nn.Module) -> nn.Module:
     return module
 
 
+SMALL_IMAGE_PX = 64  # below this, the paper's small-image changes; at and above, torchvision's own pooling
+
+
 def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
     """Build an adapted model with Xavier random init (see the module docstring for adaptations)."""
     import torchvision.models as tvm
@@ -165,16 +175,21 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
         raise ValueError(f"num_classes, in_channels, image_size must be positive, got {num_classes}, "
                          f"{in_channels}, {image_size}")  # fmt: skip
     model: nn.Module
+    small = image_size < SMALL_IMAGE_PX
     if name == "sample-cnn":
         model, head = SampleCNN(num_classes, in_channels, image_size), "fc2"
     elif name == "vgg16":
         model, head = VGG16Small(num_classes, in_channels, image_size), "classifier.6"
+        if not small:  # torchvision's 7x7 adaptive pool: classifier.0 takes ImageNet's 25,088 features
+            model.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+            model.classifier[0] = nn.Linear(512 * 7 * 7, 4096)
     elif name in ("resnet50", "resnet18"):
         model = getattr(tvm, name)(weights=None)
         if in_channels != 3:
             model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-        model.maxpool = nn.Identity()
-        model.avgpool = nn.Flatten()  # ResNet.forward flattens again: a no-op
+        if small:
+            model.maxpool = nn.Identity()
+            model.avgpool = nn.Flatten()  # ResNet.forward flattens again: a no-op
         model.fc = nn.Identity()
         model.fc = nn.Linear(_flat_dim(model, in_channels, image_size, name), num_classes)
         head = "fc"
@@ -182,8 +197,9 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
         tv = tvm.densenet121(weights=None)
         if in_channels != 3:
             tv.features.conv0 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-        tv.features.pool0 = nn.Identity()
-        model = DenseNetSmall(tv.features, nn.Identity())
+        if small:
+            tv.features.pool0 = nn.Identity()
+        model = DenseNetSmall(tv.features, nn.Identity(), global_pool=not small)
         model.classifier = nn.Linear(_flat_dim(model, in_channels, image_size, name), num_classes)
         head = "classifier"
     xavier_init_(model)

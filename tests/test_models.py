@@ -297,3 +297,23 @@ def test_replace_head_and_xavier() -> None:
     assert torch.all(new.bias == 0)
     xavier_init_(model)
     assert "densenet121: 121 layers" in describe_layers(model)
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_small_image_changes_apply_below_64_pixels_only(size):
+    # Paper 4.2's changes (no stem max-pool, no global pooling) are for small images; at 64 px and
+    # above the torchvision architecture keeps its pooling, so the head sees what ImageNet's did.
+    r = build_model("resnet18", 10, in_channels=3, image_size=size)
+    small = size < 64
+    assert isinstance(r.maxpool, torch.nn.Identity) == small
+    assert r.fc.in_features == (512 * (size // 16) ** 2 if small else 512)
+    d = build_model("densenet121", 10, in_channels=3, image_size=size)
+    assert d.classifier.in_features == (1024 * (size // 16) ** 2 if small else 1024)
+    for m in (r, d):
+        assert m.eval()(torch.zeros(1, 3, size, size)).shape == (1, 10)
+
+
+def test_vgg16_at_64_pixels_takes_imagenets_classifier_shape():
+    v = build_model("vgg16", 10, in_channels=3, image_size=64)
+    assert v.classifier[0].in_features == 512 * 7 * 7
+    assert v.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 10)
