@@ -1,0 +1,108 @@
+"""Tests of idtl_ray.storage: atomic writes (all or nothing, normal permissions) and fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from idtl_ray.data import load_dataset, make_split
+from idtl_ray.errors import MaskError
+from idtl_ray.storage import (atomic_path, digest, ensure_writable, ids_digest, json_digest, save_npz_atomic,
+                              save_torch_atomic, write_json_atomic, write_table_atomic, write_text_atomic)
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def _listing(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir())
+
+
+def test_writer_that_raises_leaves_old_file_and_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "result.json"
+    target.write_text("old", encoding="utf-8")
+    with pytest.raises(RuntimeError, match="midway"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half of the new", encoding="utf-8")
+            raise RuntimeError("midway")
+    assert target.read_text(encoding="utf-8") == "old"
+    assert _listing(tmp_path) == ["result.json"]
+    with pytest.raises(TypeError):  # serialised first: a bad value writes nothing
+        write_json_atomic({"x": object()}, target)
+    assert target.read_text(encoding="utf-8") == "old" and _listing(tmp_path) == ["result.json"]
+
+
+def test_writers_replace_the_file_and_follow_the_umask(tmp_path: Path, umask_022: None) -> None:
+    out = tmp_path / "sub"
+    write_text_atomic("a\n", out / "a.md")
+    write_json_atomic({"n": np.int64(3), "v": np.arange(2), "p": Path("/x")}, out / "a.json")
+    write_table_atomic(pa.table({"x": [1, 2]}), out / "a.parquet")
+    save_npz_atomic(out / "a.npz", s=np.arange(3))
+    save_torch_atomic({"w": 1}, out / "a.pt")
+    write_text_atomic("b\n", out / "a.md", fsync=True)  # replaces
+    assert _listing(out) == ["a.json", "a.md", "a.npz", "a.parquet", "a.pt"]
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f.name
+    assert (out / "a.md").read_text(encoding="utf-8") == "b\n"
+    assert json.loads((out / "a.json").read_text(encoding="utf-8")) == {"n": 3, "v": [0, 1], "p": "/x"}
+    assert pq.read_table(out / "a.parquet").column("x").to_pylist() == [1, 2]
+    assert np.load(out / "a.npz")["s"].tolist() == [0, 1, 2]
+
+
+def test_figure_is_saved_and_closed(tmp_path: Path, umask_022: None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from idtl_ray.storage import save_figure_atomic
+
+    fig = plt.figure()
+    save_figure_atomic(fig, tmp_path / "f.png")
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG" and not plt.fignum_exists(fig.number)
+    assert stat.S_IMODE((tmp_path / "f.png").stat().st_mode) == 0o644 and _listing(tmp_path) == ["f.png"]
+
+
+def test_unwritable_directory_is_one_mask_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("", encoding="utf-8")
+    with pytest.raises(MaskError, match="pass --out to a writable directory"):
+        ensure_writable(blocker / "mask.parquet")
+    with pytest.raises(MaskError, match="pass --out to a writable directory"):
+        write_text_atomic("x", blocker / "x.md")
+
+
+def test_digest_is_sha256_of_the_concatenation() -> None:
+    a = np.arange(12, dtype=np.int64).reshape(3, 4)
+    b = np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3))  # hashed in C order
+    keep = np.array([True, False, True])
+    whole = b"head|" + "é".encode() + a.tobytes() + b.tobytes() + keep.tobytes() + b""
+    assert digest(b"head|", "é", a, b, keep, b"", length=None) == hashlib.sha256(whole).hexdigest()
+    assert digest(b"x") == hashlib.sha256(b"x").hexdigest()[:16] and len(digest(b"x", length=12)) == 12
+    assert digest(np.zeros((), np.int64)) == digest(bytes(8))
+    assert json_digest({"b": [1, None], "a": Path("/p")}) == hashlib.sha256(
+        json.dumps({"b": [1, None], "a": Path("/p")}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert ids_digest([5, 3, 9, 1, 3]) == ids_digest(np.array([3, 3, 1, 9, 5], np.int32)) == "60924ef0d5c06bee"
+    with pytest.raises(TypeError):
+        digest(np.array([object()]))
+    with pytest.raises(TypeError):
+        digest(3)
+
+
+def test_known_fingerprints_stay_the_same() -> None:
+    """Masks and splits on disk carry these values: a change of definition would orphan them."""
+    digits = load_dataset("digits", download=False)
+    assert digits.fingerprint() == "74386a5df671a830"
+    assert make_split(digits).fingerprint() == "c1f6f7500f527f8f"
