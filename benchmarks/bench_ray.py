@@ -1,18 +1,20 @@
-"""Scoring through Ray against the in-process engine, and 1 against 2 actors (issue 3, item 8).
+"""Scoring through Ray against the in-process engine (issue 3 item 8, issue 11 item 8).
 
 One run, one machine, one model, the same real images (a seeded random draw from CIFAR-10 in
-../shared/data/cifar10_jpegbytes.npz;
-the benchmark stops with a message when the file is absent). Prints, for the in-process engine and for
-the Ray pipeline with 1 and 2 scoring actors, the time of each stage and the ratios that matter:
+../shared/data/cifar10_jpegbytes.npz; the benchmark stops with a message when the file is absent).
+Prints, for the in-process engine and for the Ray pipeline, for each score (self-influence, the
+default, and the paper's delta_val_loss), the time of each stage and the ratios that matter:
 
   overhead   = Ray total / in-process total - 1
   vs infer   = Ray scoring stage / one plain inference pass over the same training set
 
 Same settings in every path. In-process, one process (2 torch threads) does everything; through Ray,
-the scoring actors compute g_val's partial sums and the solve's curvature products (the driver runs
-the CG iteration), then score. Each Ray path starts a fresh local Ray, so its workers start cold.
+one pre-scoring task computes g_val and the solve (or the head factors), then a Ray Data actor pool
+scores and writes Parquet files, which are merged. Each Ray path starts a fresh local Ray, so its
+workers start cold (a first `idtl-ray score`, the worst case).
 
     python benchmarks/bench_ray.py [--n-train 45000] [--n-val 5000] [--model sample-cnn]
+                                   [--scores self paper] [--actors 2]
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def main() -> None:
     ap.add_argument("--n-val", type=int, default=5000)
     ap.add_argument("--model", default="sample-cnn")
     ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--scores", nargs="+", choices=["self", "paper"], default=["self", "paper"])
+    ap.add_argument("--actors", type=int, nargs="+", default=[2], help="scoring actors per Ray path (default: one per CPU)")
     args = ap.parse_args()
     got = load_cifar_jpeg(args.n_train + args.n_val)
     if got is None:
@@ -58,28 +62,42 @@ def main() -> None:
     train, val = ArraySet(x[:n], y[:n], np.arange(n)), ArraySet(x[n:], y[n:], np.arange(len(y) - n))
     torch.manual_seed(0)
     model = build_model(args.model, 10, in_channels=3, image_size=32).eval()
-    cfg = InfluenceConfig(curvature_samples=512, max_iter=10, tol=1e-6, batch_size=args.batch_size)
-
     xt = to_tensor(train.x, mean, std)
     t = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, n, args.batch_size):
             model(xt[i:i + args.batch_size])
     t_inf = time.perf_counter() - t
-
     del xt
+    print(f"{args.model}, CIFAR-10 JPEG file, {n} train / {len(val)} val, fp32 CPU, {torch.get_num_threads()} threads")
+    print(f"plain inference over the training set: {t_inf:.1f} s", flush=True)
+    for score in args.scores:
+        cfg = InfluenceConfig(score=score, curvature_samples=512, max_iter=10, tol=1e-6, batch_size=args.batch_size)
+        rows = run_paths(model, train, val, cfg, pre, mean, std, args.actors)
+        print(f"\nscore={score}")
+        print(f"{'path':<16}{'total s':>9}{'g_val s':>9}{'solve s':>9}{'scores s':>10}{'overhead':>10}{'scores/infer':>14}"
+              f"{'rel.err':>10}")
+        t_in = rows[0][1]
+        for name, tot, g, sv, sc, err in rows:
+            print(f"{name:<16}{tot:>9.1f}{g:>9.1f}{sv:>9.1f}{sc:>10.1f}{tot / t_in - 1:>9.1%}{sc / t_inf:>13.2f}x{err:>10.1e}",
+                  flush=True)
+
+
+def run_paths(model: torch.nn.Module, train: ArraySet, val: ArraySet, cfg: InfluenceConfig, pre: Preprocess,
+              mean: tuple, std: tuple, actor_counts: list[int]) -> list[tuple]:
+    """(path, total, g_val, solve, scores, rel. error against in-process) for in-process and each Ray path."""
+    import ray
+
     t = time.perf_counter()  # the in-process path normalises its uint8 images too, as the actors do
     xt, xv = to_tensor(train.x, mean, std), to_tensor(val.x, mean, std)
     ref = compute_influence(model, TensorDataset(xt, torch.from_numpy(train.y)),
                             TensorDataset(xv, torch.from_numpy(val.y)), cfg, device="cpu")
     t_in = time.perf_counter() - t
     del xt, xv
-
-    import ray
-
-    rows = [("in-process", t_in, ref.timings["validation_gradient"], ref.timings["solve"], ref.timings["scores"], 0.0)]
-    for actors in (1, 2):
-        # A fresh Ray per path: every worker starts cold, as in a first `idtl-ray score` (worst case).
+    tm = ref.timings
+    rows = [("in-process", t_in, tm.get("validation_gradient", 0.0), tm.get("solve", tm.get("curvature", 0.0)),
+             tm["scores"], 0.0)]
+    for actors in actor_counts:
         ray.init(num_cpus=2, log_to_driver=False, logging_level="ERROR", address="local")
         t = time.perf_counter()
         r = run_pipeline(model, train, val, cfg, preprocess=pre, actors=actors, progress=False)
@@ -88,12 +106,7 @@ def main() -> None:
         err = float(np.linalg.norm(r.scores - ref.scores) / np.linalg.norm(ref.scores))
         rows.append((f"ray, {actors} actor{'s' if actors > 1 else ''}", total, r.timings["validation_gradient_s"],
                      r.timings["solve_s"], r.timings["scores_s"], err))
-
-    print(f"{args.model}, CIFAR-10 JPEG file, {n} train / {len(val)} val, fp32 CPU, {torch.get_num_threads()} threads")
-    print(f"plain inference over the training set: {t_inf:.1f} s")
-    print(f"{'path':<16}{'total s':>9}{'g_val s':>9}{'solve s':>9}{'scores s':>10}{'overhead':>10}{'scores/infer':>14}{'rel.err':>10}")
-    for name, tot, g, s, sc, err in rows:
-        print(f"{name:<16}{tot:>9.1f}{g:>9.1f}{s:>9.1f}{sc:>10.1f}{tot / t_in - 1:>9.1%}{sc / t_inf:>13.2f}x{err:>10.1e}")
+    return rows
 
 
 if __name__ == "__main__":
