@@ -142,7 +142,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(_dry_run(cfg))
             return
         ensure_ray(address)
-        final = run_finetune(cfg)
+        final = run_finetune(cfg, progress=True)  # a line per epoch on stderr
         typer.echo(json.dumps(final, indent=2))
         typer.echo(f"test error {final['test_error']:.2f}% after {final['epochs']} epochs on "
                    f"{final['n_train_samples']} samples; outputs in {cfg.out_dir}")  # fmt: skip

@@ -28,7 +28,10 @@ import json
 import math
 import os
 import signal
+import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -562,12 +565,117 @@ def _check_resources(cfg: FinetuneConfig) -> None:
                          f"has {res.get('GPU', 0.0):g}; pass --gpus-per-worker 0 or join a GPU cluster with --address")  # fmt: skip
 
 
-def run_finetune(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None, run_name: str | None = None) -> dict[str, Any]:
+# ── Progress: epochs as Ray Train reports them, printed by the driver ─────────────────────────────
+
+Progress = Callable[[str], None]
+
+
+def say(msg: str) -> None:
+    """A progress line on stderr (as `score` prints them), flushed at once."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _emitter(progress: bool | Progress | None, prefix: str = "") -> Progress | None:
+    """``True`` -> lines on stderr; a callable receives the lines; ``False``/``None`` -> silent."""
+    if not progress:
+        return None
+    emit = say if progress is True else progress
+    return (lambda msg: emit(prefix + msg)) if prefix else emit
+
+
+def epoch_line(row: dict[str, Any], epochs: int, elapsed_s: float) -> str:
+    """``epoch 2/10: train loss 0.4123, val acc 91.20%, test error 8.35% (63 s)``."""
+    parts = [f"epoch {int(row['epoch']) + 1}/{epochs}: train loss {row['train_loss']:.4f}"]
+    if row.get("val_acc") is not None:
+        parts.append(f"val acc {row['val_acc']:.2f}%")
+    if row.get("test_error") is not None:
+        parts.append(f"test error {row['test_error']:.2f}%")
+    return ", ".join(parts) + f" ({elapsed_s:.0f} s)"
+
+
+class _ProgressBoard:
+    """A mailbox actor: Ray Train's controller posts each epoch's metrics, the driver takes them.
+
+    The controller (where callbacks run) is an actor of its own, and the workers too: with
+    ``log_to_driver=False`` none of their prints reach the user, so the driver prints instead.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def put(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+
+    def take(self) -> list[dict[str, Any]]:
+        rows, self.rows = self.rows, []
+        return rows
+
+
+def _epoch_callback(board: Any) -> Any:
+    """A Ray Train ``UserCallback`` that posts rank 0's metrics of every report to ``board``."""
+    from ray.train import UserCallback
+
+    class EpochReporter(UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            if metrics and "epoch" in metrics[0]:
+                board.put.remote(dict(metrics[0]))
+
+    return EpochReporter()
+
+
+class _Relay:
+    """While ``trainer.fit()`` blocks the driver, a thread prints the epochs the board receives."""
+
+    def __init__(self, emit: Progress, epochs: int, poll_s: float = 0.5):
+        import ray
+
+        self.emit, self.epochs, self.poll_s = emit, epochs, poll_s
+        self.board = ray.remote(_ProgressBoard).options(num_cpus=0).remote()  # needs no CPU: never blocks a worker
+        self.callback = _epoch_callback(self.board)
+        self.t0 = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="idtl-train-progress", daemon=True)
+
+    def __enter__(self) -> _Relay:
+        self._thread.start()
+        return self
+
+    def _drain(self) -> None:
+        import ray
+
+        for row in ray.get(self.board.take.remote(), timeout=10):
+            # a finished run started again re-reports its last epoch (start_epoch is past it): not news
+            if int(row["epoch"]) >= int(row.get("start_epoch", 0)):
+                self.emit(epoch_line(row, self.epochs, time.monotonic() - self.t0))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self._drain()
+            except Exception:  # progress must never break training (e.g. Ray shutting down)
+                return
+
+    def __exit__(self, *exc: Any) -> None:
+        import ray
+
+        self._stop.set()
+        self._thread.join(timeout=15)
+        try:
+            self._drain()  # the last epoch's row, reported just before fit() returned
+        except Exception:
+            pass
+        ray.kill(self.board)
+
+
+def run_finetune(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None, run_name: str | None = None,
+                 progress: bool | Progress = False) -> dict[str, Any]:
     """Train one strategy with Ray Train and write the run directory; returns the ``final.json`` dict.
 
     Running it again with the same ``out`` and config resumes: a finished run returns its saved
     results at once, an interrupted one continues from its last checkpoint. ``callbacks`` (Ray Train
     ``UserCallback``s, e.g. Tune's ``TuneReportCallback``) and ``run_name`` are for :mod:`idtl_ray.sweep`.
+    ``progress``: ``True`` prints a line per epoch on stderr (loss, validation accuracy, test error,
+    elapsed time), a callable receives those lines instead; off by default (Tune trials, tests).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -583,10 +691,13 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None, run
         if old_sha is not None and old_sha != ids_sha:
             raise InputError(f"{out} holds a run trained on other samples (the mask changed since; it now keeps "
                              f"{len(plan.train_ids)}): choose another --out, or remove that directory to retrain")
+    emit = _emitter(progress)
     final_path = out / "final.json"
     if final_path.is_file():
         final = json.loads(final_path.read_text(encoding="utf-8"))
         if final.get("epochs") == cfg.epochs and (out / "model.pt").is_file():
+            if emit:
+                emit(f"{out} already holds the finished run ({cfg.epochs} epochs): nothing to train")
             return final
     model, info = build_finetune_model(cfg, *_arch(plan.data), data=plan.data)
     out.mkdir(parents=True, exist_ok=True)
@@ -614,6 +725,10 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None, run
     if cfg.gpus_per_worker > 0:
         resources["GPU"] = cfg.gpus_per_worker
     name = run_name or cfg.run_name()
+    relay = _Relay(emit, cfg.epochs) if emit else None
+    if emit:
+        emit(f"training {cfg.model} on {len(plan.train_ids)} samples of {cfg.dataset} for {cfg.epochs} epoch"
+             f"{'s' if cfg.epochs > 1 else ''} on {cfg.workers} Ray Train worker{'s' if cfg.workers > 1 else ''}")
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config=loop_config,
@@ -624,13 +739,14 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None, run
             storage_path=str(out / "ray"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks or None,
+            callbacks=[*(callbacks or []), *([relay.callback] if relay else [])] or None,
         ),
         datasets={"train": to_ray_dataset(plan.train.x, plan.train.y, plan.train_ids, blocks=8 * cfg.workers)},
         dataset_config=_exact_split_config(),
     )
     try:
-        result = trainer.fit()
+        with relay or nullcontext():
+            result = trainer.fit()
     except Exception as e:  # V2 raises TrainingFailedError (wrapping the worker's error) after retries
         raise TrainingError(f"training run {name} failed ({type(e).__name__}: {_first_line(e)}); "
                             f"fix the cause and run the same command again to resume from the last checkpoint") from e
@@ -694,25 +810,29 @@ def _write_outputs(cfg: FinetuneConfig, plan: Plan, out: Path, model: nn.Module,
 
 def pretrain(dataset: str, model: str, epochs: int, out: str | Path, batch_size: int = 128, lr: float = 1e-3,
              seed: int = 0, data_dir: str | None = None, image_size: int | None = None, *, workers: int = 1,
-             cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, address: str | None = None) -> dict[str, Any]:  # fmt: skip
+             cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, address: str | None = None,
+             progress: bool | Progress = True) -> dict[str, Any]:  # fmt: skip
     """Train a source model (paper Table 1: Xavier, Adam 1e-3, batch 128) on every training sample.
 
     Uses the same TorchTrainer path (strategy scratch, ``split="none"``, no lr drop); the run lives in
     ``<out>.run/`` and the project checkpoint is written at ``out`` with meta {dataset, classes,
     dataset_fingerprint, epochs, test_error} (``classes``: the head's class names, which
     ``score --head auto`` compares with the target's). Returns that meta plus ``path``.
+    ``progress``: lines ``pretrain: epoch k/n: ...`` on stderr (a callable receives them; False: silent).
     """
     path = Path(out).expanduser().resolve()
     cfg = FinetuneConfig(dataset=dataset, model=model, strategy="scratch", split="none", epochs=epochs,
                          batch_size=batch_size, lr=lr, lr_drop_at=1.0, seed=seed, data_dir=data_dir,
                          image_size=image_size, workers=workers, cpus_per_worker=cpus_per_worker,
                          gpus_per_worker=gpus_per_worker, address=address, out=str(path) + ".run")  # fmt: skip
-    final = run_finetune(cfg)
+    final = run_finetune(cfg, progress=_emitter(progress, "pretrain: ") or False)
     trained, run_meta = M.load_checkpoint(Path(cfg.out_dir) / "model.pt")
     classes = run_meta.get("classes") or list(D.load_dataset(dataset, data_dir, image_size=image_size).classes)
     meta = {"dataset": dataset, "classes": list(classes), "dataset_fingerprint": final["dataset_fingerprint"],
             "epochs": final["epochs"], "test_error": final["test_error"]}  # fmt: skip
     M.save_checkpoint(path, trained, meta)
+    if emit := _emitter(progress, "pretrain: "):
+        emit(f"wrote {path} (test error {final['test_error']:.2f}%)")
     return {**meta, "path": str(path)}
 
 
@@ -792,7 +912,8 @@ def _baseline_mask_files(root: Path, mask_path: Path, split_path: Path, names: t
 
 def run_compare(dataset: str, model: str, weights: str, epochs: int, *, out: str | Path, mask: str | None = None,
                 score_fn: Callable[[str], str] | None = None, scratch_epochs: int | None = None,
-                baselines: Sequence[str] | str | None = None, **finetune_kw: Any) -> dict[str, Any]:  # fmt: skip
+                baselines: Sequence[str] | str | None = None, progress: bool | Progress = True,
+                **finetune_kw: Any) -> dict[str, Any]:  # fmt: skip
     """Train scratch, model-based and instance-based on the same split; print and save the table.
 
     The split is the split.json beside the mask. Without ``mask``, ``<out>/score/mask.parquet`` is
@@ -802,7 +923,8 @@ def run_compare(dataset: str, model: str, weights: str, epochs: int, *, out: str
     :data:`idtl_ray.baselines.METHODS`) adds one ``instance`` run per baseline on a mask that drops as
     many samples as the instance mask (``<out>/mask-<name>.parquet``, run in ``<out>/baseline-<name>``).
     Writes ``compare.md`` and ``compare.json`` in ``out``; returns ``{"rows": [...final dicts...],
-    "table": str, "mask": path, "baselines": {name: mask path}}``.
+    "table": str, "mask": path, "baselines": {name: mask path}}``. ``progress``: which run is training
+    and its epochs, as lines ``compare <run>: ...`` on stderr (a callable receives them; False: silent).
     """
     from .baselines import parse_methods, row_label
 
@@ -818,17 +940,26 @@ def run_compare(dataset: str, model: str, weights: str, epochs: int, *, out: str
     extra = _baseline_mask_files(root, mask_path, split, names, dataset, finetune_kw.get("data_dir"),
                                  finetune_kw.get("image_size"), int(finetune_kw.get("seed", 0))) if names else []  # fmt: skip
     rows = []
-    for strategy in STRATEGIES:
+    runs = len(STRATEGIES) + len(extra)
+
+    def announce(i: int, name: str, title: str, cfg: FinetuneConfig) -> bool | Progress:
+        """Say which run starts; the run's own lines get its name as prefix."""
+        if emit := _emitter(progress):
+            emit(f"compare: run {i} of {runs}, {name} ({title}, {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''})")
+        return _emitter(progress, f"compare {name}: ") or False
+
+    for i, strategy in enumerate(STRATEGIES, 1):
         cfg = FinetuneConfig(dataset=dataset, model=model, weights=weights, strategy=strategy,
                              epochs=(scratch_epochs or epochs) if strategy == "scratch" else epochs,
                              mask=str(mask_path) if strategy == "instance" else None, split=str(split),
                              out=str(root / strategy), **finetune_kw)  # fmt: skip
-        rows.append(run_finetune(cfg))
+        rows.append(run_finetune(cfg, progress=announce(i, strategy, STRATEGY_TITLES[strategy], cfg)))
         print(f"{strategy}: test error {rows[-1]['test_error']:.2f}% on {rows[-1]['n_train_samples']} samples", flush=True)
-    for name, bmask, k in extra:  # exactly the instance arm's run, on the baseline's mask
+    for i, (name, bmask, k) in enumerate(extra, len(STRATEGIES) + 1):  # the instance arm's run, on the baseline's mask
         cfg = FinetuneConfig(dataset=dataset, model=model, weights=weights, strategy="instance", epochs=epochs,
                              mask=str(bmask), split=str(split), out=str(root / f"baseline-{name}"), **finetune_kw)  # fmt: skip
-        rows.append({**run_finetune(cfg), "baseline": name, "label": row_label(name, k)})
+        rows.append({**run_finetune(cfg, progress=announce(i, f"baseline-{name}", row_label(name, k), cfg)),
+                     "baseline": name, "label": row_label(name, k)})
         print(f"{rows[-1]['label']}: test error {rows[-1]['test_error']:.2f}% on {rows[-1]['n_train_samples']} samples", flush=True)
     table = compare_table(rows, dataset)
     print(table, end="")

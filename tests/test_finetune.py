@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -152,14 +153,16 @@ def test_cli_dry_run_and_one_line_errors(tmp_path: Path) -> None:
     assert bad.stderr.strip() == "error: --strategy instance needs --mask (the mask.parquet written by `idtl-ray score`)"
 
 
-def test_compare_scores_when_no_mask_and_uses_one_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compare_scores_when_no_mask_and_uses_one_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture) -> None:
     """Orchestration only (each strategy's training is covered by the Ray tests below)."""
     import idtl_ray.finetune as F
 
     seen: list[FinetuneConfig] = []
 
-    def fake_run(cfg: FinetuneConfig) -> dict:
+    def fake_run(cfg: FinetuneConfig, progress=False) -> dict:
         seen.append(cfg)
+        progress(f"epoch 1/{cfg.epochs}: train loss 0.5000 (1 s)")  # what run_finetune's relay hands on
         n = {"scratch": 1294, "model": 1294, "instance": 860}[cfg.strategy]
         return {"strategy": cfg.strategy, "model": cfg.model, "test_error": {"scratch": 3.0, "model": 2.0, "instance": 1.5}[cfg.strategy],
                 "n_train_samples": n, "epochs": cfg.epochs}  # fmt: skip
@@ -178,10 +181,17 @@ def test_compare_scores_when_no_mask_and_uses_one_split(tmp_path: Path, monkeypa
     assert seen[2].mask == str(tmp_path / "score" / "mask.parquet") and seen[0].epochs == 2
     md = (tmp_path / "compare.md").read_text()
     assert "| Instance-based TL | sample-cnn | 1.50 | 860 | 1 |" in md
+    # progress on stderr: which run is training, and its epochs under its name (issue 11: a silent minute per run)
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["compare: run 1 of 3, scratch (from Scratch, 2 epochs)", "compare scratch: epoch 1/2: train loss 0.5000 (1 s)",
+                   "compare: run 2 of 3, model (Model-based TL, 1 epoch)", "compare model: epoch 1/1: train loss 0.5000 (1 s)",
+                   "compare: run 3 of 3, instance (Instance-based TL, 1 epoch)",
+                   "compare instance: epoch 1/1: train loss 0.5000 (1 s)"]
     assert json.loads((tmp_path / "compare.json").read_text())["rows"][0]["test_error"] == 3.0
 
 
-def test_pretrain_writes_a_project_checkpoint_with_its_meta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pretrain_writes_a_project_checkpoint_with_its_meta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture) -> None:
     """pretrain = one scratch run on every training sample (``split="none"``), then a checkpoint at ``out``."""
     import idtl_ray.finetune as F
 
@@ -189,8 +199,9 @@ def test_pretrain_writes_a_project_checkpoint_with_its_meta(tmp_path: Path, monk
     assert len(plan.train_ids) == 1438 and plan.split is None  # every training sample, no validation carve-out
     got: list[FinetuneConfig] = []
 
-    def fake_run(cfg: FinetuneConfig) -> dict:
+    def fake_run(cfg: FinetuneConfig, progress=False) -> dict:
         got.append(cfg)
+        progress("epoch 1/2: train loss 0.5000 (1 s)")
         M.save_checkpoint(cfg.out_dir / "model.pt", M.build_model("sample-cnn", *DIGITS), {})
         return {"dataset_fingerprint": "abc", "epochs": cfg.epochs, "test_error": 1.5}
 
@@ -202,6 +213,8 @@ def test_pretrain_writes_a_project_checkpoint_with_its_meta(tmp_path: Path, monk
     assert meta == {"dataset": "digits", "classes": [str(i) for i in range(10)], "dataset_fingerprint": "abc", "epochs": 2,
                     "test_error": 1.5}
     assert res["path"] == str((tmp_path / "src.pt").resolve())
+    assert capsys.readouterr().err.splitlines() == ["pretrain: epoch 1/2: train loss 0.5000 (1 s)",
+                                                    f"pretrain: wrote {res['path']} (test error 1.50%)"]
 
 
 # ── Ray Train ─────────────────────────────────────────────────────────────────────────────────────
@@ -217,7 +230,9 @@ def killed_run(ray_session, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = root / "run"
     cfg = FinetuneConfig(strategy="instance", mask=str(mask), weights=str(ckpt), epochs=2, batch_size=64, workers=2,
                          cpus_per_worker=0.5, out=str(out), fault_inject_kill_epoch=1)  # fmt: skip
-    return {"cfg": cfg, "kept": kept, "out": out, "final": run_finetune(cfg)}
+    lines: list[str] = []
+    final = run_finetune(cfg, progress=lines.append)
+    return {"cfg": cfg, "kept": kept, "out": out, "final": final, "lines": lines}
 
 
 def test_instance_training_sees_exactly_the_kept_ids(killed_run: dict) -> None:
@@ -231,6 +246,16 @@ def test_instance_training_sees_exactly_the_kept_ids(killed_run: dict) -> None:
     assert (out / "metrics.csv").read_text().splitlines()[0] == "epoch,lr,train_loss,val_acc,test_error"
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "config.json").read_text())["strategy"] == "instance"
+
+
+def test_epoch_progress_reaches_the_driver(killed_run: dict) -> None:
+    """The workers and Ray Train's controller print nowhere the user sees: the driver prints each epoch."""
+    lines, n = killed_run["lines"], len(killed_run["kept"])
+    assert lines[0] == f"training sample-cnn on {n} samples of digits for 2 epochs on 2 Ray Train workers"
+    epochs = [ln for ln in lines[1:] if ln.startswith("epoch ")]
+    assert [ln.split(":")[0] for ln in epochs] == ["epoch 1/2", "epoch 2/2"], lines  # each once, the restart included
+    assert all(re.fullmatch(r"epoch \d/2: train loss \d+\.\d{4}, val acc [\d.]+%, test error [\d.]+% \(\d+ s\)", ln)
+               for ln in epochs), epochs
 
 
 def test_killed_worker_restarts_from_its_checkpoint(killed_run: dict) -> None:
