@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
+import socket
+import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -13,11 +17,19 @@ from .errors import IdtlError
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """IdtlError -> one line `error: ...` on stderr and exit code 2; Ctrl-C -> a resume hint, exit 130."""
+    """IdtlError -> one line `error: ...` on stderr and exit code 2; Ctrl-C -> a resume hint, exit 130.
+
+    Ray failing to start or to join ``--address`` (anything raised inside ``ray.init``) is a user
+    error too: one line naming the fix instead of Ray's traceback. A command with an ``address``
+    argument first checks that a ``host:port`` address answers at all, since ``ray.init`` retries an
+    unreachable one for minutes.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        address = kwargs.get("address")
         try:
+            check_ray_address(address if isinstance(address, str) else None)
             return fn(*args, **kwargs)
         except IdtlError as e:
             typer.echo(f"error: {e}", err=True)
@@ -25,8 +37,61 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             typer.echo("interrupted: finished work is saved; re-run the same command (score: with --resume)", err=True)
             raise typer.Exit(130) from None
+        except Exception as e:
+            msg = ray_start_error(e, address if isinstance(address, str) else None)
+            if msg is None:
+                raise
+            typer.echo(f"error: {msg}", err=True)
+            raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _raised_in_ray_init(e: BaseException) -> bool:
+    """Whether ``e`` came out of ``ray.init`` (the function itself or anything it called)."""
+    ray = sys.modules.get("ray")
+    init = getattr(ray, "init", None)
+    code = getattr(inspect.unwrap(init), "__code__", None) if init is not None else None
+    return code is not None and any(frame.f_code is code for frame, _ in traceback.walk_tb(e.__traceback__))
+
+
+def ray_start_error(e: BaseException, address: str | None = None) -> str | None:
+    """The one-line message for Ray failing to start or to connect, or None for any other error."""
+    if not _raised_in_ray_init(e):
+        return None
+    lines = str(e).strip().splitlines()
+    first = (lines[0] if lines else type(e).__name__)[:200]
+    address = address or os.environ.get("RAY_ADDRESS")
+    if "timed out during startup" in first:
+        return (f"the local Ray did not start in time ({first.split('. ')[0]}): the machine is overloaded; retry, or "
+                "start one with `ray start --head` and pass --address auto")
+    if address and address != "local":
+        return (f"could not join the Ray cluster at {address} ({first}): pass --address host:port of the head node "
+                "(or auto for one started on this machine with `ray start --head`), or leave --address out (and unset "
+                "RAY_ADDRESS) to start a local Ray")
+    return (f"the local Ray did not start ({type(e).__name__}: {first}): retry; if it fails again, start one with "
+            "`ray start --head` (its logs say why) and pass --address auto")
+
+
+def check_ray_address(address: str | None, timeout_s: float = 5.0) -> None:
+    """Refuse a ``host:port`` (or ``ray://host:port``) address that does not accept connections.
+
+    ``ray.init`` retries an unreachable cluster for minutes before it gives up; a TCP connect says
+    the same in seconds. Other forms (``auto``, ``local``, malformed ones) are left to Ray.
+    """
+    if not address or address in ("auto", "local"):
+        return
+    host, sep, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise IdtlError(f"cannot reach the Ray cluster at --address {address} ({why}): check the head node's host:port "
+                        "and that its Ray is running (`ray status` there), or leave --address out to start a local "
+                        "Ray") from None
 
 
 def quiet_ray() -> None:

@@ -5,13 +5,14 @@ No test here starts Ray except where it says so; the settings checks must fail b
 
 from __future__ import annotations
 
-import numpy as np
+import re
+
 import pytest
 import torch
 from torch import nn
 
 from idtl_ray.config import ScoreConfig
-from idtl_ray.errors import IdtlError, InputError, WeightsError
+from idtl_ray.errors import InputError, WeightsError
 from idtl_ray.influence import InfluenceConfig, InfluenceEngine, score_samples
 
 PAPER = InfluenceConfig(score="paper")
@@ -208,3 +209,72 @@ def test_other_item_shapes_are_named() -> None:
     images = [(pil.new("L", (2, 2)), 0) for _ in range(8)]
     with pytest.raises(InputError, match=r"input is a PIL.Image.Image, not a tensor or array: .*ToTensor"):
         score_samples(_net(), images, device="cpu")
+
+
+# ── e. Ray that does not start, or an --address that does not answer: one line, exit 2 ──────────────
+
+
+def _app(body):
+    import typer
+
+    from idtl_ray.cli_common import user_errors
+
+    app = typer.Typer()
+    app.command()(user_errors(body))
+    return app
+
+
+def test_local_ray_start_timeout_is_one_line(monkeypatch) -> None:
+    import ray
+    from typer.testing import CliRunner
+
+    from idtl_ray.scoring import ensure_ray
+
+    def init(*args, **kwargs):  # what Ray raises on a loaded machine (ray/_private/node.py)
+        raise Exception("The current node timed out during startup. This could happen because some of the raylet "
+                        "failed to startup or the GCS has become overloaded.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+
+    def cmd(address: str = None) -> None:  # type: ignore[assignment]
+        ensure_ray(address)
+
+    res = CliRunner().invoke(_app(cmd), [])
+    assert res.exit_code == 2
+    assert res.stderr.strip().splitlines() == [
+        "error: the local Ray did not start in time (The current node timed out during startup): the machine is "
+        "overloaded; retry, or start one with `ray start --head` and pass --address auto"]
+
+
+def test_other_errors_are_not_taken_for_ray_failures(monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    def cmd() -> None:
+        raise RuntimeError("a bug of ours")  # not raised inside ray.init: keeps its traceback
+
+    res = CliRunner().invoke(_app(cmd), [])
+    assert isinstance(res.exception, RuntimeError) and res.exit_code == 1
+
+
+@pytest.mark.parametrize("address, match", [
+    ("nonsense", r"^error: could not join the Ray cluster at nonsense \(Invalid address format: nonsense\): pass "
+                 r"--address host:port of the head node"),  # raised by ray.init itself
+    ("127.0.0.1:1", r"^error: cannot reach the Ray cluster at --address 127\.0\.0\.1:1 \(Connection refused\): check "
+                    r"the head node's host:port"),  # ray.init would retry this for minutes
+])
+def test_bad_address_is_one_line(tmp_path, address: str, match: str) -> None:
+    import ray
+    import typer
+    from typer.testing import CliRunner
+
+    from idtl_ray.cli_train import register
+
+    if ray.is_initialized():
+        ray.shutdown()
+    app = typer.Typer()
+    register(app)
+    res = CliRunner().invoke(app, ["finetune", "--strategy", "scratch", "--address", address, "--out", str(tmp_path)])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.match(match, lines[0]), lines
