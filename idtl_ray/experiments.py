@@ -1,7 +1,7 @@
 """The paper's six experiments (Tables 1-6) as data, and one runner per table (what `jobs/` call).
 
 Each table is a :class:`TableSpec`: the target datasets, models, epochs, batch sizes, schedules, frozen
-layers, hybrid init and FC-only training of design.md section 4, plus the paper's reported test errors.
+layers, hybrid init and FC-only training of docs/design.md section 4, plus the paper's reported test errors.
 ``table_spec(n, smoke=True)`` is a tiny variant on small offline data (sample-cnn on 8x8 digits,
 1 epoch, a source model pre-trained for 1 epoch on a Fashion-MNIST subset standing in for ImageNet /
 EMNIST) that runs exactly the same code path as the full table.
@@ -282,7 +282,7 @@ _SMOKE = _smoke_tables(_FULL)
 
 
 def table_spec(n: int, smoke: bool = False) -> TableSpec:
-    """The settings of paper Table ``n`` (1-6): full (design.md section 4) or the smoke variant."""
+    """The settings of paper Table ``n`` (1-6): full (docs/design.md section 4) or the smoke variant."""
     table = (_SMOKE if smoke else _FULL).get(int(n))
     if table is None:
         raise ExperimentError(f"there is no Table {n}: the paper's experiments are Tables 1-6")

@@ -1,4 +1,4 @@
-"""Influence engine: per-sample predicted change of the summed validation loss (design.md §1-2).
+"""Influence engine: per-sample predicted change of the summed validation loss (docs/design.md §1-2).
 
 Two scores (``InfluenceConfig.score``): ``self`` (the default: self-influence over the model's head,
 :mod:`idtl_ray.self_influence`) and ``paper`` (delta_val_loss, below).
