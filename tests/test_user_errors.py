@@ -278,3 +278,42 @@ def test_bad_address_is_one_line(tmp_path, address: str, match: str) -> None:
     assert res.exit_code == 2, res.output
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and re.match(match, lines[0]), lines
+
+
+# ── f. the documentation's links resolve inside the repository ────────────────────────────────────
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def doc_link_problems(root) -> list[str]:
+    """Relative links of README.md and docs/*.md whose file (or heading anchor) does not exist, and
+    mentions of design.md that are not links to the repository's own docs/design.md."""
+    problems = []
+    for md in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = md.read_text(encoding="utf-8")
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s):, mailto:
+            path = (md.parent / target).resolve() if target else md
+            if not path.exists():
+                problems.append(f"{md.name}: {target} does not exist")
+            elif anchor and path.suffix == ".md":
+                heads = {_slug(h) for h in re.findall(r"^#+ (.+)$", path.read_text(encoding="utf-8"), re.M)}
+                if anchor not in heads:
+                    problems.append(f"{md.name}: {target}#{anchor} names no heading")
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    for m in re.finditer(r"design\.md", readme):
+        if not readme[max(0, m.start() - 6):m.end()].endswith("docs/design.md"):
+            problems.append(f"README.md: a mention of design.md at {m.start()} is not docs/design.md")
+    if not (root / "docs" / "design.md").is_file():
+        problems.append("docs/design.md is missing")
+    return problems
+
+
+def test_documentation_links_resolve_in_the_repository() -> None:
+    from pathlib import Path
+
+    assert doc_link_problems(Path(__file__).resolve().parents[1]) == []
