@@ -15,8 +15,6 @@ Files are written to a temporary name and renamed, so a crash never leaves a par
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import MaskError
+# the writers live in storage.py; these names stay importable from here (workflow, experiments, benchmarks)
+from .storage import (ensure_writable, json_default, save_figure_atomic, write_json_atomic,  # noqa: F401
+                      write_table_atomic, write_text_atomic)
 
 META_KEY = b"idtl_ray"
 SIGN_CONVENTION = (
@@ -88,72 +89,7 @@ class Mask:
         return out
 
 
-def ensure_writable(path: str | Path) -> Path:
-    """Create the parent directory and check we can write there, before any expensive work."""
-    p = Path(path)
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=p.parent, prefix=".idtl-write-check-"):
-            pass
-    except OSError as e:
-        raise MaskError(f"cannot write to {p.parent} ({e.strerror or e}): pass --out to a writable directory") from e
-    return p
-
-
-def atomic_write_table(table: pa.Table, path: str | Path) -> None:
-    """Write a Parquet file under a temporary name in the same directory, then rename it into place."""
-    p = ensure_writable(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(obj: Any, path: str | Path) -> None:
-    """JSON counterpart of :func:`atomic_write_table` (serialised first, so a bad value writes nothing)."""
-    write_text_atomic(json.dumps(obj, indent=2, default=_json_default), path)
-
-
-def write_text_atomic(text: str, path: str | Path) -> None:
-    """Text counterpart of :func:`atomic_write_table` (Markdown tables, CSV)."""
-    p = ensure_writable(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_figure_atomic(fig: Any, path: str | Path, dpi: int = 100) -> None:
-    """Save a matplotlib figure under a temporary name, rename it into place, and close the figure."""
-    import matplotlib.pyplot as plt
-
-    p = ensure_writable(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, p)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
+atomic_write_table = write_table_atomic  # the name this module has always exported
 
 
 def mask_table(sample_id: np.ndarray, label: np.ndarray, scores: np.ndarray, keep: np.ndarray,
@@ -182,13 +118,13 @@ def mask_table(sample_id: np.ndarray, label: np.ndarray, scores: np.ndarray, kee
     )
     convention = SIGN_CONVENTION if score_name == "delta_val_loss" else SELF_INFLUENCE_CONVENTION
     full = {"sign_convention": convention, **meta, "score_column": score_name}
-    return table.replace_schema_metadata({META_KEY: json.dumps(full, default=_json_default).encode()})
+    return table.replace_schema_metadata({META_KEY: json.dumps(full, default=json_default).encode()})
 
 
 def write_mask(path: str | Path, sample_id: np.ndarray, label: np.ndarray, scores: np.ndarray,
                keep: np.ndarray, meta: dict[str, Any], score_name: str = "delta_val_loss") -> Path:
     """Write the mask atomically; returns its path. ``score_name``: delta_val_loss or self_influence."""
-    atomic_write_table(mask_table(sample_id, label, scores, keep, meta, score_name), path)
+    write_table_atomic(mask_table(sample_id, label, scores, keep, meta, score_name), path)
     return Path(path)
 
 

@@ -127,8 +127,8 @@ def write_table_atomic(table: Any, path: str | Path, **kwargs: Any) -> None:
         pq.write_table(table, tmp, **kwargs)
 
 
-def save_npz_atomic(path: str | Path, /, **arrays: np.ndarray) -> None:
-    """``np.savez`` atomically (written through a file object, so no ``.npz`` is appended to the name)."""
+def save_npz_atomic(path: str | Path, /, **arrays: Any) -> None:
+    """``np.savez`` of arrays (or array-likes) atomically, through a file object: no ``.npz`` is appended."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
 

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from ..errors import IdtlError, InputError
 from ..influence import SolveInfo
-from ..mask import write_json_atomic
+from ..storage import save_npz_atomic, write_json_atomic
 from .prescore import Prescored
 
 LOCK_NAME = ".idtl-lock"
@@ -89,9 +89,8 @@ class RunParts:
     def save_prescored(self, p: Prescored) -> None:
         """Save it atomically (a unique temporary name, then rename)."""
         arrays = {"s": p.payload} if isinstance(p.payload, np.ndarray) else {f"f_{k}": v for k, v in p.payload.items()}
-        tmp = self.root / f".prescored.{os.getpid()}.tmp.npz"
-        np.savez(tmp, meta=json.dumps({"solve": p.solve.as_dict(), "n_val": p.n_val}), **arrays)
-        os.replace(tmp, self.root / "prescored.npz")
+        save_npz_atomic(self.root / "prescored.npz", meta=json.dumps({"solve": p.solve.as_dict(), "n_val": p.n_val}),
+                        **arrays)
 
     # ── the written scores ──
 

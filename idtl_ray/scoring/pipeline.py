@@ -12,8 +12,6 @@ Ray Data retries the work of an actor that dies; the merge drops the duplicates 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import tempfile
 import threading
@@ -30,6 +28,7 @@ from torch import nn
 from ..errors import IdtlError, InputError
 from ..influence import InfluenceConfig, InfluenceEngine, curvature_subsample
 from ..self_influence import HeadFactors, self_influence_batch
+from ..storage import json_digest
 from .common import ArraySet, PipelineResult, Preprocess, _get, device_batch_size, setup_worker, unwrap_ray_error
 from .parts import RunParts
 from .prescore import Prescored, log, run_prescore
@@ -87,9 +86,8 @@ def _node_cpus() -> int:
     return max([int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] + [1])
 
 
-def run_fingerprint(parts: dict[str, Any]) -> str:
-    """Hash of everything that determines the scores: a resumed run must match it."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+# Hash of everything that determines the scores (a dict): a resumed run must match it.
+run_fingerprint = json_digest
 
 
 class _Progress:
