@@ -28,7 +28,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -39,7 +38,7 @@ import numpy as np
 
 from . import __version__
 from .errors import DataError, IdtlError, InputError, WeightsError
-from .mask import save_figure_atomic, write_text_atomic
+from .storage import save_figure_atomic, save_npz_atomic, write_json_atomic, write_text_atomic
 
 STRATEGY_TITLES = {"scratch": "from Scratch", "model": "Model-based TL", "instance": "Instance-based TL"}
 PAPER_MODEL_NAMES = {"sample-cnn": "sample-CNN", "vgg16": "VGG-16", "resnet50": "ResNet-50", "densenet121": "DenseNet-121"}
@@ -372,17 +371,6 @@ def pick_class_a(plus: PlusSpec, num_classes: int, seed: int) -> int:
 # ── Data and weights: preflight and smoke files ───────────────────────────────────────────────────
 
 
-def _npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def _source_npz(src: SourceSpec, data_dir: str | None, cache: Path) -> str:
     """The source dataset name to pre-train on: the registry name, or an npz subset (smoke)."""
     from . import data as D
@@ -398,8 +386,8 @@ def _source_npz(src: SourceSpec, data_dir: str | None, cache: Path) -> str:
         keep_te = keep_te[: max(1, len(keep_tr) // 5)]
         remap = {c: i for i, c in enumerate(src.classes or range(d.num_classes))}  # labels must be 0..K-1
         relabel = np.vectorize(remap.__getitem__, otypes=[np.int64])
-        _npz_atomic(path, x_train=d.train.x[keep_tr], y_train=relabel(d.train.y[keep_tr]),
-                    x_test=d.test.x[keep_te], y_test=relabel(d.test.y[keep_te]))  # fmt: skip
+        save_npz_atomic(path, x_train=d.train.x[keep_tr], y_train=relabel(d.train.y[keep_tr]),
+                        x_test=d.test.x[keep_te], y_test=relabel(d.test.y[keep_te]))  # fmt: skip
     return f"npz:{path}"
 
 
@@ -419,8 +407,8 @@ def _binary_npz(data_dir: str | None, cache: Path) -> str:
         xtr, ytr = pick(d.train)
         xte, yte = pick(d.test)
         tr, va = D.split_train_val(len(ytr), 0.2, seed=0, labels=ytr)
-        _npz_atomic(path, x_train=xtr[tr], y_train=ytr[tr], x_val=xtr[va], y_val=ytr[va], x_test=xte, y_test=yte,
-                    classes=np.array([str(a), str(b)]))  # fmt: skip
+        save_npz_atomic(path, x_train=xtr[tr], y_train=ytr[tr], x_val=xtr[va], y_val=ytr[va], x_test=xte, y_test=yte,
+                        classes=np.array([str(a), str(b)]))  # fmt: skip
     return f"npz:{path}"
 
 
@@ -937,8 +925,6 @@ def plot_curves(doc: dict[str, Any], path: Path) -> bool:
 
 def write_results(doc: dict[str, Any], out: str | Path, table: TableSpec | None = None) -> dict[str, str]:
     """Write ``tableN.json``, ``tableN.md``, ``tableN.png`` and ``tableN_curves.png`` atomically."""
-    from .mask import write_json_atomic
-
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     n = doc["table"]

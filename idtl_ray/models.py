@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import WeightsError
+from .storage import save_torch_atomic
 
 MODELS = ("sample-cnn", "vgg16", "resnet50", "densenet121", "resnet18")
 LAYER_COUNTS = {"sample-cnn": 6, "vgg16": 16, "resnet18": 21, "resnet50": 54, "densenet121": 121}
@@ -584,7 +585,7 @@ def hybrid_init(model: nn.Module, pretrained_state: dict[str, torch.Tensor], k: 
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
-    """Write a project checkpoint atomically (``path.tmp`` then ``os.replace``).
+    """Write a project checkpoint atomically (:func:`~idtl_ray.storage.save_torch_atomic`).
 
     ``meta`` must be JSON-like (str/int/float/bool/None, lists, dicts) so that it loads with
     ``torch.load(weights_only=True)``.
@@ -596,8 +597,6 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
         json.dumps(meta)
     except TypeError as e:
         raise ValueError(f"checkpoint meta must be JSON-like: {e}") from e
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     obj = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -605,9 +604,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "meta": meta,
     }
-    tmp = p.with_name(p.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, p)
+    save_torch_atomic(obj, path)
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:

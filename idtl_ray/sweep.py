@@ -11,9 +11,6 @@ Results: a table (frozen, test_error, val_acc, status, error) printed and saved 
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +21,7 @@ import pandas as pd
 from . import models as M
 from .errors import InputError
 from .finetune import FinetuneConfig, run_finetune
+from .storage import json_digest, write_text_atomic
 
 COLUMNS = ["frozen", "test_error", "val_acc", "status", "error"]
 
@@ -115,7 +113,7 @@ def run_sweep(base: FinetuneConfig, frozen: list[int], out: str | Path, max_conc
     ensure_ray(base.address)
     base_dict = replace(base, freeze=None, out=None).to_dict()
     # deterministic Tune experiment name: the same sweep in the same out reuses one experiment folder
-    name = "sweep-" + hashlib.sha256(json.dumps([base_dict, frozen], sort_keys=True).encode()).hexdigest()[:12]
+    name = "sweep-" + json_digest([base_dict, frozen], length=12)
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(_trial, base=base_dict, out=str(root)),
         {"cpu": 0.5},  # the driver only waits on its TorchTrainer
@@ -131,8 +129,6 @@ def run_sweep(base: FinetuneConfig, frozen: list[int], out: str | Path, max_conc
     title = f"Frozen-layer sweep: {base.model} on {base.dataset}, {base.strategy}, {base.epochs} epochs (test error %)"
     md = to_markdown(df, title)
     print(md, end="", flush=True)
-    for path, text in ((root / "sweep.md", md), (root / "sweep.csv", df.to_csv(index=False))):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+    write_text_atomic(md, root / "sweep.md")
+    write_text_atomic(df.to_csv(index=False), root / "sweep.csv")
     return df

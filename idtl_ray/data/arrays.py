@@ -7,7 +7,6 @@ and int64 labels. The position of a sample in the ORIGINAL training split is its
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
+from ..storage import digest
 
 
 # --------------------------------------------------------------------------------------------------
@@ -72,14 +72,12 @@ class TargetData:
         Changes whenever any training pixel or label changes. For ``npz:``/``folder:`` datasets only
         the kind (not the path) is hashed, so moving the files keeps the fingerprint.
         """
-        h = hashlib.sha256()
         kind = self.name.split(":", 1)[0] if ":" in self.name else self.name
-        h.update(kind.encode())
+        chunks: list[str | np.ndarray] = [kind]
         for arr in (self.train.x, self.train.y):
             a = np.ascontiguousarray(arr)
-            h.update(f"|{a.dtype.str}|{a.shape}|".encode())
-            h.update(memoryview(a).cast("B"))
-        return h.hexdigest()[:16]
+            chunks += [f"|{a.dtype.str}|{a.shape}|", a]
+        return digest(*chunks)
 
 
 # --------------------------------------------------------------------------------------------------

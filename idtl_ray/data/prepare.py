@@ -51,7 +51,6 @@ complete; a previous manifest in ``DIR`` is deleted before the first shard is wr
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
@@ -67,6 +66,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..errors import DataError
+from ..storage import digest
 from .arrays import TargetData
 from .splits import Split, make_split
 
@@ -117,7 +117,7 @@ class Manifest:
     @property
     def content_sha256(self) -> str:
         """sha256 over the shards' ``file:sha256`` lines: identifies the bytes of this copy."""
-        return hashlib.sha256("".join(f"{s.file}:{s.sha256}\n" for s in self.shards).encode()).hexdigest()
+        return digest("".join(f"{s.file}:{s.sha256}\n" for s in self.shards), length=None)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict, as written to ``manifest.json``."""
@@ -232,7 +232,7 @@ def _write_shard(fs: pafs.FileSystem, base: str, name: str, batches: list[pa.Rec
     pq.write_table(table, sink, compression="zstd")
     buf = sink.getvalue()
     write_atomic(fs, base, name, buf)
-    return Shard(name, name.split("-", 1)[0], table.num_rows, buf.size, hashlib.sha256(memoryview(buf)).hexdigest())
+    return Shard(name, name.split("-", 1)[0], table.num_rows, buf.size, digest(buf, length=None))
 
 
 def _write_group(fs: pafs.FileSystem, base: str, split_name: str, x: np.ndarray, y: np.ndarray,

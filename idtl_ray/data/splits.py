@@ -3,9 +3,7 @@ fine-tuning all refer to the same samples."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
+from ..storage import digest, write_json_atomic
 from .arrays import ImageArrays, TargetData
 
 
@@ -80,13 +79,11 @@ class Split:
 
     def fingerprint(self) -> str:
         """16-hex-char sha256 over the dataset fingerprint, the val source, val ids and train ids."""
-        h = hashlib.sha256()
-        h.update(f"{self.dataset_fingerprint}|{self.val_source}|".encode())
+        chunks: list[str | np.ndarray] = [f"{self.dataset_fingerprint}|{self.val_source}|"]
         for ids in (self.val_ids, self.train_ids):
             a = np.ascontiguousarray(ids, dtype="<i8")
-            h.update(f"{a.shape[0]}|".encode())
-            h.update(memoryview(a).cast("B"))
-        return h.hexdigest()[:16]
+            chunks += [f"{a.shape[0]}|", a]
+        return digest(*chunks)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (also records the split fingerprint for integrity checks)."""
@@ -103,15 +100,8 @@ class Split:
         }
 
     def save(self, path: str | Path) -> None:
-        """Write the split as JSON atomically (``path.tmp`` then ``os.replace``)."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
+        """Write the split as JSON atomically, flushed to disk before the rename."""
+        write_json_atomic(self.to_dict(), path, indent=None, fsync=True)
 
     @classmethod
     def load(cls, path: str | Path) -> Split:
