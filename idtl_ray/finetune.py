@@ -23,7 +23,6 @@ Without that file the new head starts Xavier. ``scratch`` never loads weights.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
@@ -45,7 +44,9 @@ from torch import nn
 from . import data as D
 from . import models as M
 from .errors import IdtlError, InputError, MaskError, WeightsError
-from .mask import check_mask, read_mask, save_figure_atomic, write_json_atomic, write_mask
+from .mask import check_mask, read_mask, write_mask
+from .storage import (atomic_path, digest, ids_digest, json_digest, save_figure_atomic, write_json_atomic,
+                      write_text_atomic)
 
 STRATEGIES = ("scratch", "model", "instance")
 STRATEGY_TITLES = {"scratch": "from Scratch", "model": "Model-based TL", "instance": "Instance-based TL"}
@@ -136,8 +137,7 @@ class FinetuneConfig:
 
     def run_name(self) -> str:
         """Deterministic Ray Train run name: same config -> same name -> Ray Train resumes it."""
-        blob = json.dumps(self.identity(), sort_keys=True).encode()
-        return f"finetune-{self.strategy}-{hashlib.sha256(blob).hexdigest()[:12]}"
+        return f"finetune-{self.strategy}-{json_digest(self.identity(), length=12)}"
 
 
 # ── Stage 1: plan ─────────────────────────────────────────────────────────────────────────────────
@@ -393,10 +393,8 @@ def _frozen_bn_eval(model: nn.Module) -> None:
             m.eval()
 
 
-def ids_hash(ids: np.ndarray) -> str:
-    """16-hex sha256 of the sorted int64 ids (order-free fingerprint of a multiset of sample ids)."""
-    a = np.sort(np.asarray(ids, dtype="<i8"))
-    return hashlib.sha256(memoryview(a).cast("B")).hexdigest()[:16]
+# 16-hex sha256 of the sorted int64 ids (order-free fingerprint of a multiset of sample ids)
+ids_hash = ids_digest
 
 
 def _train_worker(config: dict[str, Any]) -> None:
@@ -508,13 +506,11 @@ def _train_worker(config: dict[str, Any]) -> None:
 
 
 def _write_csv(rows: list[dict[str, Any]], path: Path, columns: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
-    os.replace(tmp, path)
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> None:
@@ -684,7 +680,7 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None, run
     plan = make_plan(cfg)
     # The config names the mask by its path; what it keeps can change (a re-scored mask). A run trained
     # on other samples must not be resumed or returned as if it were this one.
-    ids_sha = hashlib.sha256(np.ascontiguousarray(plan.train_ids, dtype=np.int64).tobytes()).hexdigest()[:16]
+    ids_sha = digest(np.asarray(plan.train_ids, dtype=np.int64))  # in plan order (unlike ids_hash)
     prev = out / "config.json"
     if prev.is_file():
         old_sha = json.loads(prev.read_text(encoding="utf-8")).get("train_ids_sha")
@@ -774,9 +770,8 @@ def _write_outputs(cfg: FinetuneConfig, plan: Plan, out: Path, model: nn.Module,
     write_json_atomic(history, out / "metrics.json")
     _write_csv(history, out / "metrics.csv", columns)
     plot_curves(history, out / "curves.png", f"{cfg.strategy}: {cfg.model} on {cfg.dataset}")
-    tmp = out / "seen_ids.npy.tmp.npy"
-    np.save(tmp, np.sort(seen))
-    os.replace(tmp, out / "seen_ids.npy")
+    with atomic_path(out / "seen_ids.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, np.sort(seen))
     final = {
         "strategy": cfg.strategy,
         "dataset": cfg.dataset,
@@ -885,9 +880,8 @@ def _baseline_mask_files(root: Path, mask_path: Path, split_path: Path, names: t
         raise MaskError(f"the mask {mask_path} does not list exactly the split's {len(ids)} training samples, so "
                         f"the baselines cannot match it; re-run `idtl-ray score`")  # fmt: skip
     pos = order[np.searchsorted(mask.sample_id[order], ids)]  # mask row of each training sample
-    h = hashlib.sha256(np.ascontiguousarray(mask.sample_id, dtype=np.int64).tobytes() + mask.keep.tobytes())
-    h.update(hashlib.sha256(model_path.read_bytes()).digest() + f"|{seed}".encode())
-    source = h.hexdigest()[:16]
+    model_sha = bytes.fromhex(digest(model_path.read_bytes(), length=None))
+    source = digest(np.asarray(mask.sample_id, dtype=np.int64), mask.keep, model_sha, f"|{seed}")
     paths = {name: root / f"mask-{name}.parquet" for name in names}
 
     def current(p: Path) -> bool:
@@ -963,9 +957,7 @@ def run_compare(dataset: str, model: str, weights: str, epochs: int, *, out: str
         print(f"{rows[-1]['label']}: test error {rows[-1]['test_error']:.2f}% on {rows[-1]['n_train_samples']} samples", flush=True)
     table = compare_table(rows, dataset)
     print(table, end="")
-    tmp = root / "compare.md.tmp"
-    tmp.write_text(table, encoding="utf-8")
-    os.replace(tmp, root / "compare.md")
+    write_text_atomic(table, root / "compare.md")
     result = {"rows": rows, "table": table, "mask": str(mask_path), "baselines": {n: str(p) for n, p, _ in extra}}
     write_json_atomic(result, root / "compare.json")
     return result
