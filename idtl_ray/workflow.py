@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -36,62 +35,38 @@ from . import __version__
 from .config import ScoreConfig
 from .errors import IdtlError, InputError, WeightsError
 from .influence import InfluenceConfig, ParamSpec
-from .mask import Mask, ensure_writable, read_mask, save_figure_atomic, write_json_atomic, write_mask
+from .mask import Mask, read_mask, write_mask
 from .scoring import (ArraySet, PipelineResult, Preprocess, ScoreOutput, ensure_ray, hold_directory, run_fingerprint,
                       run_pipeline)
 from .scoring.parts import LOCK_NAME
 from .selection import budget_count, harm_of, keep_least_harmful, keep_mask
+from .head import fit_head
+from .storage import digest, ensure_writable, save_figure_atomic, write_json_atomic
 
 
 def model_fingerprint(model: nn.Module) -> str:
     """Hash of the model's state (parameters and buffers): identifies exactly what was scored."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return digest(*(c for k, v in sorted(model.state_dict().items()) for c in (k, v.detach().cpu().numpy())))
 
 
 # ── the new head (design.md §2: a linear probe puts the adapted model near a target optimum) ──────
 
 
-def fit_head(model: nn.Module, x: np.ndarray, y: np.ndarray, preprocess: Preprocess, steps: int = 30,
-             seed: int = 0, batch_size: int = 256, weight_decay: float = 1e-4) -> dict[str, float]:
-    """Fit the model's final Linear on the target data with everything else frozen (full-batch L-BFGS).
-
-    Features are computed once in eval mode (a forward hook on the head), so this costs one inference
-    pass plus a small convex problem. Returns the probe's training accuracy and loss.
-    """
+def fit_head_on_worker(model: nn.Module, x: np.ndarray, y: np.ndarray, preprocess: Preprocess, steps: int = 30,
+                       seed: int = 0) -> dict[str, float]:
+    """:func:`fit_head` as one Ray task, on a GPU when the cluster has one; the fitted head is loaded here."""
+    from .head import fit_head_task
     from .models import head_module
+    from .scoring.pipeline import _node_cpus, _resources
+    from .scoring.prescore import run_on_worker
 
-    head = head_module(model)
-    feats: list[torch.Tensor] = []
-    hook = head.register_forward_hook(lambda _m, inp, _out: feats.append(inp[0].detach().flatten(1)))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for i in range(0, len(y), batch_size):
-                model(preprocess(x[i:i + batch_size]))
-    finally:
-        hook.remove()
-        model.train(was_training)
-    f = torch.cat(feats).clone()
-    t = torch.as_tensor(y, dtype=torch.long)
-    torch.manual_seed(seed)
-    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(head(f), t) + weight_decay / 2 * head.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        logits = head(f)
-        return {"probe_train_accuracy": float((logits.argmax(1) == t).float().mean()),
-                "probe_train_loss": float(torch.nn.functional.cross_entropy(logits, t))}
+    gpu = _resources(None)[2]
+    threads = 2 if gpu else _node_cpus()
+    state, info = run_on_worker(fit_head_task, (model, x, y, preprocess, steps, seed, threads), name="idtl-fit-head",
+                                gpu=gpu, cpus=0.5 if gpu else threads, say=_log,
+                                what=f"fitting the new head on {len(y)} samples")
+    head_module(model).load_state_dict(state)
+    return info
 
 
 # ── run_score: registry datasets ─────────────────────────────────────────────────────────────────
@@ -102,8 +77,12 @@ def _log(msg: str) -> None:
 
 
 def prepare_model(cfg: ScoreConfig, data: Any, train_x: np.ndarray, train_y: np.ndarray,
-                  preprocess: Preprocess) -> tuple[nn.Module, dict[str, Any]]:
-    """Build the model, load the weights, and give it a head for the target classes."""
+                  preprocess: Preprocess, fit: Callable[..., dict[str, float]] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the model, load the weights, and give it a head for the target classes.
+
+    ``fit`` fits a new head (default :func:`fit_head`, in this process; ``run_score`` passes
+    :func:`fit_head_on_worker`).
+    """
     from .models import build_model, head_module, load_weights, replace_head
 
     h, _, c = data.image_shape
@@ -179,7 +158,7 @@ def prepare_model(cfg: ScoreConfig, data: Any, train_x: np.ndarray, train_y: np.
         if head_out != data.num_classes:
             replace_head(model, data.num_classes)
         _log(f"fitting a new {data.num_classes}-class head on {len(train_y)} target samples (backbone frozen)")
-        head_info.update(fit_head(model, train_x, train_y, preprocess, steps=cfg.head_steps, seed=cfg.seed))
+        head_info.update((fit or fit_head)(model, train_x, train_y, preprocess, steps=cfg.head_steps, seed=cfg.seed))
     head_info.update(new_head=bool(new_head), source_classes=int(source_classes), num_classes=int(n),
                      source_dataset=source["dataset"], classes_match=same)
     if reason:
@@ -302,8 +281,9 @@ def _run_score(cfg: ScoreConfig, out: Path, progress: bool, on_progress: Any) ->
         model_info = meta.get("model_info", {})
         if meta.get("split_fingerprint") != split.fingerprint() or meta.get("weights_arg") != cfg.weights:
             model = None
+    ensure_ray(cfg.address)  # the new head is fitted on a worker (a GPU one on a GPU cluster)
     if model is None:
-        model, model_info = prepare_model(cfg, data, train.x, train.y, preprocess)
+        model, model_info = prepare_model(cfg, data, train.x, train.y, preprocess, fit=fit_head_on_worker)
     timings["prepare_model_s"] = time.perf_counter() - t
     mfp = model_fingerprint(model)
     fingerprint = run_fingerprint({
@@ -317,7 +297,6 @@ def _run_score(cfg: ScoreConfig, out: Path, progress: bool, on_progress: Any) ->
                                         "split_fingerprint": split.fingerprint(), "weights_arg": cfg.weights,
                                         "model_info": model_info})
 
-    ensure_ray(cfg.address)
     val_ref, val_pick = _validation_parts(cfg, val)
     if cfg.influence.score == "self":
         _log(f"scoring {len(train)} training samples of {data.name} by self-influence "
@@ -479,8 +458,7 @@ def score(
     if len(vy) == 0:
         raise InputError("the validation set is empty: pass a validation set with at least one sample")
     ids = np.arange(len(ty), dtype=np.int64)
-    data_fp = hashlib.sha256(tx.tobytes() + ty.tobytes()).hexdigest()[:16]
-    split_fp = hashlib.sha256(vx.tobytes() + vy.tobytes()).hexdigest()[:16]
+    data_fp, split_fp = digest(tx, ty), digest(vx, vy)
     mfp = model_fingerprint(model)
     fp = run_fingerprint({"data": data_fp, "val": split_fp, "model": mfp, "influence": asdict(config),
                           "classes": list(classes) if classes else None, "params": str(params), "shard": shard_size})

@@ -364,3 +364,22 @@ def test_weights_none_warns_that_the_model_is_untrained(reference_run):
 
     assert "untrained model" in summary["head"]["warning"]
     assert "WARNING: --weights none" in format_summary(summary)
+
+
+def test_new_head_is_fitted_on_a_worker_as_in_process(ray_session, tmp_path):
+    # `score` fits a new head in a Ray task (on a GPU where there are GPUs), not on the driver: the
+    # head must be the one the in-process fit gives.
+    from idtl_ray.models import head_module, load_checkpoint
+    from idtl_ray.scoring import Preprocess
+    from idtl_ray.workflow import prepare_model
+
+    cfg = _cfg(tmp_path, "newhead", head="new", drop="budget", drop_budget=0.1,
+               influence=InfluenceConfig(curvature_samples=256, batch_size=64))
+    summary = run_score(cfg, progress=False)
+    model, _ = load_checkpoint(tmp_path / "newhead" / "model.pt")
+    d = load_dataset("digits")
+    tr, _, _ = apply_split(d, make_split(d, 0.1, 0))
+    ref, info = prepare_model(cfg, d, tr.x, tr.y, Preprocess(d.mean, d.std))
+    assert summary["head"]["new_head"] and "probe_train_accuracy" in summary["head"]
+    assert torch.allclose(head_module(model).weight, head_module(ref).weight, rtol=1e-3, atol=1e-5)
+    assert summary["head"]["probe_train_accuracy"] == pytest.approx(info["head"]["probe_train_accuracy"], abs=2e-3)

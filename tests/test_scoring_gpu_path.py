@@ -77,3 +77,24 @@ def test_gpu_cluster_fits_the_self_influence_factors_off_the_driver(ray_with_a_l
     out = score(model, train, val, config=cfg, out=tmp_path / "self", shard_size=200, drop_budget=0.1)
     assert float(np.linalg.norm(out.scores - inproc) / np.linalg.norm(inproc)) < 1e-9
     assert int((~out.keep).sum()) == 60
+
+
+def test_gpu_cluster_fits_the_new_head_on_a_gpu_worker(ray_with_a_logical_gpu, tmp_path, monkeypatch):
+    import idtl_ray.head as H
+    from idtl_ray.config import ScoreConfig
+    from idtl_ray.workflow import run_score
+
+    real, driver = H.fit_head_task, os.getpid()
+
+    def where(*args, **kwargs):
+        import ray
+
+        if os.getpid() == driver or not ray.get_gpu_ids():
+            raise AssertionError("on a GPU cluster the new head is fitted on a GPU worker, not on the driver")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(H, "fit_head_task", where)
+    cfg = ScoreConfig(dataset="digits", model="sample-cnn", out=str(tmp_path / "gpu"), head="new", drop="budget",
+                      drop_budget=0.1, influence=InfluenceConfig(curvature_samples=128, batch_size=64))
+    summary = run_score(cfg, progress=False)
+    assert summary["head"]["new_head"] and summary["device"] == "cuda"

@@ -106,28 +106,37 @@ def prescore(model: nn.Module, params: Any, preprocess: Preprocess, sub: tuple[n
 def run_prescore(model_ref: Any, params: Any, preprocess: Preprocess, sub: tuple[np.ndarray, np.ndarray],
                  val: tuple[np.ndarray, np.ndarray] | None, classes: Sequence[int] | None, config: InfluenceConfig,
                  *, gpu: bool, cpus: float, threads: int, say: Callable[[str], None]) -> Prescored:
-    """Run :func:`prescore` as one Ray task (a GPU one on a GPU cluster) and wait for it.
+    """Run :func:`prescore` as one Ray task (a GPU one on a GPU cluster) and wait for it."""
+    what = "head factors (EK-FAC)" if config.score == "self" else "validation gradient, curvature and solve"
+    return run_on_worker(prescore, (model_ref, params, preprocess, sub, val, classes, config, threads),
+                         name="idtl-prescore", gpu=gpu, cpus=cpus, say=say,
+                         what=f"{what} on one {'GPU' if gpu else f'{threads}-thread CPU'} worker")
 
-    Errors come back with their own type and text; a worker that dies is retried by Ray.
+
+def run_on_worker(fn: Callable[..., Any], args: tuple[Any, ...], *, name: str, gpu: bool, cpus: float,
+                  say: Callable[[str], None], what: str) -> Any:
+    """Run ``fn(*args)`` as one Ray task (``num_gpus=1`` when ``gpu``) and wait for its result.
+
+    Errors come back with their own type and text; a worker that dies is retried by Ray; an
+    interrupted wait cancels the task.
     """
     import ray
 
-    task = ray.remote(prescore).options(num_cpus=cpus, num_gpus=1 if gpu else 0, max_retries=PRESCORE_RETRIES,
-                                        retry_exceptions=False, name="idtl-prescore")
-    what = "head factors (EK-FAC)" if config.score == "self" else "validation gradient, curvature and solve"
-    say(f"pre-scoring on one {'GPU' if gpu else f'{threads}-thread CPU'} worker: {what}")
-    ref = task.remote(model_ref, params, preprocess, sub, val, classes, config, threads)
+    task = ray.remote(fn).options(num_cpus=cpus, num_gpus=1 if gpu else 0, max_retries=PRESCORE_RETRIES,
+                                  retry_exceptions=False, name=name)
+    say(f"{what} ...")
+    ref = task.remote(*args)
     t0 = time.monotonic()
     try:
         while not ray.wait([ref], timeout=WAIT_REPORT_S)[0]:
-            say(f"pre-scoring still running ({time.monotonic() - t0:.0f} s)")
+            say(f"{name} still running ({time.monotonic() - t0:.0f} s)")
         return ray.get(ref)
     except BaseException as e:
         if not ray.wait([ref], timeout=0)[0]:  # interrupted: do not leave the task running
             ray.cancel(ref, force=True)
         inner = unwrap_ray_error(e)
         if isinstance(inner, ray.exceptions.RayError):  # the worker died more often than Ray retries
-            raise IdtlError(f"the pre-scoring worker died {PRESCORE_RETRIES + 1} times ({type(inner).__name__}): "
+            raise IdtlError(f"the {name} worker died {PRESCORE_RETRIES + 1} times ({type(inner).__name__}): "
                             "check the nodes' memory and `ray logs`, then re-run (score: with --resume)") from None
         raise inner from None
 
