@@ -133,7 +133,7 @@ def test_pretrain_checkpoint_records_dataset_and_classes(tmp_path, monkeypatch):
     """
     import idtl_ray.finetune as F
 
-    def fake_run_finetune(cfg):
+    def fake_run_finetune(cfg, **_kw):  # progress= as run_finetune takes it
         plan = F.make_plan(cfg)
         model, info = F.build_finetune_model(cfg, *F._arch(plan.data), data=plan.data)
         out = cfg.out_dir.expanduser().resolve()
