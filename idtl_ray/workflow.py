@@ -267,6 +267,7 @@ def _run_score(cfg: ScoreConfig, out: Path, progress: bool, on_progress: Any) ->
     if split is None or split.dataset_fingerprint != data.fingerprint():
         split = make_split(data, cfg.val_fraction, cfg.seed)
     train, val, train_ids = apply_split(data, split)
+    _check_budgets_fit(cfg, len(train.y))
     if len(np.unique(train.y)) < 2:
         raise InputError(f"{data.name}'s training split holds a single class ({data.classes[int(train.y[0])]!r}): "
                          "influence scores need at least two; check the dataset or --target-class")
@@ -346,6 +347,17 @@ def _run_score(cfg: ScoreConfig, out: Path, progress: bool, on_progress: Any) ->
     write_json_atomic(summary, out / "summary.json")
     shutil.rmtree(out / "parts", ignore_errors=True)  # the mask now holds everything
     return summary
+
+
+def _check_budgets_fit(cfg: ScoreConfig, n_train: int) -> None:
+    """A count budget must leave something to train on: refused here, before the head fit and Ray start."""
+    budgets = ([cfg.drop_budget] if cfg.drop_budget is not None else []) + (
+        list(cfg.auto_budgets or []) if cfg.drop == "auto" else [])
+    for b in budgets:
+        if b >= 1 and int(b) >= n_train:
+            flag = "--auto-budget" if cfg.drop == "auto" else "--drop-budget"
+            raise InputError(f"{flag} {int(b)} would drop all {n_train} training samples: pass a smaller count "
+                             "or a fraction below 1 (e.g. 0.1)")
 
 
 def score_column(score: str) -> str:
@@ -448,9 +460,13 @@ def score(
     ``drop_budget``); with self-influence (the default) exactly ``drop_budget`` samples (default 0.1),
     the highest first. ``drop_budget``: a fraction below 1 or a whole count >= 1.
     """
+    from .influence import check_pairs
+
     config = config or InfluenceConfig()
     if drop_budget is not None:
         budget_count(drop_budget, 1)  # a bad budget fails now, not after the scoring
+    check_pairs(train, "train")  # dict items etc.: one clear error, not the DataLoader's TypeError
+    check_pairs(val, "val")
     tx, ty = _materialise(train, config.batch_size)
     vx, vy = _materialise(val, config.batch_size)
     if len(ty) == 0:

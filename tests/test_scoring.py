@@ -277,7 +277,7 @@ def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
 
 
 @pytest.mark.parametrize("case", ["unknown-dataset", "missing-files", "class-count", "corrupt-weights", "unwritable",
-                                  "paper-rule-needs-paper-score", "bad-budget"])
+                                  "paper-rule-needs-paper-score", "bad-budget", "budget-drops-all"])
 def test_cli_errors_are_one_line_and_leave_no_mask(case, tmp_path):
     out = tmp_path / "out"
     args = ["score", "--out", str(out)]
@@ -302,6 +302,10 @@ def test_cli_errors_are_one_line_and_leave_no_mask(case, tmp_path):
     elif case == "bad-budget":
         r = _cli(*args, "--dataset", "digits", "--drop", "budget", "--drop-budget", "2.5", cwd=tmp_path)
         _one_line_error(r, "whole number", "fraction")
+    elif case == "budget-drops-all":  # needs the data's size: checked right after loading, before Ray starts
+        r = _cli(*args, "--dataset", "digits", "--drop", "budget", "--drop-budget", "5000", cwd=tmp_path)
+        _one_line_error(r, "--drop-budget 5000", "all 1294 training samples")
+        assert "Started a local Ray" not in r.stderr
     else:
         out.mkdir()
         out.chmod(0o500)

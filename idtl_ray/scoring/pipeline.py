@@ -54,9 +54,10 @@ class Scorer:
         x = self.preprocess(batch["x"], self.device)
         if self.score == "self":
             y = torch.as_tensor(batch["label"]).to(self.device)
-            d = self_influence_batch(self.engine.model, self.factors, x, y, self.n_train)
-        else:
-            d = self.engine.score_batch(x, batch["label"], self.s, self.n_train, method=self.method).numpy()  # type: ignore[arg-type]
+            d = self_influence_batch(self.engine.model, self.factors, x, y, self.n_train, positions=batch["sample_id"])
+        else:  # the sample ids name the samples when one is not finite
+            d = self.engine.score_batch(x, batch["label"], self.s, self.n_train, method=self.method,  # type: ignore[arg-type]
+                                        positions=batch["sample_id"]).numpy()
         return {"sample_id": batch["sample_id"], "score": np.asarray(d, dtype=np.float64)}
 
 

@@ -19,6 +19,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     if ray.is_initialized():
         return
+    from ..cli_common import check_ray_address
+
+    check_ray_address(address)  # an unreachable host:port fails in seconds, not after minutes of retries
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR"}
     if address:
