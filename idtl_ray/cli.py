@@ -22,14 +22,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 S, I = ScoreConfig, InfluenceConfig  # short names for the help lookups below
 
 
-@app.callback()
-def _before_every_command() -> None:
-    """Keep Ray's known-harmless error lines off the terminal (see scoring.session.KNOWN_RAY_NOISE)."""
-    from .scoring.session import filter_ray_noise
-
-    filter_ray_noise()
-
-
 @app.command()
 @user_errors
 def score(
@@ -140,6 +132,11 @@ except ImportError as _e:  # pragma: no cover - only while the module is missing
 
 
 def main() -> None:  # pragma: no cover
+    """The `idtl-ray` command: Ray's known-harmless error lines are kept off the terminal
+    (scoring.session.KNOWN_RAY_NOISE), then the typer app runs."""
+    from .scoring.session import filter_ray_noise
+
+    filter_ray_noise()
     app()
 
 

@@ -217,13 +217,22 @@ def run_score(cfg: ScoreConfig, *, progress: bool = True, on_progress: Any = Non
     out = Path(cfg.out_dir)
     created = not out.exists()
     ensure_writable(out / "mask.parquet")  # fail before any expensive work
-    try:
-        with hold_directory(out):
+    with hold_directory(out):
+        try:
             return _run_score(cfg, out, progress, on_progress)
-    except BaseException:
-        if created and out.exists() and {p.name for p in out.iterdir()} <= {LOCK_NAME}:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+        except BaseException:  # cleaned while still held: never a directory another run has just taken
+            if created and out.exists() and {p.name for p in out.iterdir()} <= {LOCK_NAME}:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+
+
+def _model_args(cfg: ScoreConfig) -> list[Any]:
+    """What decides the scored model besides the weights and the split (checked when a run resumes)."""
+    return [cfg.model, cfg.head, cfg.head_steps, cfg.image_size, cfg.seed]
+
+
+# Settings that do not change the scores or the mask: a finished run is returned whatever they are.
+_NOT_IN_RESULT = {"resume", "address", "actors", "out", "data_dir"}
 
 
 def _finished_summary(cfg: ScoreConfig, out: Path) -> dict[str, Any] | None:
@@ -235,8 +244,8 @@ def _finished_summary(cfg: ScoreConfig, out: Path) -> dict[str, Any] | None:
     if not (mask_path.exists() and summary_path.exists()) or (out / "parts").exists():
         return None
     summary = json.loads(summary_path.read_text())
-    old = {k: v for k, v in summary.get("config", {}).items() if k != "resume"}
-    new = {k: v for k, v in json.loads(json.dumps(cfg.to_dict(), default=str)).items() if k != "resume"}
+    old = {k: v for k, v in summary.get("config", {}).items() if k not in _NOT_IN_RESULT}
+    new = {k: v for k, v in json.loads(json.dumps(cfg.to_dict(), default=str)).items() if k not in _NOT_IN_RESULT}
     if old != new:
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise InputError(f"cannot resume: {out} holds a finished run with other settings ({', '.join(changed)}); "
@@ -280,7 +289,8 @@ def _run_score(cfg: ScoreConfig, out: Path, progress: bool, on_progress: Any) ->
     if cfg.resume and model_path.exists():
         model, meta = load_checkpoint(model_path)
         model_info = meta.get("model_info", {})
-        if meta.get("split_fingerprint") != split.fingerprint() or meta.get("weights_arg") != cfg.weights:
+        if (meta.get("split_fingerprint"), meta.get("weights_arg"), meta.get("model_args")) != (
+                split.fingerprint(), cfg.weights, _model_args(cfg)):  # another model, weights or head: rebuild
             model = None
     ensure_ray(cfg.address)  # the new head is fitted on a worker (a GPU one on a GPU cluster)
     if model is None:
@@ -296,7 +306,7 @@ def _run_score(cfg: ScoreConfig, out: Path, progress: bool, on_progress: Any) ->
     split.save(split_path)
     save_checkpoint(model_path, model, {"dataset": data.name, "classes": list(data.classes), "dataset_fingerprint": data.fingerprint(),
                                         "split_fingerprint": split.fingerprint(), "weights_arg": cfg.weights,
-                                        "model_info": model_info})
+                                        "model_args": _model_args(cfg), "model_info": model_info})
 
     val_ref, val_pick = _validation_parts(cfg, val)
     if cfg.influence.score == "self":
@@ -480,11 +490,20 @@ def score(
                           "classes": list(classes) if classes else None, "params": str(params), "shard": shard_size})
     mask_path = ensure_writable(Path(out) / "mask.parquet") if out is not None else None
     ensure_ray(address)
-    with hold_directory(out) if out is not None else contextlib.nullcontext():
+    with hold_directory(out) if out is not None else contextlib.nullcontext():  # until the mask is written
         result: PipelineResult = run_pipeline(
             model, ArraySet(tx, ty, ids), ArraySet(vx, vy, np.arange(len(vy))), config, classes=classes, params=params,
             actors=actors, work_dir=out, resume=resume, shard_size=shard_size, fingerprint=fp, progress=progress,
         )
+        return _finish_user_score(result, model, ty, ids, config, classes, drop_threshold, drop_budget, mask_path,
+                                  {"data": data_fp, "split": split_fp, "model": mfp})
+
+
+def _finish_user_score(result: PipelineResult, model: nn.Module, ty: np.ndarray, ids: np.ndarray,
+                       config: InfluenceConfig, classes: Sequence[int] | None, drop_threshold: float,
+                       drop_budget: int | float | None, mask_path: Path | None, fps: dict[str, str]) -> ScoreOutput:
+    """:func:`score`'s drop rule and mask (``fps``: the data, split and model fingerprints)."""
+    data_fp, split_fp, mfp = fps["data"], fps["split"], fps["model"]
     if config.score == "paper":  # the paper's rule, optionally capped
         keep = keep_mask(result.scores, drop_threshold, drop_budget)
         rule = {"rule": "paper", "threshold": drop_threshold, "budget": drop_budget}
@@ -500,7 +519,7 @@ def score(
                 "score": config.score, "drop_rule": rule, "n_train": len(ty),
                 "n_dropped": int((~keep).sum()), "timings": result.timings, "idtl_ray_version": __version__}
         write_mask(mask_path, ids, ty, result.scores, keep, meta, score_column(config.score))
-        shutil.rmtree(Path(out) / "parts", ignore_errors=True)
+        shutil.rmtree(mask_path.parent / "parts", ignore_errors=True)
     return ScoreOutput(result.scores, keep, result.solve, result.timings, mask_path)
 
 

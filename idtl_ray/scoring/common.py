@@ -27,6 +27,8 @@ class ArraySet:
         self.ids = np.asarray(self.ids, dtype=np.int64)
         if not (len(self.x) == len(self.y) == len(self.ids)):
             raise InputError(f"x, y and ids differ in length ({len(self.x)}, {len(self.y)}, {len(self.ids)})")
+        if len(np.unique(self.ids)) != len(self.ids):  # scores are merged by id: a duplicate would lose a sample
+            raise InputError("sample ids must be unique: give every sample its own id")
 
     def __len__(self) -> int:
         return len(self.y)
@@ -56,9 +58,17 @@ class Preprocess:
             raise InputError(f"expected uint8 images (N,H,W,C), got shape {x.shape}")
         t = torch.from_numpy(np.ascontiguousarray(x)).pin_memory().to(device, non_blocking=True)
         t = t.permute(0, 3, 1, 2).float().div_(255.0)
-        m = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
-        s = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
+        m, s = self._stats(device)
         return t.sub_(m).div_(s).contiguous()
+
+    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # Kept on the device: a fresh host-to-device copy per batch would block the stream each time.
+        cached = self.__dict__.get("_on_device")
+        if cached is None or cached[0] != device:
+            cached = (device, torch.tensor(self.mean, device=device).view(1, -1, 1, 1),
+                      torch.tensor(self.std, device=device).view(1, -1, 1, 1))
+            self.__dict__["_on_device"] = cached
+        return cached[1], cached[2]
 
 
 def worker_device() -> torch.device:
@@ -81,10 +91,11 @@ def setup_worker(threads: int) -> torch.device:
     return device
 
 
-def device_batch_size(batch_size: int, gpu: bool) -> int:
-    """Scoring batch for the device: a GPU is only busy with large batches (the JVP needs no more memory
-    per sample than inference), a CPU is not faster with them."""
-    return max(batch_size, 1024) if gpu else batch_size
+def device_batch_size(batch_size: int, gpu: bool, image_px: int = 0) -> int:
+    """Scoring batch for the device: a GPU is only busy with large batches, so small images (up to 64 px)
+    are scored at least 1,024 at a time; large images keep the configured batch (their activations
+    bound the memory), and so does a CPU, which is not faster with bigger batches."""
+    return max(batch_size, 1024) if gpu and 0 < image_px <= 64 else batch_size
 
 
 def unwrap_ray_error(error: BaseException) -> BaseException:

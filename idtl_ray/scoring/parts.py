@@ -3,7 +3,7 @@
     <out>/.idtl-lock             held (flock) by the run that owns <out>; a second run refuses
     <out>/parts/run.json         the run's fingerprint: a resume with other settings is refused
     <out>/parts/prescored.npz    s or the head factors, so a resume skips the pre-scoring stage
-    <out>/parts/scores/*.parquet (sample_id, score) files written by Ray Data, one per write task
+    <out>/parts/scores-<fingerprint>/*.parquet  (sample_id, score) files written by Ray Data
 
 A file a killed write task left half-written does not parse: it is deleted and its samples scored
 again. A retried task can write a sample twice: the merge keeps one copy (the scores are
@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +49,9 @@ def hold_directory(out: str | Path) -> Iterator[None]:
             owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             raise InputError(f"{out} is in use by another idtl-ray run (pid {owner}): wait for it to finish, "
                              "or choose another --out") from None
+        except OSError as e:  # a file system without locks (some FUSE, CIFS): run, but say so
+            print(f"  warning: cannot lock {out} ({e.strerror}); do not start a second run into it",
+                  file=sys.stderr, flush=True)
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
@@ -60,7 +64,8 @@ class RunParts:
 
     def __init__(self, root: Path, fingerprint: str, resume: bool):
         self.root = root
-        self.scores_dir = root / "scores"
+        # per fingerprint: a write task that outlives an earlier run can never add to this one
+        self.scores_dir = root / f"scores-{fingerprint or 'run'}"
         manifest = root / "run.json"
         if root.exists() and not resume:
             shutil.rmtree(root)  # a fresh run never mixes with an old one
@@ -81,10 +86,13 @@ class RunParts:
         f = self.root / "prescored.npz"
         if not f.exists():
             return None
-        z = np.load(f, allow_pickle=False)
-        meta = json.loads(str(z["meta"]))
-        payload: Any = z["s"] if "s" in z.files else {k[2:]: z[k] for k in z.files if k.startswith("f_")}
-        return Prescored(payload, SolveInfo(**meta["solve"]), int(meta["n_val"]), {})
+        try:
+            z = np.load(f, allow_pickle=False)
+            meta = json.loads(str(z["meta"]))
+            payload: Any = z["s"] if "s" in z.files else {k[2:]: z[k] for k in z.files if k.startswith("f_")}
+            return Prescored(payload, SolveInfo(**meta["solve"]), int(meta["n_val"]), {})
+        except Exception:  # damaged or from another version: computed again, as a damaged score file is
+            return None
 
     def save_prescored(self, p: Prescored) -> None:
         """Save it atomically (a unique temporary name, then rename)."""

@@ -107,9 +107,13 @@ class _Progress:
     def _run(self) -> None:
         last, said = -1, 0.0
         while not self._stop.wait(PROGRESS_EVERY_S if self.hook is None else 0.2):
-            rows = self.parts.rows_written() - self.start
-            if self.hook is not None:
-                self.hook(rows)
+            try:
+                rows = self.parts.rows_written() - self.start
+                if self.hook is not None:
+                    self.hook(rows)
+            except Exception as e:  # progress is a courtesy: never let it end the run
+                print(f"  (progress reporting stopped: {type(e).__name__}: {e})", file=sys.stderr, flush=True)
+                return
             now = time.perf_counter()
             if self.enabled and rows and rows != last and now - said >= 5:
                 rate = rows / max(now - self._t0, 1e-9)
@@ -134,10 +138,11 @@ def _score_rows(model_ref: Any, train: ArraySet, todo: np.ndarray, payload_ref: 
                 pool: tuple[int, float, bool, int], params: Any, preprocess: Preprocess, out: Path,
                 shard_size: int) -> None:
     """Stages 3-4: score the rows ``todo`` of ``train`` on the actor pool and write them under ``out``."""
+    import ray
     import ray.data
 
     n_actors, cpus, gpu, threads = pool
-    bs = device_batch_size(config.batch_size, gpu)
+    bs = device_batch_size(config.batch_size, gpu, train.x.shape[1] if train.x.ndim == 4 else 0)
     # Small sets: at least 2 blocks per actor, so all actors work. Large sets: blocks of 2 batches
     # (fewer Ray Data tasks) while the last block, which one actor finishes alone, stays short.
     rows = 2 * bs if len(todo) >= 16 * n_actors * bs else max(1, min(bs, -(-len(todo) // (2 * n_actors))))
@@ -147,7 +152,13 @@ def _score_rows(model_ref: Any, train: ArraySet, todo: np.ndarray, payload_ref: 
         num_cpus=cpus, num_gpus=1 if gpu else None,
         fn_constructor_kwargs=dict(model_ref=model_ref, params=params, preprocess=preprocess, threads=threads,
                                    payload_ref=payload_ref, n_train=len(train), score=config.score))
-    scored.write_parquet(str(out))
+    # The writers need no CPU (the actors hold them all, and a CPU-hungry writer would wait until the
+    # pool drains, leaving nothing to resume from) and run on the driver's node, where `out` is.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    scored.write_parquet(str(out), max_rows_per_file=shard_size,
+                         ray_remote_args={"num_cpus": 0, "scheduling_strategy": here})
 
 
 def _quiet_ray_data() -> None:
@@ -218,10 +229,11 @@ def _run(model: nn.Module, train: ArraySet, val: ArraySet, config: InfluenceConf
             raise InputError(f"no validation sample belongs to classes {wanted}: choose classes present in the validation set")
         sub = curvature_subsample(len(train), config.curvature_samples, config.seed)
         val_arrays = (val.x, val.y) if config.score == "paper" else None
-        # On CPUs the task may use a whole node (it runs alone, before the pool); on GPUs one GPU.
+        # It runs alone, before the pool: on CPUs it asks Ray for one CPU (so it never waits for a whole
+        # free node) and uses the node's cores as threads; on GPUs one GPU.
         threads = 2 if pool[2] else _node_cpus()
         pre = run_prescore(model_ref, params, preprocess, (train.x[sub], train.y[sub]), val_arrays, wanted, config,
-                           gpu=pool[2], cpus=pool[1] if pool[2] else threads, threads=threads, say=say)
+                           gpu=pool[2], cpus=pool[1] if pool[2] else 1, threads=threads, say=say)
         parts.save_prescored(pre)
         timings.update(pre.timings)
         info = pre.solve

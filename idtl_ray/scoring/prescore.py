@@ -132,12 +132,20 @@ def run_on_worker(fn: Callable[..., Any], args: tuple[Any, ...], *, name: str, g
             say(f"{name} still running ({time.monotonic() - t0:.0f} s)")
         return ray.get(ref)
     except BaseException as e:
-        if not ray.wait([ref], timeout=0)[0]:  # interrupted: do not leave the task running
-            ray.cancel(ref, force=True)
+        try:
+            if not ray.wait([ref], timeout=0)[0]:  # interrupted: do not leave the task running
+                ray.cancel(ref, force=True)
+        except Exception:  # the driver lost Ray: the original error is what matters
+            pass
         inner = unwrap_ray_error(e)
-        if isinstance(inner, ray.exceptions.RayError):  # the worker died more often than Ray retries
+        died = (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError, ray.exceptions.NodeDiedError)
+        if isinstance(inner, died):  # more often than Ray retries
             raise IdtlError(f"the {name} worker died {PRESCORE_RETRIES + 1} times ({type(inner).__name__}): "
                             "check the nodes' memory and `ray logs`, then re-run (score: with --resume)") from None
+        if isinstance(inner, ray.exceptions.RayError):
+            first = (str(inner).strip().splitlines() or [""])[0][:200]
+            raise IdtlError(f"the {name} task failed ({type(inner).__name__}: {first}); see `ray logs`, "
+                            "then re-run (score: with --resume)") from None
         raise inner from None
 
 

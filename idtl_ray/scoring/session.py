@@ -62,13 +62,21 @@ def filter_ray_noise(patterns: tuple[bytes, ...] = KNOWN_RAY_NOISE) -> None:
         while chunk := os.read(r, 65536):
             *lines, rest = (rest + chunk).split(b"\n")
             out = b"".join(ln + b"\n" for ln in lines if not any(p in ln for p in patterns))
-            if out:
-                os.write(real, out)
+            if rest and not rest.startswith(b"["):  # a partial line that is no Ray log line: pass it on now
+                out, rest = out + rest, b""
+            try:
+                if out:
+                    os.write(real, out)
+            except OSError:  # the reader went away (`| head`): keep draining, or every writer would block
+                pass
         if rest:
             os.write(real, rest)
 
     thread = threading.Thread(target=pump, name="idtl-stderr", daemon=True)
     thread.start()
+    import faulthandler
+
+    faulthandler.enable(file=real)  # a crash's report goes straight to the terminal, not into the pipe
 
     def restore() -> None:
         import sys
