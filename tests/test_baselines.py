@@ -147,7 +147,7 @@ def test_compare_writes_baseline_masks_that_finetune_accepts(tmp_path: Path, mon
     mask, k = _score_dir(tmp_path / "score", _source(tmp_path / "src.pt"))
     seen: list[FinetuneConfig] = []
 
-    def fake_run(cfg: FinetuneConfig) -> dict:
+    def fake_run(cfg: FinetuneConfig, progress=False) -> dict:
         seen.append(cfg)
         n = len(make_plan(cfg).train_ids)  # the real plan: refuses a mask with foreign fingerprints
         return {"strategy": cfg.strategy, "model": cfg.model, "test_error": 1.0, "n_train_samples": n, "epochs": 1}
@@ -206,7 +206,7 @@ def test_compare_trains_baseline_rows_on_as_many_samples_as_instance(ray_session
 
     real = F.run_finetune
 
-    def baselines_only(cfg: FinetuneConfig) -> dict:
+    def baselines_only(cfg: FinetuneConfig, progress=False) -> dict:
         if "baseline-" in Path(cfg.out_dir).name:
             return real(cfg)
         return {"strategy": cfg.strategy, "model": cfg.model, "test_error": 0.0, "epochs": 0,
