@@ -12,11 +12,13 @@ Ray Data retries the work of an actor that dies; the merge drops the duplicates 
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +163,27 @@ def _score_rows(model_ref: Any, train: ArraySet, todo: np.ndarray, payload_ref: 
                          ray_remote_args={"num_cpus": 0, "scheduling_strategy": here})
 
 
+@contextlib.contextmanager
+def _ctrl_c_noted() -> Iterator[threading.Event]:
+    """Note a Ctrl-C (SIGINT) while Ray Data runs: its executor can catch the KeyboardInterrupt and fail
+    with an error of its own shutdown, and the user must see the interruption (finished files kept,
+    `--resume` continues), not a Ray trace. Main thread only, where Python delivers signals."""
+    noted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        noted.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _quiet_ray_data() -> None:
     import logging
 
@@ -245,10 +268,16 @@ def _run(model: nn.Module, train: ArraySet, val: ArraySet, config: InfluenceConf
             + (f" ({len(train) - len(todo)} already scored)" if len(todo) < len(train) else ""))
         bar = _Progress(parts, len(done_ids), len(todo), progress, on_progress)
         try:
-            _score_rows(model_ref, train, todo, ray.put(pre.payload), config, pool, params, preprocess, parts.scores_dir,
-                        shard_size)
-        except Exception as e:
-            raise unwrap_ray_error(e) from None
+            with _ctrl_c_noted() as interrupted:
+                try:
+                    _score_rows(model_ref, train, todo, ray.put(pre.payload), config, pool, params, preprocess,
+                                parts.scores_dir, shard_size)
+                except Exception as e:
+                    if interrupted.is_set():  # Ray Data turned the Ctrl-C into an error of its own shutdown
+                        raise KeyboardInterrupt from None
+                    raise unwrap_ray_error(e) from None
+                if interrupted.is_set():  # ... or swallowed it
+                    raise KeyboardInterrupt
         finally:
             bar.close()
     timings["scores_s"] = time.perf_counter() - t
