@@ -254,9 +254,7 @@ def _finished_summary(cfg: ScoreConfig, out: Path) -> dict[str, Any] | None:
 
 
 def _run_score(cfg: ScoreConfig, out: Path, progress: bool, on_progress: Any) -> dict[str, Any]:
-    from .data import apply_split, load_dataset, make_split, Split
-    from .models import load_checkpoint, save_checkpoint
-
+    """run_score's stages: target data → scored model → Ray pipeline → drop rule → mask and summary."""
     t_start = time.perf_counter()
     mask_path = out / "mask.parquet"
     if cfg.resume and (summary := _finished_summary(cfg, out)) is not None:
@@ -264,37 +262,11 @@ def _run_score(cfg: ScoreConfig, out: Path, progress: bool, on_progress: Any) ->
         return summary
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    data = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size)
-    if cfg.target_classes:
-        bad = [c for c in cfg.target_classes if not 0 <= c < data.num_classes]
-        if bad:
-            raise InputError(f"--target-class {bad} is outside {data.name}'s classes 0..{data.num_classes - 1}")
-    split_path = out / "split.json"
-    split = None
-    if split_path.exists() and cfg.resume:
-        split = Split.load(split_path)
-    if split is None or split.dataset_fingerprint != data.fingerprint():
-        split = make_split(data, cfg.val_fraction, cfg.seed)
-    train, val, train_ids = apply_split(data, split)
-    _check_budgets_fit(cfg, len(train.y))
-    if len(np.unique(train.y)) < 2:
-        raise InputError(f"{data.name}'s training split holds a single class ({data.classes[int(train.y[0])]!r}): "
-                         "influence scores need at least two; check the dataset or --target-class")
+    data, split, train, val, train_ids = _load_target(cfg, out)
     preprocess = Preprocess(data.mean, data.std)
     timings["load_data_s"] = time.perf_counter() - t
-
     t = time.perf_counter()
-    model_path = out / "model.pt"
-    model = None
-    if cfg.resume and model_path.exists():
-        model, meta = load_checkpoint(model_path)
-        model_info = meta.get("model_info", {})
-        if (meta.get("split_fingerprint"), meta.get("weights_arg"), meta.get("model_args")) != (
-                split.fingerprint(), cfg.weights, _model_args(cfg)):  # another model, weights or head: rebuild
-            model = None
-    ensure_ray(cfg.address)  # the new head is fitted on a worker (a GPU one on a GPU cluster)
-    if model is None:
-        model, model_info = prepare_model(cfg, data, train.x, train.y, preprocess, fit=fit_head_on_worker)
+    model, model_info = _scored_model(cfg, out, data, split, train, preprocess)
     timings["prepare_model_s"] = time.perf_counter() - t
     mfp = model_fingerprint(model)
     fingerprint = run_fingerprint({
@@ -302,12 +274,6 @@ def _run_score(cfg: ScoreConfig, out: Path, progress: bool, on_progress: Any) ->
         "influence": asdict(cfg.influence), "classes": cfg.target_classes, "params": cfg.params,
         "shard_size": cfg.shard_size, "val_half": cfg.drop == "auto" and cfg.influence.score == "paper",
     })
-    # Save the split and the scored model before the long part, so a resumed run reuses both.
-    split.save(split_path)
-    save_checkpoint(model_path, model, {"dataset": data.name, "classes": list(data.classes), "dataset_fingerprint": data.fingerprint(),
-                                        "split_fingerprint": split.fingerprint(), "weights_arg": cfg.weights,
-                                        "model_args": _model_args(cfg), "model_info": model_info})
-
     val_ref, val_pick = _validation_parts(cfg, val)
     if cfg.influence.score == "self":
         _log(f"scoring {len(train)} training samples of {data.name} by self-influence "
@@ -326,12 +292,73 @@ def _run_score(cfg: ScoreConfig, out: Path, progress: bool, on_progress: Any) ->
     keep, drop_info = decide_keep(cfg, result.scores, model, train.x, train.y, val_pick, data, out, progress)
     timings["drop_rule_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
-    meta = {
+    meta = _mask_meta(cfg, data, split, (len(train), len(val)), mfp, model_info, result, drop_info, keep, timings)
+    write_mask(mask_path, train_ids, train.y, result.scores, keep, meta, score_column(cfg.influence.score))
+    summary = {**meta, "mask": str(mask_path), "per_class": _per_class(train.y, keep, data.classes)}
+    write_json_atomic(summary, out / "summary.json")
+    shutil.rmtree(out / "parts", ignore_errors=True)  # the mask now holds everything
+    return summary
+
+
+def _load_target(cfg: ScoreConfig, out: Path) -> tuple[Any, Any, Any, Any, np.ndarray]:
+    """(data, split, train, val, train_ids): the split of a resumed run is reused when it still fits.
+
+    Everything that needs the data's size is checked here, before the head fit and Ray start.
+    """
+    from .data import Split, apply_split, load_dataset, make_split
+
+    data = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size)
+    if cfg.target_classes:
+        bad = [c for c in cfg.target_classes if not 0 <= c < data.num_classes]
+        if bad:
+            raise InputError(f"--target-class {bad} is outside {data.name}'s classes 0..{data.num_classes - 1}")
+    split_path = out / "split.json"
+    split = Split.load(split_path) if split_path.exists() and cfg.resume else None
+    if split is None or split.dataset_fingerprint != data.fingerprint():
+        split = make_split(data, cfg.val_fraction, cfg.seed)
+    train, val, train_ids = apply_split(data, split)
+    _check_budgets_fit(cfg, len(train.y))
+    if len(np.unique(train.y)) < 2:
+        raise InputError(f"{data.name}'s training split holds a single class ({data.classes[int(train.y[0])]!r}): "
+                         "influence scores need at least two; check the dataset or --target-class")
+    return data, split, train, val, train_ids
+
+
+def _scored_model(cfg: ScoreConfig, out: Path, data: Any, split: Any, train: Any,
+                  preprocess: Preprocess) -> tuple[nn.Module, dict[str, Any]]:
+    """The adapted model to score (reused from ``model.pt`` by a resumed run with the same settings),
+    saved with the split before the long part, so that a resumed run reuses both."""
+    from .models import load_checkpoint, save_checkpoint
+
+    model_path = out / "model.pt"
+    model, model_info = None, {}
+    if cfg.resume and model_path.exists():
+        model, meta = load_checkpoint(model_path)
+        model_info = meta.get("model_info", {})
+        if (meta.get("split_fingerprint"), meta.get("weights_arg"), meta.get("model_args")) != (
+                split.fingerprint(), cfg.weights, _model_args(cfg)):  # another model, weights or head: rebuild
+            model = None
+    ensure_ray(cfg.address)  # the new head is fitted on a worker (a GPU one on a GPU cluster)
+    if model is None:
+        model, model_info = prepare_model(cfg, data, train.x, train.y, preprocess, fit=fit_head_on_worker)
+    split.save(out / "split.json")
+    save_checkpoint(model_path, model, {"dataset": data.name, "classes": list(data.classes), "dataset_fingerprint": data.fingerprint(),
+                                        "split_fingerprint": split.fingerprint(), "weights_arg": cfg.weights,
+                                        "model_args": _model_args(cfg), "model_info": model_info})
+    return model, model_info
+
+
+def _mask_meta(cfg: ScoreConfig, data: Any, split: Any, sizes: tuple[int, int], mfp: str, model_info: dict[str, Any],
+               result: PipelineResult, drop_info: dict[str, Any], keep: np.ndarray,
+               timings: dict[str, float]) -> dict[str, Any]:
+    """What the mask and summary.json record about a run (``sizes``: training and validation samples)."""
+    n_train, n_val = sizes
+    return {
         "dataset": data.name,
         "dataset_fingerprint": data.fingerprint(),
         "split_fingerprint": split.fingerprint(),
         "split": {"file": "split.json", "val_source": split.val_source, "val_fraction": split.val_fraction,
-                  "seed": split.seed, "n_train": len(train), "n_val": len(val)},
+                  "seed": split.seed, "n_train": n_train, "n_val": n_val},
         "model": cfg.model,
         "model_fingerprint": mfp,
         **model_info,
@@ -341,7 +368,7 @@ def _run_score(cfg: ScoreConfig, out: Path, progress: bool, on_progress: Any) ->
         "validation_reference": {"classes": cfg.target_classes or "all", "n_samples": result.n_val},
         "score": cfg.influence.score,
         "drop_rule": drop_info,
-        "n_train": len(train),
+        "n_train": n_train,
         "n_dropped": int((~keep).sum()),
         "actors": result.actors,
         "device": result.device,
@@ -352,11 +379,6 @@ def _run_score(cfg: ScoreConfig, out: Path, progress: bool, on_progress: Any) ->
         "idtl_ray_version": __version__,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    write_mask(mask_path, train_ids, train.y, result.scores, keep, meta, score_column(cfg.influence.score))
-    summary = {**meta, "mask": str(mask_path), "per_class": _per_class(train.y, keep, data.classes)}
-    write_json_atomic(summary, out / "summary.json")
-    shutil.rmtree(out / "parts", ignore_errors=True)  # the mask now holds everything
-    return summary
 
 
 def _check_budgets_fit(cfg: ScoreConfig, n_train: int) -> None:
