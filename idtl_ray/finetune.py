@@ -118,6 +118,9 @@ class FinetuneConfig:
             raise InputError(f"lr must be positive, got {self.lr}")
         if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
             raise InputError("cpus_per_worker must be > 0 and gpus_per_worker >= 0")
+        if 0 < self.gpus_per_worker < 1 and self.workers > 1:  # DDP would put several ranks on one GPU
+            raise InputError(f"--gpus-per-worker {self.gpus_per_worker:g} with {self.workers} workers would share a GPU "
+                             "between DDP ranks (NCCL refuses it): use whole GPUs per worker, or one worker")
         if self.freeze is not None and self.freeze < 0 or self.hybrid_init is not None and self.hybrid_init < 0:
             raise InputError("--freeze and --hybrid-init take a layer count >= 0")
 

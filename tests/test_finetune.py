@@ -296,3 +296,10 @@ def test_rerunning_resumes_instead_of_starting_over(killed_run: dict) -> None:
             run_finetune(cfg)
     finally:
         mask.write_bytes(original)
+
+
+def test_fractional_gpus_with_several_workers_are_refused():
+    # Several DDP ranks on one GPU is refused by NCCL: say so before anything starts (issue 12, item 1).
+    with pytest.raises(InputError, match="share a GPU"):
+        FinetuneConfig(dataset="digits", model="sample-cnn", strategy="scratch", workers=2, gpus_per_worker=0.5)
+    FinetuneConfig(dataset="digits", model="sample-cnn", strategy="scratch", workers=1, gpus_per_worker=0.5)
