@@ -31,20 +31,22 @@ def ray_with_a_logical_gpu():
     ray.shutdown()
 
 
-def _on_a_gpu_worker(monkeypatch) -> None:
-    """Replace the pre-scoring function by a wrapper that records where it ran (shipped by value)."""
+def _on_a_gpu_worker(monkeypatch, module=None, name: str = "prescore") -> None:
+    """Replace ``module.name`` (default: the pre-scoring function) by a wrapper that fails unless it
+    runs on a GPU worker; the wrapper is shipped to the worker by value."""
     import idtl_ray.scoring.prescore as P
 
-    real, driver = P.prescore, os.getpid()
+    module = module or P
+    real, driver = getattr(module, name), os.getpid()
 
     def where(*args, **kwargs):
         import ray
 
         if os.getpid() == driver or not ray.get_gpu_ids():
-            raise AssertionError("on a GPU cluster the pre-scoring runs on a GPU worker, not on the driver")
+            raise AssertionError(f"on a GPU cluster {name} runs on a GPU worker, not on the driver")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(P, "prescore", where)
+    monkeypatch.setattr(module, name, where)
 
 
 def test_gpu_cluster_solves_on_a_gpu_worker_and_matches_in_process(ray_with_a_logical_gpu, tmp_path, monkeypatch):
@@ -84,16 +86,7 @@ def test_gpu_cluster_fits_the_new_head_on_a_gpu_worker(ray_with_a_logical_gpu, t
     from idtl_ray.config import ScoreConfig
     from idtl_ray.workflow import run_score
 
-    real, driver = H.fit_head_task, os.getpid()
-
-    def where(*args, **kwargs):
-        import ray
-
-        if os.getpid() == driver or not ray.get_gpu_ids():
-            raise AssertionError("on a GPU cluster the new head is fitted on a GPU worker, not on the driver")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(H, "fit_head_task", where)
+    _on_a_gpu_worker(monkeypatch, H, "fit_head_task")
     cfg = ScoreConfig(dataset="digits", model="sample-cnn", out=str(tmp_path / "gpu"), head="new", drop="budget",
                       drop_budget=0.1, influence=InfluenceConfig(curvature_samples=128, batch_size=64))
     summary = run_score(cfg, progress=False)
