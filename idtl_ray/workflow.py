@@ -57,13 +57,9 @@ def fit_head_on_worker(model: nn.Module, x: np.ndarray, y: np.ndarray, preproces
     """:func:`fit_head` as one Ray task, on a GPU when the cluster has one; the fitted head is loaded here."""
     from .head import fit_head_task
     from .models import head_module
-    from .scoring.pipeline import _node_cpus, _resources
     from .scoring.prescore import run_on_worker
 
-    gpu = _resources(None)[2]
-    threads = 2 if gpu else _node_cpus()
-    state, info = run_on_worker(fit_head_task, (model, x, y, preprocess, steps, seed, threads), name="idtl-fit-head",
-                                gpu=gpu, cpus=0.5 if gpu else threads, say=_log,
+    state, info = run_on_worker(fit_head_task, (model, x, y, preprocess, steps, seed), name="idtl-fit-head", say=_log,
                                 what=f"fitting the new head on {len(y)} samples")
     head_module(model).load_state_dict(state)
     return info

@@ -64,6 +64,7 @@ class RunParts:
 
     def __init__(self, root: Path, fingerprint: str, resume: bool):
         self.root = root
+        self._rows: dict[Path, int] = {}  # rows of the complete score files seen so far (progress)
         # per fingerprint: a write task that outlives an earlier run can never add to this one
         self.scores_dir = root / f"scores-{fingerprint or 'run'}"
         manifest = root / "run.json"
@@ -111,13 +112,13 @@ class RunParts:
 
     def rows_written(self) -> int:
         """Rows in the complete score files so far (progress; files still being written do not count)."""
-        total = 0
         for f in self._paths():
-            try:
-                total += pq.read_metadata(f).num_rows
-            except Exception:
-                pass
-        return total
+            if f not in self._rows:  # a readable footer means a complete file: its count never changes
+                try:
+                    self._rows[f] = pq.read_metadata(f).num_rows
+                except Exception:
+                    pass
+        return sum(self._rows.values())
 
     def read_scores(self, drop_damaged: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(sample_id, score) of every complete file, duplicates removed (first copy kept)."""

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -63,8 +63,17 @@ class Scorer:
         return {"sample_id": batch["sample_id"], "score": np.asarray(d, dtype=np.float64)}
 
 
-def _resources(actors: int | None) -> tuple[int, float, bool, int]:
-    """(actors, CPUs per actor, GPU actors?, torch threads per actor) for this cluster.
+class Pool(NamedTuple):
+    """The scoring actor pool for this cluster."""
+
+    actors: int
+    cpus: float    # CPUs Ray reserves per actor
+    gpu: bool      # one GPU per actor
+    threads: int   # torch threads per actor
+
+
+def scoring_pool(actors: int | None) -> Pool:
+    """The pool for this cluster (``actors`` overrides the count).
 
     GPU clusters: one actor per GPU. CPU clusters: one single-threaded actor per CPU up to 4 CPUs, then
     one 2-thread actor per 2 CPUs: two 1-thread processes score ~18% faster than one 2-thread process on
@@ -76,17 +85,10 @@ def _resources(actors: int | None) -> tuple[int, float, bool, int]:
     gpus, cpus = int(res.get("GPU", 0)), float(res.get("CPU", 1))
     if gpus > 0:
         # A GPU actor needs little CPU; asking for a whole one starves Ray Data (ray-2.60-notes P2).
-        return min(actors or gpus, gpus), 0.5, True, 2
+        return Pool(min(actors or gpus, gpus), 0.5, True, 2)
     n = actors or (max(1, int(cpus)) if cpus <= 4 else int(cpus) // 2)
     per = max(cpus / n, 0.1) if n <= cpus else 0.5
-    return n, per, False, max(1, int(round(min(per, cpus / n))))
-
-
-def _node_cpus() -> int:
-    """CPUs of the largest alive node: what one pre-scoring task can use."""
-    import ray
-
-    return max([int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] + [1])
+    return Pool(n, per, False, max(1, int(round(min(per, cpus / n)))))
 
 
 # Hash of everything that determines the scores (a dict): a resumed run must match it.
@@ -137,7 +139,7 @@ def _input_blocks(train: ArraySet, todo: np.ndarray, rows: int) -> list[pa.Table
 
 
 def _score_rows(model_ref: Any, train: ArraySet, todo: np.ndarray, payload_ref: Any, config: InfluenceConfig,
-                pool: tuple[int, float, bool, int], params: Any, preprocess: Preprocess, out: Path,
+                pool: Pool, params: Any, preprocess: Preprocess, out: Path,
                 shard_size: int) -> None:
     """Stages 3-4: score the rows ``todo`` of ``train`` on the actor pool and write them under ``out``."""
     import ray
@@ -229,17 +231,20 @@ def run_pipeline(
         raise InputError(f"shard_size must be >= 1, got {shard_size}")
     _quiet_ray_data()
     say = log if progress else (lambda msg: None)
-    pool = _resources(actors)
+    pool = scoring_pool(actors)
     with tempfile.TemporaryDirectory(prefix="idtl-scoring-") as scratch:
         parts = RunParts(Path(work_dir) / "parts" if work_dir is not None else Path(scratch) / "parts", fingerprint, resume)
         return _run(model, train, val, config, preprocess, classes, params, pool, parts, shard_size, say, progress,
-                    on_progress, ray)
+                    on_progress)
 
 
 def _run(model: nn.Module, train: ArraySet, val: ArraySet, config: InfluenceConfig, preprocess: Preprocess,
-         classes: Sequence[int] | None, params: Any, pool: tuple[int, float, bool, int], parts: RunParts,
-         shard_size: int, say: Callable[[str], None], progress: bool, on_progress: Callable[[int], None] | None,
-         ray: Any) -> PipelineResult:
+         classes: Sequence[int] | None, params: Any, pool: Pool, parts: RunParts,
+         shard_size: int, say: Callable[[str], None], progress: bool,
+         on_progress: Callable[[int], None] | None) -> PipelineResult:
+    """run_pipeline's stages on an open run directory: pre-score (unless saved), score what is missing, merge."""
+    import ray
+
     timings: dict[str, float] = {"validation_gradient_s": 0.0, "solve_s": 0.0}
     done_ids, _ = parts.read_scores(drop_damaged=True)
     files_reused = parts.files()
@@ -252,11 +257,8 @@ def _run(model: nn.Module, train: ArraySet, val: ArraySet, config: InfluenceConf
             raise InputError(f"no validation sample belongs to classes {wanted}: choose classes present in the validation set")
         sub = curvature_subsample(len(train), config.curvature_samples, config.seed)
         val_arrays = (val.x, val.y) if config.score == "paper" else None
-        # It runs alone, before the pool: on CPUs it asks Ray for one CPU (so it never waits for a whole
-        # free node) and uses the node's cores as threads; on GPUs one GPU.
-        threads = 2 if pool[2] else _node_cpus()
         pre = run_prescore(model_ref, params, preprocess, (train.x[sub], train.y[sub]), val_arrays, wanted, config,
-                           gpu=pool[2], cpus=pool[1] if pool[2] else 1, threads=threads, say=say)
+                           say=say)
         parts.save_prescored(pre)
         timings.update(pre.timings)
         info = pre.solve
@@ -264,7 +266,7 @@ def _run(model: nn.Module, train: ArraySet, val: ArraySet, config: InfluenceConf
             f"{info.relative_residual:.1e}, {timings['validation_gradient_s'] + timings['solve_s']:.1f} s")
     t = time.perf_counter()
     if len(todo):
-        say(f"scoring {len(todo)} samples on {pool[0]} {'GPU' if pool[2] else 'CPU'} actor{'s' if pool[0] > 1 else ''}"
+        say(f"scoring {len(todo)} samples on {pool.actors} {'GPU' if pool.gpu else 'CPU'} actor{'s' if pool.actors > 1 else ''}"
             + (f" ({len(train) - len(todo)} already scored)" if len(todo) < len(train) else ""))
         bar = _Progress(parts, len(done_ids), len(todo), progress, on_progress)
         try:
@@ -285,4 +287,4 @@ def _run(model: nn.Module, train: ArraySet, val: ArraySet, config: InfluenceConf
     if not np.isfinite(scores).all():
         raise IdtlError("non-finite scores: the model produces non-finite losses on some samples; check the inputs")
     return PipelineResult(scores, pre.solve, pre.n_val, timings, shards_reused=files_reused,
-                          samples_scored=int(len(todo)), actors=pool[0], device="cuda" if pool[2] else "cpu")
+                          samples_scored=int(len(todo)), actors=pool.actors, device="cuda" if pool.gpu else "cpu")

@@ -105,27 +105,40 @@ def prescore(model: nn.Module, params: Any, preprocess: Preprocess, sub: tuple[n
 
 def run_prescore(model_ref: Any, params: Any, preprocess: Preprocess, sub: tuple[np.ndarray, np.ndarray],
                  val: tuple[np.ndarray, np.ndarray] | None, classes: Sequence[int] | None, config: InfluenceConfig,
-                 *, gpu: bool, cpus: float, threads: int, say: Callable[[str], None]) -> Prescored:
+                 *, say: Callable[[str], None]) -> Prescored:
     """Run :func:`prescore` as one Ray task (a GPU one on a GPU cluster) and wait for it."""
     what = "head factors (EK-FAC)" if config.score == "self" else "validation gradient, curvature and solve"
-    return run_on_worker(prescore, (model_ref, params, preprocess, sub, val, classes, config, threads),
-                         name="idtl-prescore", gpu=gpu, cpus=cpus, say=say,
-                         what=f"{what} on one {'GPU' if gpu else f'{threads}-thread CPU'} worker")
+    return run_on_worker(prescore, (model_ref, params, preprocess, sub, val, classes, config),
+                         name="idtl-prescore", say=say, what=what)
 
 
-def run_on_worker(fn: Callable[..., Any], args: tuple[Any, ...], *, name: str, gpu: bool, cpus: float,
-                  say: Callable[[str], None], what: str) -> Any:
-    """Run ``fn(*args)`` as one Ray task (``num_gpus=1`` when ``gpu``) and wait for its result.
+def single_worker() -> tuple[bool, int]:
+    """(GPU?, torch threads) of a task that runs alone, before the scoring pool.
+
+    A GPU cluster: one GPU. Otherwise the task asks Ray for one CPU (a whole free node may never come)
+    and uses the cores of the largest node as threads.
+    """
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return True, 2
+    return False, max([int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] + [1])
+
+
+def run_on_worker(fn: Callable[..., Any], args: tuple[Any, ...], *, name: str, say: Callable[[str], None],
+                  what: str) -> Any:
+    """Run ``fn(*args, threads=...)`` as one Ray task on :func:`single_worker`'s resources and wait for it.
 
     Errors come back with their own type and text; a worker that dies is retried by Ray; an
     interrupted wait cancels the task.
     """
     import ray
 
-    task = ray.remote(fn).options(num_cpus=cpus, num_gpus=1 if gpu else 0, max_retries=PRESCORE_RETRIES,
+    gpu, threads = single_worker()
+    task = ray.remote(fn).options(num_cpus=0.5 if gpu else 1, num_gpus=1 if gpu else 0, max_retries=PRESCORE_RETRIES,
                                   retry_exceptions=False, name=name)
-    say(f"{what} ...")
-    ref = task.remote(*args)
+    say(f"{what} on one {'GPU' if gpu else f'{threads}-thread CPU'} worker ...")
+    ref = task.remote(*args, threads=threads)
     t0 = time.monotonic()
     try:
         while not ray.wait([ref], timeout=WAIT_REPORT_S)[0]:
