@@ -17,12 +17,17 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="module")
 def ray_session():
-    """A 2-CPU local Ray for the module, shut down afterwards."""
+    """A 2-CPU local Ray for the module, shut down afterwards.
+
+    ``address="local"``: always a fresh Ray of its own. Without it, ``ray.init`` joins any cluster
+    registered on the machine (``ray start --head`` records itself in ``/tmp/ray/ray_current_cluster``,
+    dead or alive) and refuses ``num_cpus`` there.
+    """
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, object_store_memory=400 * 1024**2, log_to_driver=False, include_dashboard=True,
-             logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, object_store_memory=400 * 1024**2, log_to_driver=False,
+             include_dashboard=True, logging_level="ERROR")
     yield ray
     ray.shutdown()
