@@ -5,12 +5,20 @@ TorchTrainer (through :func:`idtl_ray.finetune.run_finetune`); ``TuneReportCallb
 epoch's report to Tune, and the Train run is named after the trial id so a restarted trial resumes
 its own run. Every trial writes a normal fine-tuning run directory ``<out>/frozen-<N>/``.
 
+Fault tolerance and reruns: the Tune experiment lives under ``<out>/ray/sweep-<digest>/`` (``out`` made
+absolute; on a cluster it must be shared storage, as the Train checkpoints under it are). A failed trial
+is retried (``FailureConfig``), and since it keeps its trial id its Train run continues from its last
+checkpoint. Running the same sweep into the same ``out`` again restores that experiment
+(``Tuner.restore``): finished trials are not run again, and unfinished or failed ones resume, their
+Train runs from their last checkpoints, never from epoch 0.
+
 Results: a table (frozen, test_error, val_acc, status, error) printed and saved as ``sweep.md`` and
 ``sweep.csv``. A failed trial stays in the table with its error; it is never dropped.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -94,11 +102,25 @@ def to_markdown(df: pd.DataFrame, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_sweep(base: FinetuneConfig, frozen: list[int], out: str | Path, max_concurrent: int = 1) -> pd.DataFrame:
+def experiment_name(base: FinetuneConfig, frozen: list[int]) -> str:
+    """The Tune experiment's name: a digest of what the sweep trains, so the same sweep finds its experiment.
+
+    Settings that do not change what is trained (address, resources per worker, worker-failure
+    retries, fault injection) are left out: a rerun on another cluster still restores the same sweep.
+    """
+    what = {**replace(base, freeze=None, out=None).identity(), "epochs": base.epochs, "eval_every": base.eval_every}
+    return "sweep-" + json_digest([what, frozen], length=12)
+
+
+def run_sweep(base: FinetuneConfig, frozen: list[int], out: str | Path, max_concurrent: int = 1,
+              trial_failures: int = 2) -> pd.DataFrame:  # fmt: skip
     """Fine-tune once per frozen-layer count with Ray Tune; print and save the results table.
 
     ``base`` gives every other setting (its ``freeze`` and ``out`` are replaced per trial).
     ``max_concurrent`` should be the number of trials the cluster fits at once (GPUs // GPUs per trial).
+    ``trial_failures``: how often Tune retries a failed trial (its Train run continues from its last
+    checkpoint; ``base.max_failures`` is the Train run's own retries of a lost worker, inside one attempt).
+    A rerun into the same ``out`` restores the experiment: finished trials are kept, the others resume.
     Writes ``sweep.md`` and ``sweep.csv`` in ``out``; returns the table.
     """
     import ray.tune
@@ -106,24 +128,35 @@ def run_sweep(base: FinetuneConfig, frozen: list[int], out: str | Path, max_conc
     frozen = check_frozen(base, frozen)
     if max_concurrent < 1:
         raise InputError(f"max_concurrent must be >= 1, got {max_concurrent}")
-    root = Path(out).expanduser().resolve()
+    if trial_failures < 0:
+        raise InputError(f"trial_failures must be >= 0, got {trial_failures}")
+    root = Path(out).expanduser().resolve()  # absolute: Tune and Train storage, and every trial's run directory
     root.mkdir(parents=True, exist_ok=True)
     from .scoring import ensure_ray
 
     ensure_ray(base.address)
     base_dict = replace(base, freeze=None, out=None).to_dict()
-    # deterministic Tune experiment name: the same sweep in the same out reuses one experiment folder
-    name = "sweep-" + json_digest([base_dict, frozen], length=12)
+    name = experiment_name(base, frozen)
+    storage = root / "ray"
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(_trial, base=base_dict, out=str(root)),
         {"cpu": 0.5},  # the driver only waits on its TorchTrainer
     )
-    tuner = ray.tune.Tuner(
-        trainable,
-        param_space={"freeze": ray.tune.grid_search(frozen)},
-        tune_config=ray.tune.TuneConfig(max_concurrent_trials=max_concurrent),
-        run_config=ray.tune.RunConfig(name=name, storage_path=str(root / "ray"), verbose=0),
-    )
+    if ray.tune.Tuner.can_restore(str(storage / name)):
+        # same sweep, same out: finished trials stay finished; unfinished and failed ones resume with their
+        # trial ids, so their Train runs (named after the trial id) continue from their last checkpoints
+        print(f"sweep: resuming the experiment in {storage / name} (finished trials are not run again)",
+              file=sys.stderr, flush=True)  # fmt: skip
+        tuner = ray.tune.Tuner.restore(str(storage / name), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)  # fmt: skip
+    else:
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space={"freeze": ray.tune.grid_search(frozen)},
+            tune_config=ray.tune.TuneConfig(max_concurrent_trials=max_concurrent),
+            run_config=ray.tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
+                                          failure_config=ray.tune.FailureConfig(max_failures=trial_failures)),
+        )  # fmt: skip
     results = tuner.fit()  # never raises for a failed trial: those are in results.errors / result.error
     df = results_table(results)
     title = f"Frozen-layer sweep: {base.model} on {base.dataset}, {base.strategy}, {base.epochs} epochs (test error %)"

@@ -65,3 +65,54 @@ def test_cli_sweep_takes_space_separated_counts_and_refuses_bad_ones_up_front(tm
     res = CliRunner().invoke(app, ["sweep", "--strategy", "scratch", "--frozen", "2", "9", "--out", str(tmp_path)])
     assert res.exit_code == 2, res.output
     assert res.stderr.startswith("error: sample-cnn has 6 layers: cannot freeze [9]")
+
+
+# ── fault tolerance and reruns (issue 12 item 2): the trial's Train worker kills itself once in epoch 1 ──
+
+
+def _faulty(**kw) -> FinetuneConfig:
+    """2 epochs; rank 0 is killed once in epoch 1 (after epoch 0's checkpoint); Train itself does not retry."""
+    return FinetuneConfig(strategy="scratch", epochs=2, batch_size=64, cpus_per_worker=0.5, max_failures=0,
+                          fault_inject_kill_epoch=1, **kw)  # fmt: skip
+
+
+def _final(root: Path, n: int) -> dict:
+    import json
+
+    return json.loads((root / f"frozen-{n}" / "final.json").read_text())
+
+
+def _trial_reports(root: Path) -> dict[str, int]:
+    """Tune's trial directories and how many results each has recorded (lines of result.json)."""
+    [exp] = (root / "ray").glob("sweep-*")
+    return {p.parent.name: len(p.read_text().splitlines()) for p in exp.glob("*/result.json")}
+
+
+@pytest.mark.slow
+def test_a_failed_trial_is_retried_and_its_train_run_continues_from_its_checkpoint(ray_session, tmp_path: Path) -> None:
+    df = run_sweep(_faulty(), [0], tmp_path, trial_failures=1)
+    assert df["status"].tolist() == ["ok"], df.to_string()
+    assert (tmp_path / "frozen-0" / ".fault_injected").is_file()  # the fault did happen
+    final = _final(tmp_path, 0)
+    # the retry began at epoch 1 (epoch 0's checkpoint), not at 0: every epoch ran once
+    assert final["start_epochs"] == [0, 1] and final["epochs"] == 2
+
+
+@pytest.mark.slow
+def test_a_rerun_restores_the_sweep_and_never_trains_an_epoch_twice(ray_session, tmp_path: Path) -> None:
+    first = run_sweep(_faulty(), [0, 4], tmp_path, max_concurrent=2, trial_failures=0)
+    # no retries: both trials failed in epoch 1, after epoch 0's checkpoint
+    assert first["status"].tolist() == ["error", "error"], first.to_string()
+    assert not (tmp_path / "frozen-0" / "final.json").exists()
+    trials = set(_trial_reports(tmp_path))
+
+    second = run_sweep(_faulty(), [0, 4], tmp_path, max_concurrent=2, trial_failures=0)
+    assert second["status"].tolist() == ["ok", "ok"], second.to_string()
+    for n in (0, 4):  # the failed trials resumed from epoch 1, not 0
+        assert _final(tmp_path, n)["start_epochs"] == [0, 1] and _final(tmp_path, n)["epochs"] == 2
+    reports = _trial_reports(tmp_path)
+    assert set(reports) == trials  # the same trials, restored: none started afresh
+
+    third = run_sweep(_faulty(), [0, 4], tmp_path, max_concurrent=2, trial_failures=0)
+    assert _trial_reports(tmp_path) == reports  # finished trials did not run again: no new report at all
+    pd.testing.assert_frame_equal(third, second)
