@@ -121,25 +121,33 @@ def pick(trials: list[dict[str, Any]], correct_by_k: dict[int, np.ndarray]) -> d
     return min((t for t in ok if ties(t)), key=lambda t: t["k"])
 
 
+def _arrays(x: Any, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) as given, or gathered from Ray Data (:class:`~idtl_ray.data.samples.RaySamples`)."""
+    return x.gather() if hasattr(x, "gather") else (x, y)
+
+
 def _trial(config: dict[str, Any], model: nn.Module, data: dict[str, Any], recipe: TrainRecipe) -> None:
     import ray.tune
 
     torch.set_num_threads(1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     keep = keep_least_harmful(data["harm"], int(config["k"]))
-    m = fine_tune(copy.deepcopy(model), data["x"][keep], data["y"][keep], recipe, data["mean"], data["std"],
+    x, y = _arrays(data["x"], data["y"])  # a prepared dataset's images are read here, in the trial
+    val_x, val_y = _arrays(data["val_x"], data["val_y"])
+    m = fine_tune(copy.deepcopy(model), x[keep], y[keep], recipe, data["mean"], data["std"],
                   data["augment"], data["seed"], device)
-    hits = correct(m, data["val_x"], data["val_y"], data["mean"], data["std"], device)
+    hits = correct(m, val_x, val_y, data["mean"], data["std"], device)
     ray.tune.report({"val_error": float(1.0 - hits.mean()), "val_correct": hits.tolist()})
 
 
-def choose_budget(model: nn.Module, x: np.ndarray, y: np.ndarray, harm: np.ndarray, val_x: np.ndarray,
+def choose_budget(model: nn.Module, x: Any, y: np.ndarray, harm: np.ndarray, val_x: Any,
                   val_y: np.ndarray, mean: Any, std: Any, *, candidates: Sequence[float] = DEFAULT_CANDIDATES,
                   recipe: TrainRecipe | None = None, augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
                   seed: int = 0, gpus_per_trial: float = 0.0, storage: str | None = None,
                   progress: Callable[[str], None] | None = None) -> BudgetChoice:
     """Fine-tune once per candidate budget (a Ray Tune grid) and pick one by validation error.
 
+    ``x``/``val_x``: images, or :class:`~idtl_ray.data.samples.RaySamples` that each trial gathers.
     ``harm``: higher = dropped first (:func:`idtl_ray.selection.harm_of`). ``candidates``: fractions or
     counts (:func:`idtl_ray.selection.budget_count`); 0 is always tried. Needs a running Ray.
     """

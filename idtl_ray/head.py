@@ -7,6 +7,8 @@ scoring run's time.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
@@ -55,11 +57,16 @@ def fit_head(model: nn.Module, x: np.ndarray, y: np.ndarray, preprocess: Preproc
                 "probe_train_loss": float(torch.nn.functional.cross_entropy(logits, t))}
 
 
-def fit_head_task(model: nn.Module, x: np.ndarray, y: np.ndarray, preprocess: Preprocess, steps: int, seed: int,
+def fit_head_task(model: nn.Module, x: Any, y: np.ndarray, preprocess: Preprocess, steps: int, seed: int,
                   threads: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """:func:`fit_head` in a Ray worker (on its GPU when it has one); returns the head's state (CPU) and the fit's report."""
+    """:func:`fit_head` in a Ray worker (on its GPU when it has one); returns the head's state (CPU) and the fit's report.
+
+    ``x``: the images, or :class:`~idtl_ray.data.samples.RaySamples` gathered here from Ray Data.
+    """
     from .models import head_module
 
     device = setup_worker(threads)
+    if hasattr(x, "gather"):
+        x, y = x.gather()
     info = fit_head(model.to(device), x, y, preprocess, steps=steps, seed=seed, device=device)
     return {k: v.cpu() for k, v in head_module(model).state_dict().items()}, info

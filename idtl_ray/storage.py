@@ -16,10 +16,12 @@ carry these values, so their definitions never change.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import secrets
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import MaskError
+from .errors import InputError, MaskError
 
-__all__ = ["atomic_path", "digest", "ensure_writable", "ids_digest", "json_digest", "json_default",
+__all__ = ["LOCK_NAME", "atomic_path", "digest", "hold_directory", "ensure_writable", "ids_digest", "json_digest", "json_default",
            "save_figure_atomic", "save_npz_atomic", "save_torch_atomic", "write_json_atomic", "write_table_atomic",
            "write_text_atomic"]
 
@@ -191,3 +193,34 @@ def json_digest(obj: Any, length: int | None = 16) -> str:
 def ids_digest(ids: Any, length: int | None = 16) -> str:
     """Order-free fingerprint of a multiset of sample ids: :func:`digest` of the sorted little-endian int64 ids."""
     return digest(np.sort(np.asarray(ids, dtype="<i8")), length=length)
+
+
+# ── ownership of an output directory ────────────────────────────────────────────────────────────
+
+LOCK_NAME = ".idtl-lock"
+
+
+@contextmanager
+def hold_directory(out: str | Path) -> Iterator[None]:
+    """Hold ``out`` for this process; another run into it refuses with one line while we hold it.
+
+    An OS lock (flock), so a crashed run releases it with its process and never leaves a stale lock.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise InputError(f"{out} is in use by another idtl-ray run (pid {owner}): wait for it to finish, "
+                             "or choose another --out") from None
+        except OSError as e:  # a file system without locks (some FUSE, CIFS): run, but say so
+            print(f"  warning: cannot lock {out} ({e.strerror}); do not start a second run into it",
+                  file=sys.stderr, flush=True)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

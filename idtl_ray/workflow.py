@@ -260,6 +260,8 @@ def _run_score(cfg: ScoreConfig, out: Path, progress: bool, on_progress: Any) ->
     t = time.perf_counter()
     data, split, train, val, train_ids = _load_target(cfg, out)
     preprocess = Preprocess(data.mean, data.std)
+    ensure_ray(cfg.address)  # from here on every stage runs on Ray workers, reading the images from Ray Data
+    train, val = _ray_samples(cfg, data, split, train, val, train_ids)
     timings["load_data_s"] = time.perf_counter() - t
     t = time.perf_counter()
     model, model_info = _scored_model(cfg, out, data, split, train, preprocess)
@@ -278,14 +280,14 @@ def _run_score(cfg: ScoreConfig, out: Path, progress: bool, on_progress: Any) ->
         _log(f"scoring {len(train)} training samples of {data.name} against {len(val_ref.y)} validation samples "
              f"({cfg.influence.solver}, {cfg.influence.curvature}, damping {cfg.influence.damping})")
     result = run_pipeline(
-        model, ArraySet(train.x, train.y, train_ids), ArraySet(val_ref.x, val_ref.y, np.arange(len(val_ref.y))), cfg.influence,
+        model, train, val_ref, cfg.influence,
         preprocess=preprocess, classes=cfg.target_classes, params=cfg.params, actors=cfg.actors, work_dir=out,
         resume=cfg.resume, shard_size=cfg.shard_size, fingerprint=fingerprint, progress=progress,
         on_progress=on_progress,
     )
     timings.update(result.timings)
     t = time.perf_counter()
-    keep, drop_info = decide_keep(cfg, result.scores, model, train.x, train.y, val_pick, data, out, progress)
+    keep, drop_info = decide_keep(cfg, result.scores, model, train, train.y, val_pick, data, out, progress)
     timings["drop_rule_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
     meta = _mask_meta(cfg, data, split, (len(train), len(val)), mfp, model_info, result, drop_info, keep, timings)
@@ -297,13 +299,17 @@ def _run_score(cfg: ScoreConfig, out: Path, progress: bool, on_progress: Any) ->
 
 
 def _load_target(cfg: ScoreConfig, out: Path) -> tuple[Any, Any, Any, Any, np.ndarray]:
-    """(data, split, train, val, train_ids): the split of a resumed run is reused when it still fits.
+    """(data, split, train, val, train_ids) with labels only: the images stay on storage.
 
-    Everything that needs the data's size is checked here, before the head fit and Ray start.
+    A dataset given by name is prepared into the cache first (:mod:`idtl_ray.data.cache`). The split
+    of a resumed run is reused when it still fits. Everything that needs the data's size is checked
+    here, before the head fit and Ray start.
     """
-    from .data import Split, apply_split, load_dataset, make_split
+    from .data import Split, apply_split, make_split
+    from .data.cache import ensure_prepared
+    from .data.samples import open_target
 
-    data = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size)
+    data = open_target(ensure_prepared(cfg.dataset, cfg.data_dir, cfg.image_size, say=_log))
     if cfg.target_classes:
         bad = [c for c in cfg.target_classes if not 0 <= c < data.num_classes]
         if bad:
@@ -320,6 +326,20 @@ def _load_target(cfg: ScoreConfig, out: Path) -> tuple[Any, Any, Any, Any, np.nd
     return data, split, train, val, train_ids
 
 
+def _ray_samples(cfg: ScoreConfig, data: Any, split: Any, train: Any, val: Any, train_ids: np.ndarray) -> tuple[Any, Any]:
+    """The training and validation samples as :class:`RaySamples`: the images are read and decoded by
+    Ray Data on CPU workers, once, into the object store, in blocks sized for the scoring pool."""
+    from .data.samples import RaySamples, read_samples
+    from .scoring.pipeline import block_rows, scoring_pool
+
+    rows = block_rows(len(train_ids), scoring_pool(cfg.actors), cfg.influence.batch_size, data.image_shape[0])
+    ds = read_samples(data, "train", min(rows, cfg.shard_size))
+    train_rs = RaySamples(ds, train_ids, train.y, data.image_shape)
+    if split.val_source == "split":
+        return train_rs, RaySamples(ds, split.val_ids, val.y, data.image_shape)
+    return train_rs, RaySamples(read_samples(data, "val", rows), np.arange(len(val.y)), val.y, data.image_shape)
+
+
 def _scored_model(cfg: ScoreConfig, out: Path, data: Any, split: Any, train: Any,
                   preprocess: Preprocess) -> tuple[nn.Module, dict[str, Any]]:
     """The adapted model to score (reused from ``model.pt`` by a resumed run with the same settings),
@@ -334,9 +354,8 @@ def _scored_model(cfg: ScoreConfig, out: Path, data: Any, split: Any, train: Any
         if (meta.get("split_fingerprint"), meta.get("weights_arg"), meta.get("model_args")) != (
                 split.fingerprint(), cfg.weights, _model_args(cfg)):  # another model, weights or head: rebuild
             model = None
-    ensure_ray(cfg.address)  # the new head is fitted on a worker (a GPU one on a GPU cluster)
-    if model is None:
-        model, model_info = prepare_model(cfg, data, train.x, train.y, preprocess, fit=fit_head_on_worker)
+    if model is None:  # a new head is fitted on a worker (a GPU one on a GPU cluster)
+        model, model_info = prepare_model(cfg, data, train, train.y, preprocess, fit=fit_head_on_worker)
     split.save(out / "split.json")
     save_checkpoint(model_path, model, {"dataset": data.name, "classes": list(data.classes), "dataset_fingerprint": data.fingerprint(),
                                         "split_fingerprint": split.fingerprint(), "weights_arg": cfg.weights,
@@ -399,19 +418,16 @@ def _validation_parts(cfg: ScoreConfig, val: Any) -> tuple[Any, Any]:
     Self-influence never reads the validation split, so --drop auto may use all of it. The paper's score
     sums over it, so with --drop auto it gets a seeded half and the budget is chosen on the other half.
     """
-    from .data import ImageArrays
-
     if cfg.drop != "auto" or cfg.influence.score == "self":
         return val, val
     if len(val.y) < 4:
         raise InputError(f"--drop auto with --score paper splits the validation set in two; {len(val.y)} samples "
                          "are too few: use a larger --val-fraction or --drop budget")
     order = np.random.default_rng(cfg.seed).permutation(len(val.y))
-    a, b = np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2:])
-    return ImageArrays(val.x[a], val.y[a]), ImageArrays(val.x[b], val.y[b])
+    return val.take(np.sort(order[: len(order) // 2])), val.take(np.sort(order[len(order) // 2:]))
 
 
-def decide_keep(cfg: ScoreConfig, scores: np.ndarray, model: nn.Module, x: np.ndarray, y: np.ndarray,
+def decide_keep(cfg: ScoreConfig, scores: np.ndarray, model: nn.Module, x: Any, y: np.ndarray,
                 val_pick: Any, data: Any, out: Path, progress: bool) -> tuple[np.ndarray, dict[str, Any]]:
     """Apply ``cfg.drop`` to the scores: the keep mask and what the rule did (for the metadata)."""
     from .budget import TrainRecipe, choose_budget
@@ -432,7 +448,7 @@ def decide_keep(cfg: ScoreConfig, scores: np.ndarray, model: nn.Module, x: np.nd
     import ray
 
     gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    choice = choose_budget(model, x, y, harm, val_pick.x, val_pick.y, data.mean, data.std,
+    choice = choose_budget(model, x, y, harm, val_pick, val_pick.y, data.mean, data.std,
                            candidates=cfg.auto_budgets, recipe=TrainRecipe(epochs=cfg.auto_epochs), augment=augment,
                            seed=cfg.seed, gpus_per_trial=gpus, storage=str((out / "auto-budget").resolve()),
                            progress=_log if progress else None)

@@ -12,13 +12,8 @@ deterministic, so either copy is the same number).
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import shutil
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,36 +22,11 @@ import pyarrow.parquet as pq
 
 from ..errors import IdtlError, InputError
 from ..influence import SolveInfo
-from ..storage import save_npz_atomic, write_json_atomic
+from ..storage import LOCK_NAME, hold_directory, save_npz_atomic, write_json_atomic
 from .prescore import Prescored
 
-LOCK_NAME = ".idtl-lock"
 
 
-@contextmanager
-def hold_directory(out: str | Path) -> Iterator[None]:
-    """Hold ``out`` for this process; another run into it refuses with one line while we hold it.
-
-    An OS lock (flock), so a crashed run releases it with its process and never leaves a stale lock.
-    """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise InputError(f"{out} is in use by another idtl-ray run (pid {owner}): wait for it to finish, "
-                             "or choose another --out") from None
-        except OSError as e:  # a file system without locks (some FUSE, CIFS): run, but say so
-            print(f"  warning: cannot lock {out} ({e.strerror}); do not start a second run into it",
-                  file=sys.stderr, flush=True)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 class RunParts:

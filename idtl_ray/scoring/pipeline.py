@@ -29,6 +29,7 @@ from torch import nn
 
 from ..errors import IdtlError, InputError
 from ..influence import InfluenceConfig, InfluenceEngine, curvature_subsample
+from ..data.samples import RaySamples, quiet_ray_data
 from ..self_influence import HeadFactors, self_influence_batch
 from ..storage import json_digest
 from .common import ArraySet, PipelineResult, Preprocess, _get, device_batch_size, setup_worker, unwrap_ray_error
@@ -42,17 +43,25 @@ class Scorer:
     """A scoring actor of the Ray Data pool: holds the model and s (or the head factors), scores batches."""
 
     def __init__(self, model_ref: Any, params: Any, preprocess: Preprocess, threads: int, payload_ref: Any,
-                 n_train: int, score: str = "paper", method: str = "jvp"):
+                 n_train: int, score: str = "paper", method: str = "jvp", todo_ref: Any = None):
         self.device = setup_worker(threads)
         self.preprocess, self.n_train, self.score, self.method = preprocess, n_train, score, method
         self.engine = InfluenceEngine(_get(model_ref), params=params, device=self.device)
         payload = _get(payload_ref)
+        todo = _get(todo_ref)  # reading a prepared dataset: the ids to score (the rest are done or validation)
+        self.todo = None if todo is None else np.asarray(todo, dtype=np.int64)
         if score == "self":
             self.factors = HeadFactors.from_numpy(payload, self.device)
         else:  # copied once from the read-only object-store view, already in the model's dtype
             self.s = torch.from_numpy(np.array(payload, copy=True)).to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.todo is not None:
+            wanted = np.isin(batch["sample_id"], self.todo)
+            if not wanted.all():
+                batch = {k: v[wanted] for k, v in batch.items()}
+            if not len(batch["sample_id"]):
+                return {"sample_id": np.zeros(0, np.int64), "score": np.zeros(0, np.float64)}
         x = self.preprocess(batch["x"], self.device)
         if self.score == "self":
             y = torch.as_tensor(batch["label"]).to(self.device)
@@ -138,24 +147,46 @@ def _input_blocks(train: ArraySet, todo: np.ndarray, rows: int) -> list[pa.Table
                       "label": train.y[p]}) for p in (todo[i:i + rows] for i in range(0, len(todo), rows))]
 
 
-def _score_rows(model_ref: Any, train: ArraySet, todo: np.ndarray, payload_ref: Any, config: InfluenceConfig,
-                pool: Pool, params: Any, preprocess: Preprocess, out: Path,
+def _image_px(train: ArraySet | RaySamples) -> int:
+    if isinstance(train, RaySamples):
+        return int(train.image_shape[0])
+    return int(train.x.shape[1]) if train.x.ndim == 4 else 0
+
+
+def block_rows(n: int, pool: Pool, batch_size: int, image_px: int) -> int:
+    """Rows per input block for scoring ``n`` samples on ``pool``.
+
+    Small sets: at least 2 blocks per actor, so all actors work. Large sets: blocks of 2 batches
+    (fewer Ray Data tasks) while the last block, which one actor finishes alone, stays short.
+    """
+    bs = device_batch_size(batch_size, pool.gpu, image_px)
+    return 2 * bs if n >= 16 * pool.actors * bs else max(1, min(bs, -(-n // (2 * pool.actors))))
+
+
+def _score_rows(model_ref: Any, train: ArraySet | RaySamples, todo: np.ndarray, payload_ref: Any,
+                config: InfluenceConfig, pool: Pool, params: Any, preprocess: Preprocess, out: Path,
                 shard_size: int) -> None:
-    """Stages 3-4: score the rows ``todo`` of ``train`` on the actor pool and write them under ``out``."""
+    """Stages 3-4: score the rows ``todo`` (positions) of ``train`` on the actor pool and write them under ``out``.
+
+    Arrays are cut into blocks here; a prepared dataset's blocks are already in the object store
+    (:func:`idtl_ray.data.samples.read_samples`) and the actors skip the rows not to score.
+    """
     import ray
     import ray.data
 
     n_actors, cpus, gpu, threads = pool
-    bs = device_batch_size(config.batch_size, gpu, train.x.shape[1] if train.x.ndim == 4 else 0)
-    # Small sets: at least 2 blocks per actor, so all actors work. Large sets: blocks of 2 batches
-    # (fewer Ray Data tasks) while the last block, which one actor finishes alone, stays short.
-    rows = 2 * bs if len(todo) >= 16 * n_actors * bs else max(1, min(bs, -(-len(todo) // (2 * n_actors))))
-    ds = ray.data.from_arrow(_input_blocks(train, todo, min(rows, shard_size)))
+    bs = device_batch_size(config.batch_size, gpu, _image_px(train))
+    rows = block_rows(len(todo), pool, config.batch_size, _image_px(train))
+    if isinstance(train, RaySamples):
+        ds, todo_ref = train.ds, ray.put(train.ids[todo])
+    else:
+        ds, todo_ref = ray.data.from_arrow(_input_blocks(train, todo, min(rows, shard_size))), None
     scored = ds.map_batches(
         Scorer, batch_size=bs, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=n_actors),
         num_cpus=cpus, num_gpus=1 if gpu else None,
         fn_constructor_kwargs=dict(model_ref=model_ref, params=params, preprocess=preprocess, threads=threads,
-                                   payload_ref=payload_ref, n_train=len(train), score=config.score))
+                                   payload_ref=payload_ref, n_train=len(train), score=config.score,
+                                   todo_ref=todo_ref))
     # The writers need no CPU (the actors hold them all, and a CPU-hungry writer would wait until the
     # pool drains, leaving nothing to resume from) and run on the driver's node, where `out` is.
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -186,21 +217,19 @@ def _ctrl_c_noted() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _quiet_ray_data() -> None:
-    import logging
-
-    import ray.data
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
+def _part(samples: ArraySet | RaySamples, positions: np.ndarray | None = None) -> Any:
+    """What the pre-scoring worker gets of a set: arrays, or the Ray samples it gathers itself."""
+    if isinstance(samples, RaySamples):
+        return samples if positions is None else samples.take(positions)
+    if positions is None:
+        return samples.x, samples.y
+    return samples.x[positions], samples.y[positions]
 
 
 def run_pipeline(
     model: nn.Module,
-    train: ArraySet,
-    val: ArraySet,
+    train: ArraySet | RaySamples,
+    val: ArraySet | RaySamples,
     config: InfluenceConfig,
     *,
     preprocess: Preprocess | None = None,
@@ -229,7 +258,7 @@ def run_pipeline(
         raise InputError("the validation set is empty: pass a validation set with at least one sample")
     if shard_size < 1:
         raise InputError(f"shard_size must be >= 1, got {shard_size}")
-    _quiet_ray_data()
+    quiet_ray_data()
     say = log if progress else (lambda msg: None)
     pool = scoring_pool(actors)
     with tempfile.TemporaryDirectory(prefix="idtl-scoring-") as scratch:
@@ -238,7 +267,7 @@ def run_pipeline(
                     on_progress)
 
 
-def _run(model: nn.Module, train: ArraySet, val: ArraySet, config: InfluenceConfig, preprocess: Preprocess,
+def _run(model: nn.Module, train: ArraySet | RaySamples, val: ArraySet | RaySamples, config: InfluenceConfig, preprocess: Preprocess,
          classes: Sequence[int] | None, params: Any, pool: Pool, parts: RunParts,
          shard_size: int, say: Callable[[str], None], progress: bool,
          on_progress: Callable[[int], None] | None) -> PipelineResult:
@@ -256,9 +285,8 @@ def _run(model: nn.Module, train: ArraySet, val: ArraySet, config: InfluenceConf
         if wanted is not None and config.score == "paper" and not np.isin(val.y, wanted).any():
             raise InputError(f"no validation sample belongs to classes {wanted}: choose classes present in the validation set")
         sub = curvature_subsample(len(train), config.curvature_samples, config.seed)
-        val_arrays = (val.x, val.y) if config.score == "paper" else None
-        pre = run_prescore(model_ref, params, preprocess, (train.x[sub], train.y[sub]), val_arrays, wanted, config,
-                           say=say)
+        pre = run_prescore(model_ref, params, preprocess, _part(train, sub), _part(val) if config.score == "paper" else None,
+                           wanted, config, say=say)
         parts.save_prescored(pre)
         timings.update(pre.timings)
         info = pre.solve

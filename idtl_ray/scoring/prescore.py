@@ -83,12 +83,17 @@ def head_factors(model: nn.Module, preprocess: Preprocess, x: np.ndarray, y: np.
     return fit_head_factors(model, batches, config.head_damping, params=config.head_params).to_numpy()
 
 
-def prescore(model: nn.Module, params: Any, preprocess: Preprocess, sub: tuple[np.ndarray, np.ndarray],
-             val: tuple[np.ndarray, np.ndarray] | None, classes: Sequence[int] | None, config: InfluenceConfig,
+def _arrays(samples: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y): as given, or gathered here from Ray Data (:class:`~idtl_ray.data.samples.RaySamples`)."""
+    return samples.gather() if hasattr(samples, "gather") else samples
+
+
+def prescore(model: nn.Module, params: Any, preprocess: Preprocess, sub: Any, val: Any, classes: Sequence[int] | None, config: InfluenceConfig,
              threads: int) -> Prescored:
     """The whole pre-scoring stage in this process: head factors (self), or g_val → curvature → s (paper)."""
     device = setup_worker(threads)
     t0 = time.perf_counter()
+    sub, val = _arrays(sub), _arrays(val) if val is not None else None
     if config.score == "self":
         factors = head_factors(model, preprocess, *sub, config, device)
         return Prescored(factors, head_solve_info(), 0, {"validation_gradient_s": 0.0, "solve_s": time.perf_counter() - t0})
@@ -103,8 +108,7 @@ def prescore(model: nn.Module, params: Any, preprocess: Preprocess, sub: tuple[n
     return Prescored(s_wire, info, n_val, {"validation_gradient_s": t1 - t0, "solve_s": time.perf_counter() - t1})
 
 
-def run_prescore(model_ref: Any, params: Any, preprocess: Preprocess, sub: tuple[np.ndarray, np.ndarray],
-                 val: tuple[np.ndarray, np.ndarray] | None, classes: Sequence[int] | None, config: InfluenceConfig,
+def run_prescore(model_ref: Any, params: Any, preprocess: Preprocess, sub: Any, val: Any, classes: Sequence[int] | None, config: InfluenceConfig,
                  *, say: Callable[[str], None]) -> Prescored:
     """Run :func:`prescore` as one Ray task (a GPU one on a GPU cluster) and wait for it."""
     what = "head factors (EK-FAC)" if config.score == "self" else "validation gradient, curvature and solve"

