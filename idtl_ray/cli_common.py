@@ -1,18 +1,24 @@
-"""What every `idtl-ray` command shares: user errors as one line, quiet Ray defaults."""
+"""What every `idtl-ray` command shares: user errors as one line (bad settings and command lines that
+do not parse alike), quiet Ray defaults."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
 import socket
 import sys
 import traceback
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import typer
+from typer._click.exceptions import BadParameter, MissingParameter, NoSuchOption, UsageError
+from typer.core import TyperGroup
 
+from .cli_options import strip_none
 from .errors import IdtlError
 
 
@@ -100,3 +106,82 @@ def quiet_ray() -> None:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
+
+class OneLineErrorsGroup(TyperGroup):
+    """The app's command group: a command line that does not parse (``--drop-budget abc``, a bad choice,
+    an unknown option or command, a missing required option) prints one line ``error: ...`` and exits
+    with 2, like every other user error, instead of the parser's boxed message."""
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        with _usage_errors_as_one_line():
+            return super().parse_args(ctx, args)
+
+    def resolve_command(self, ctx: typer.Context, args: list[str]) -> Any:
+        name, cmd, rest = super().resolve_command(ctx, args)
+        ctx.meta["idtl_ray.command"] = f"{ctx.command_path} {name}"  # for errors that carry no context
+        return name, cmd, rest
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        with _usage_errors_as_one_line(ctx):  # the command's own parsing happens here
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _usage_errors_as_one_line(ctx: typer.Context | None = None) -> Iterator[None]:
+    try:
+        yield
+    except UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `idtl-ray` alone prints its help
+            raise
+        command = ctx.meta.get("idtl_ray.command", ctx.command_path) if ctx is not None else None
+        typer.echo(f"error: {usage_message(e, command)}", err=True)
+        raise typer.Exit(2) from None
+
+
+def usage_message(e: UsageError, command: str | None = None) -> str:
+    """One line for a command line that does not parse: the option, the bad value, what it takes.
+
+    ``command`` names the command when the error carries no context of its own.
+    """
+    command = e.ctx.command_path if e.ctx is not None else (command or "idtl-ray")
+    see = f" (see `{command} --help`)"
+    param = getattr(e, "param", None)
+    names = " / ".join(param.opts) if param is not None and getattr(param, "opts", None) else None
+    if param is not None and getattr(param, "param_type_name", "") == "argument":
+        names = str(param.name).upper()
+    if isinstance(e, MissingParameter) and names:
+        return f"{command} needs {names}: {param.help or ''}".rstrip(": ") + see
+    if isinstance(e, BadParameter) and names:
+        value = _bad_input(e)
+        if value is not None:
+            return f"{names} takes {expected_value(param)}, got {value!r}"
+        return f"{names}: {e.message}"
+    if isinstance(e, NoSuchOption):
+        maybe = f"; did you mean {' or '.join(sorted(e.possibilities))}?" if e.possibilities else ""
+        return f"{command} has no option {e.option_name}{maybe}{see}"
+    msg = e.format_message().strip()
+    return (msg[:1].lower() + msg[1:]).rstrip(".") + see
+
+
+def _bad_input(e: BadParameter) -> Any:
+    """The value that failed to parse (Typer keeps it on the validation error it raised from)."""
+    errors = getattr(e.__cause__, "errors", None)
+    try:
+        return errors()[0]["input"] if callable(errors) else None
+    except (IndexError, KeyError, TypeError):
+        return None
+
+
+def expected_value(param: Any) -> str:
+    """What an option takes, in words: ``a whole number``, ``a number``, ``self or paper``, ..."""
+    desc = getattr(param, "type_descriptor", None)
+    choices = getattr(desc, "choices", None)
+    if choices:
+        words = [str(c) for c in choices]
+        return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+    hint = strip_none(getattr(desc, "annotation", None))
+    if typing.get_origin(hint) is list:  # a repeatable option: what each value takes
+        hint = strip_none(typing.get_args(hint)[0])
+    words = {int: "a whole number", float: "a number", bool: "true or false"}
+    return words.get(hint, "a value") if isinstance(hint, type) else "a value"
