@@ -11,67 +11,38 @@ from typing import Optional
 
 import typer
 
-from .config import ScoreConfig, help_of
-from .cli_common import quiet_ray, user_errors
-from .influence import InfluenceConfig
+from .cli_common import OneLineErrorsGroup, quiet_ray, user_errors
+from .cli_options import Options, with_options
+from .config import ScoreConfig
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineErrorsGroup,
                   help="Instance-based deep transfer learning on Ray: score the target data, drop what hurts, fine-tune.")
 
-
-S, I = ScoreConfig, InfluenceConfig  # short names for the help lookups below
+# `score` takes every ScoreConfig field (and the influence settings inside it); what differs on the
+# command line is said here once. The influence seed is ScoreConfig.seed.
+SCORE_OPTIONS = Options(ScoreConfig, skip=("influence.seed",), override={
+    "influence.curvature": {"aliases": ("--hessian",)},
+    "influence.curvature_samples": {"none_if": 0, "help": "Seeded subsample of training samples the curvature is "
+                                                          "estimated on; 0 = all."},
+})
+# `prepare` writes a dataset as `score` would read it: the data settings only.
+PREPARE_OPTIONS = Options(ScoreConfig, only=("dataset", "data_dir", "image_size", "val_fraction", "seed", "out"),
+                          build=False, override={
+    "dataset": {"required": True, "help": "Dataset to prepare: a registry name (see `idtl-ray datasets`), npz:PATH "
+                                          "or folder:PATH."},
+    "out": {"required": True, "help": "Directory to write: a local path or a URI pyarrow opens (s3://bucket/prefix)."},
+    "seed": {"help": "Seed of the train/validation split written into the `split` column."},
+})  # fmt: skip
 
 
 @app.command()
 @user_errors
-def score(
-    dataset: str = typer.Option("digits", help=help_of(S, "dataset")),
-    model: str = typer.Option("sample-cnn", help=help_of(S, "model")),
-    weights: str = typer.Option("none", help=help_of(S, "weights")),
-    data_dir: Optional[str] = typer.Option(None, help=help_of(S, "data_dir")),
-    image_size: Optional[int] = typer.Option(None, help="Resize the images to this size (pixels)."),
-    val_fraction: float = typer.Option(0.1, help=help_of(S, "val_fraction")),
-    target_class: Optional[list[int]] = typer.Option(None, help="Repeatable. " + help_of(S, "target_classes")),
-    head: str = typer.Option("auto", help=help_of(S, "head")),
-    score: str = typer.Option("self", help=help_of(I, "score")),
-    head_params: str = typer.Option("bias", help=help_of(I, "head_params")),
-    head_damping: float = typer.Option(0.1, help=help_of(I, "head_damping")),
-    solver: str = typer.Option("cg", help=help_of(I, "solver")),
-    hessian: str = typer.Option("ggn", "--hessian", "--curvature", help=help_of(I, "curvature")),
-    damping: float = typer.Option(0.1, help=help_of(I, "damping")),
-    curvature_samples: int = typer.Option(512, help=help_of(I, "curvature_samples") + " 0 = all."),
-    max_iter: int = typer.Option(30, help=help_of(I, "max_iter")),
-    tol: float = typer.Option(1e-2, help=help_of(I, "tol")),
-    lissa_scale: float = typer.Option(10.0, help=help_of(I, "lissa_scale")),
-    params: Optional[list[str]] = typer.Option(None, "--param", help="Repeatable. " + help_of(S, "params")),
-    drop: str = typer.Option("auto", help=help_of(S, "drop")),
-    drop_threshold: float = typer.Option(0.0, help=help_of(S, "drop_threshold")),
-    drop_budget: Optional[float] = typer.Option(None, help=help_of(S, "drop_budget")),
-    auto_budget: Optional[list[float]] = typer.Option(None, help="Repeatable. " + help_of(S, "auto_budgets") + " Default 0 0.05 0.1 0.2 0.3."),
-    auto_epochs: int = typer.Option(10, help=help_of(S, "auto_epochs")),
-    batch_size: int = typer.Option(256, help=help_of(I, "batch_size")),
-    actors: Optional[int] = typer.Option(None, help=help_of(S, "actors")),
-    shard_size: int = typer.Option(1024, help=help_of(S, "shard_size")),
-    out: Optional[str] = typer.Option(None, help=help_of(S, "out")),
-    seed: int = typer.Option(0, help=help_of(S, "seed")),
-    resume: bool = typer.Option(False, "--resume", help=help_of(S, "resume")),
-    address: Optional[str] = typer.Option(None, help=help_of(S, "address")),
-) -> None:
+@with_options(cfg=SCORE_OPTIONS)
+def score(cfg: ScoreConfig) -> None:
     """Score every training sample with influence functions on Ray and write a Parquet mask."""
     quiet_ray()
     from .workflow import format_summary, run_score
 
-    cfg = ScoreConfig(
-        dataset=dataset, model=model, weights=weights, data_dir=data_dir, image_size=image_size,
-        val_fraction=val_fraction, target_classes=list(target_class) if target_class else None, head=head,
-        influence=InfluenceConfig(score=score, head_params=head_params, head_damping=head_damping,  # type: ignore[arg-type]
-                                  solver=solver, curvature=hessian, damping=damping,  # type: ignore[arg-type]
-                                  curvature_samples=curvature_samples or None, max_iter=max_iter, tol=tol,
-                                  lissa_scale=lissa_scale, batch_size=batch_size, seed=seed),
-        params=list(params) if params else None, drop=drop, drop_threshold=drop_threshold, drop_budget=drop_budget,
-        **({"auto_budgets": list(auto_budget)} if auto_budget else {}), auto_epochs=auto_epochs,
-        actors=actors, shard_size=shard_size, out=out, seed=seed, resume=resume, address=address,
-    )
     summary = run_score(cfg, progress=True)
     typer.echo(format_summary(summary))
     typer.echo(f"mask: {summary['mask']}")
@@ -104,20 +75,16 @@ def datasets() -> None:
 
 @app.command()
 @user_errors
+@with_options(kw=PREPARE_OPTIONS)
 def prepare(
-    dataset: str = typer.Option(..., help="Dataset to prepare: a registry name (see `idtl-ray datasets`), npz:PATH or folder:PATH."),
-    out: str = typer.Option(..., help="Directory to write: a local path or a URI pyarrow opens (s3://bucket/prefix)."),
-    data_dir: Optional[str] = typer.Option(None, help=help_of(S, "data_dir")),
-    image_size: Optional[int] = typer.Option(None, help="Resize the images to this size (pixels)."),
-    val_fraction: float = typer.Option(0.1, help=help_of(S, "val_fraction")),
-    seed: int = typer.Option(0, help="Seed of the train/validation split written into the `split` column."),
+    kw: dict,
     shard_mb: int = typer.Option(192, help="Target payload of one Parquet shard in MiB (small datasets give one per split)."),
 ) -> None:
     """Write a dataset as Parquet shards plus manifest.json; every command accepts the directory as --dataset."""
     from .data.prepare import format_summary, prepare_dataset
 
-    manifest = prepare_dataset(dataset, out, data_dir=data_dir, image_size=image_size, val_fraction=val_fraction,
-                               seed=seed, shard_bytes=shard_mb * 2**20)
+    dataset, out = kw.pop("dataset"), kw.pop("out")
+    manifest = prepare_dataset(dataset, out, **kw, shard_bytes=shard_mb * 2**20)
     typer.echo(format_summary(manifest, out))
     typer.echo(f"manifest: {out.rstrip('/')}/manifest.json")
 

@@ -1,25 +1,21 @@
 """Typed configuration of the `score` stage: one dataclass drives the API, the CLI and the metadata
 written beside the mask (the style of Kronfluence's arguments).
+
+Each field's ``metadata`` holds its one-line help and, where the command line differs from the field,
+its option names (``flags``) and allowed values (``choices``); :mod:`idtl_ray.cli_options` generates the
+``idtl-ray score`` options from them, so a new field is a new option.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError, WeightsError
 from .influence import InfluenceConfig
 from .selection import DROP_RULES, budget_count
-
-
-def help_of(cls: type, name: str) -> str:
-    """The one-line help of a dataclass field (used by the CLI so help text lives in one place)."""
-    for f in fields(cls):
-        if f.name == name:
-            return str(f.metadata.get("help", ""))
-    raise KeyError(name)
 
 
 def check_params(model: str, params: list[str], score: str = "paper") -> None:
@@ -60,17 +56,17 @@ class ScoreConfig:
     model: str = field(default="sample-cnn", metadata={"help": "Model architecture (sample-cnn, vgg16, resnet50, densenet121, resnet18)."})
     weights: str = field(default="none", metadata={"help": "Pre-trained weights: imagenet, a checkpoint/state-dict PATH, or none."})
     data_dir: str | None = field(default=None, metadata={"help": "Where datasets live (default $IDTL_DATA_DIR or ~/.cache/idtl-ray/data)."})
-    image_size: int | None = field(default=None, metadata={"help": "Resize folder datasets to this size (default 64)."})
+    image_size: int | None = field(default=None, metadata={"help": "Resize the images to this size in pixels (default: as the dataset ships them; 64 for folder datasets)."})
     val_fraction: float = field(default=0.1, metadata={"help": "Validation share carved from train when the dataset ships none (paper: 10%)."})
-    target_classes: list[int] | None = field(default=None, metadata={"help": "Score against validation samples of these classes only (paper 4.4)."})
-    head: str = field(default="auto", metadata={"help": "auto: keep the weights' head only when they record the target's class names, else fit a new one; new: always; keep: never."})
+    target_classes: list[int] | None = field(default=None, metadata={"help": "Score against validation samples of these classes only (paper 4.4).", "flags": ("--target-class",)})
+    head: str = field(default="auto", metadata={"help": "auto: keep the weights' head only when they record the target's class names, else fit a new one; new: always; keep: never.", "choices": ("auto", "new", "keep")})
     head_steps: int = field(default=50, metadata={"help": "L-BFGS steps of the linear probe that fits a new head (backbone frozen)."})
     influence: InfluenceConfig = field(default_factory=InfluenceConfig, metadata={"help": "Solver settings."})
-    params: list[str] | None = field(default=None, metadata={"help": "Score with these modules' parameters only (default: all)."})
-    drop: str = field(default="auto", metadata={"help": "auto: fine-tune per candidate budget on Ray Tune and keep the best on validation; budget: drop --drop-budget samples, most harmful first; paper: drop every delta_val_loss < --drop-threshold (needs --score paper)."})
+    params: list[str] | None = field(default=None, metadata={"help": "Score with these modules' parameters only (--score paper; default: all).", "flags": ("--param",)})
+    drop: str = field(default="auto", metadata={"help": "auto: fine-tune per candidate budget on Ray Tune and keep the best on validation; budget: drop --drop-budget samples, most harmful first; paper: drop every delta_val_loss < --drop-threshold (needs --score paper).", "choices": DROP_RULES})
     drop_threshold: float = field(default=0.0, metadata={"help": "--drop paper: drop samples whose delta_val_loss is below this (paper: 0)."})
     drop_budget: float | None = field(default=None, metadata={"help": "A fraction below 1 or a whole count >= 1: --drop budget drops exactly this many (default 0.1); --drop paper at most this many."})
-    auto_budgets: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3], metadata={"help": "--drop auto: the candidate budgets (fractions or counts; 0 is always tried)."})
+    auto_budgets: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3], metadata={"help": "--drop auto: the candidate budgets (fractions or counts; 0 is always tried).", "flags": ("--auto-budget",)})
     auto_epochs: int = field(default=10, metadata={"help": "--drop auto: fine-tuning epochs of each candidate's trial."})
     actors: int | None = field(default=None, metadata={"help": "Scoring actors (default: one per GPU, else one per CPU up to 4 CPUs, then CPUs/2)."})
     shard_size: int = field(default=1024, metadata={"help": "Samples per checkpointed shard (what --resume skips)."})
