@@ -1,0 +1,105 @@
+"""The score stage's data path: the cache of named datasets, labels without images, Ray Data samples.
+
+Proves: a dataset given by name is prepared once and then reused (changed source files are prepared
+again); a prepared directory opened for its labels gives the same split and fingerprint as the
+in-memory dataset; RaySamples.gather returns exactly the arrays' rows in the asked order, in a Ray
+worker; and `run_score` on a prepared directory never loads the images into the driver.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from idtl_ray.config import ScoreConfig
+from idtl_ray.data import apply_split, load_dataset, make_split, write_prepared
+from idtl_ray.data.cache import cached_location, ensure_prepared
+from idtl_ray.data.samples import RaySamples, open_target, read_samples
+from idtl_ray.errors import DataError
+from idtl_ray.influence import InfluenceConfig
+
+
+def _npz(path, n: int = 120, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    np.savez(path, x_train=rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8), y_train=np.arange(n) % 3,
+             x_test=rng.integers(0, 256, (30, 8, 8, 1), dtype=np.uint8), y_test=np.arange(30) % 3)
+    return f"npz:{path}"
+
+
+def test_a_named_dataset_is_prepared_once_and_again_when_its_files_change(tmp_path, monkeypatch):
+    monkeypatch.setenv("IDTL_CACHE_DIR", str(tmp_path / "cache"))
+    name = _npz(tmp_path / "a.npz")
+    said: list[str] = []
+    first = ensure_prepared(name, say=said.append)
+    assert len(said) == 2 and "preparing" in said[0]
+    assert ensure_prepared(name, say=said.append) == first and len(said) == 2  # reused, nothing prepared
+    assert open_target(first).fingerprint() == load_dataset(name).fingerprint()
+    _npz(tmp_path / "a.npz", seed=1)  # same path, other pixels
+    second = ensure_prepared(name, say=said.append)
+    assert second != first and len(said) == 4
+    assert open_target(second).fingerprint() == load_dataset(name).fingerprint()
+
+
+def test_a_prepared_directory_is_used_as_is_and_must_have_the_asked_size(tmp_path):
+    data = load_dataset("digits")
+    loc = str(tmp_path / "digits")
+    write_prepared(data, make_split(data, 0.1, 0), loc)
+    assert ensure_prepared(loc) == loc
+    with pytest.raises(DataError, match="--image-size 16"):
+        ensure_prepared(loc, image_size=16)
+    assert cached_location("digits", image_size=16) != cached_location("digits")
+
+
+def test_labels_without_images_give_the_same_split_and_fingerprint(tmp_path):
+    data = load_dataset("digits")
+    loc = str(tmp_path / "digits")
+    write_prepared(data, make_split(data, 0.1, 0), loc)
+    target = open_target(loc)
+    assert target.fingerprint() == data.fingerprint() and target.classes == data.classes
+    assert np.array_equal(target.train.y, data.train.y) and np.array_equal(target.test.y, data.test.y)
+    for seed, frac in ((0, 0.1), (3, 0.25)):  # any split, not only the one written into the directory
+        a, b = make_split(target, frac, seed), make_split(data, frac, seed)
+        assert a.fingerprint() == b.fingerprint()
+        (tl, vl, ids), (ta, va, _) = apply_split(target, a), apply_split(data, b)
+        assert np.array_equal(tl.y, ta.y) and np.array_equal(vl.y, va.y)
+        assert not hasattr(tl, "x")  # labels only
+
+
+def test_ray_samples_gather_the_asked_rows_in_order_in_a_worker(ray_session, tmp_path):
+    import ray
+
+    data = load_dataset("digits")
+    loc = str(tmp_path / "digits")
+    split = make_split(data, 0.1, 0)
+    write_prepared(data, split, loc)
+    target = open_target(loc)
+    ds = read_samples(target, "train", rows=100)
+    assert ds.num_blocks() >= len(data.train) // 100  # blocks sized for the pool, not one per shard
+    _, _, ids = apply_split(target, split)
+    samples = RaySamples(ds, ids, target.train.y[ids], target.image_shape)
+    pos = np.array([17, 3, 1000, 0, 555])
+    x, y = ray.get(ray.remote(num_cpus=1)(lambda s: s.gather()).remote(samples.take(pos)))
+    assert np.array_equal(x, data.train.x[ids[pos]]) and np.array_equal(y, data.train.y[ids[pos]])
+    x_all, _ = samples.gather()
+    assert np.array_equal(x_all, data.train.x[ids])
+
+
+def test_run_score_never_loads_the_images_into_the_driver(ray_session, tmp_path, monkeypatch):
+    import idtl_ray.data.readers as readers
+    import idtl_ray.data.registry as registry
+    import idtl_ray.data.samples as samples
+    from idtl_ray.workflow import run_score
+
+    data = load_dataset("digits")
+    loc = str(tmp_path / "digits")
+    write_prepared(data, make_split(data, 0.1, 0), loc)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the driver loaded the images")
+
+    for owner, fn in ((registry, "load_dataset"), (readers, "load_prepared"), (samples.RaySamples, "gather")):
+        monkeypatch.setattr(owner, fn, refuse)  # workers are other processes (classes pickle by name): unguarded
+    out = run_score(ScoreConfig(dataset=loc, head="new", drop="budget", drop_budget=0.1, out=str(tmp_path / "run"),
+                                influence=InfluenceConfig(batch_size=256)), progress=False)
+    assert out["n_train"] == len(make_split(data, 0.1, 0).train_ids) and out["n_dropped"] == int(0.1 * out["n_train"])
+    assert out["head"]["new_head"] is True
