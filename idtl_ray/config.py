@@ -68,6 +68,8 @@ class ScoreConfig:
     drop_budget: float | None = field(default=None, metadata={"help": "A fraction below 1 or a whole count >= 1: --drop budget drops exactly this many (default 0.1); --drop paper at most this many."})
     auto_budgets: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3], metadata={"help": "--drop auto: the candidate budgets (fractions or counts; 0 is always tried).", "flags": ("--auto-budget",)})
     auto_epochs: int = field(default=10, metadata={"help": "--drop auto: fine-tuning epochs of each candidate's trial."})
+    gpus: int = field(default=0, metadata={"help": "GPUs to score on: one scoring actor per GPU (num_gpus=1), the pre-scoring worker on one; the autoscaler is asked for them at start. Default 0: the local machine's GPUs, or CPUs."})
+    cpus: int | None = field(default=None, metadata={"help": "CPUs to score on when --gpus is 0 (default: the local machine's). On a cluster that scales from zero, declare --gpus or --cpus."})
     actors: int | None = field(default=None, metadata={"help": "Scoring actors (default: one per GPU, else one per CPU up to 4 CPUs, then CPUs/2)."})
     shard_size: int = field(default=1024, metadata={"help": "Samples per checkpointed shard (what --resume skips)."})
     out: str | None = field(default=None, metadata={"help": "Output directory (default runs/score-<dataset>-<model>)."})
@@ -114,6 +116,11 @@ class ScoreConfig:
             raise InputError(f"val_fraction must be in (0, 1), got {self.val_fraction}: the paper uses 0.1")
         if self.actors is not None and self.actors < 1:
             raise InputError(f"actors must be >= 1, got {self.actors}")
+        if self.gpus < 0 or (self.cpus is not None and self.cpus < 1):
+            raise InputError(f"--gpus must be >= 0 and --cpus >= 1 (got --gpus {self.gpus}, --cpus {self.cpus})")
+        if self.gpus and self.actors and self.actors > self.gpus:
+            raise InputError(f"--actors {self.actors} with --gpus {self.gpus}: scoring runs one actor per GPU; "
+                             f"drop --actors or ask for --gpus {self.actors}")
         if self.shard_size < 1:
             raise InputError(f"--shard-size must be >= 1 (samples per checkpointed shard), got {self.shard_size}; "
                              "the default is 1024")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import shutil
 import sys
 import time
@@ -52,15 +53,16 @@ def model_fingerprint(model: nn.Module) -> str:
 # ── the new head (design.md §2: a linear probe puts the adapted model near a target optimum) ──────
 
 
-def fit_head_on_worker(model: nn.Module, x: np.ndarray, y: np.ndarray, preprocess: Preprocess, steps: int = 30,
-                       seed: int = 0) -> dict[str, float]:
-    """:func:`fit_head` as one Ray task, on a GPU when the cluster has one; the fitted head is loaded here."""
+def fit_head_on_worker(model: nn.Module, x: Any, y: np.ndarray, preprocess: Preprocess, steps: int = 30,
+                       seed: int = 0, gpu: bool | None = None) -> dict[str, float]:
+    """:func:`fit_head` as one Ray task, on a GPU when ``gpu`` (None: when the cluster has one); the fitted
+    head is loaded here. ``x``: images or :class:`~idtl_ray.data.samples.RaySamples`."""
     from .head import fit_head_task
     from .models import head_module
     from .scoring.prescore import run_on_worker
 
     state, info = run_on_worker(fit_head_task, (model, x, y, preprocess, steps, seed), name="idtl-fit-head", say=_log,
-                                what=f"fitting the new head on {len(y)} samples")
+                                what=f"fitting the new head on {len(y)} samples", gpu=gpu)
     head_module(model).load_state_dict(state)
     return info
 
@@ -210,9 +212,12 @@ def run_score(cfg: ScoreConfig, *, progress: bool = True, on_progress: Any = Non
     The run holds ``cfg.out_dir`` (a second run into it refuses); an ``--out`` this run created is
     removed again when the run fails before writing anything into it.
     """
+    from .resources import release
+
     out = Path(cfg.out_dir)
     created = not out.exists()
     ensure_writable(out / "mask.parquet")  # fail before any expensive work
+    _claim_cluster(cfg, out)
     with hold_directory(out):
         try:
             return _run_score(cfg, out, progress, on_progress)
@@ -220,6 +225,31 @@ def run_score(cfg: ScoreConfig, *, progress: bool = True, on_progress: Any = Non
             if created and out.exists() and {p.name for p in out.iterdir()} <= {LOCK_NAME}:
                 shutil.rmtree(out, ignore_errors=True)
             raise
+        finally:
+            release()
+
+
+def _claim_cluster(cfg: ScoreConfig, out: Path) -> None:
+    """On a cluster (``--address``, ``RAY_ADDRESS``): join it, refuse paths other nodes cannot see, and ask
+    the autoscaler for the scoring pool now, so that nodes boot while the labels load.
+
+    The embedded local Ray starts later, after the checks that need no Ray. ``--data-dir`` is read only
+    on this node (the dataset is prepared here, into the cache), so it need not be shared.
+    """
+    import os
+
+    from .data.cache import cache_root
+    from .data.registry import DATASETS
+    from .resources import check_shared_storage, request
+    from .scoring.pipeline import pool_bundles, scoring_pool
+
+    if not (cfg.address or os.environ.get("RAY_ADDRESS")):
+        return
+    ensure_ray(cfg.address)
+    named = cfg.dataset in DATASETS or cfg.dataset.startswith(("npz:", "folder:"))
+    where = {"IDTL_CACHE_DIR (the cache --dataset NAME is prepared into)": cache_root()} if named else {"--dataset": cfg.dataset}
+    check_shared_storage({"--out": out, **where})
+    request(pool_bundles(scoring_pool(cfg.actors, cfg.gpus, cfg.cpus)))
 
 
 def _model_args(cfg: ScoreConfig) -> list[Any]:
@@ -228,7 +258,7 @@ def _model_args(cfg: ScoreConfig) -> list[Any]:
 
 
 # Settings that do not change the scores or the mask: a finished run is returned whatever they are.
-_NOT_IN_RESULT = {"resume", "address", "actors", "out", "data_dir"}
+_NOT_IN_RESULT = {"resume", "address", "actors", "gpus", "cpus", "out", "data_dir"}
 
 
 def _finished_summary(cfg: ScoreConfig, out: Path) -> dict[str, Any] | None:
@@ -281,7 +311,8 @@ def _run_score(cfg: ScoreConfig, out: Path, progress: bool, on_progress: Any) ->
              f"({cfg.influence.solver}, {cfg.influence.curvature}, damping {cfg.influence.damping})")
     result = run_pipeline(
         model, train, val_ref, cfg.influence,
-        preprocess=preprocess, classes=cfg.target_classes, params=cfg.params, actors=cfg.actors, work_dir=out,
+        preprocess=preprocess, classes=cfg.target_classes, params=cfg.params, actors=cfg.actors, gpus=cfg.gpus,
+        cpus=cfg.cpus, work_dir=out,
         resume=cfg.resume, shard_size=cfg.shard_size, fingerprint=fingerprint, progress=progress,
         on_progress=on_progress,
     )
@@ -332,7 +363,8 @@ def _ray_samples(cfg: ScoreConfig, data: Any, split: Any, train: Any, val: Any, 
     from .data.samples import RaySamples, read_samples
     from .scoring.pipeline import block_rows, scoring_pool
 
-    rows = block_rows(len(train_ids), scoring_pool(cfg.actors), cfg.influence.batch_size, data.image_shape[0])
+    rows = block_rows(len(train_ids), scoring_pool(cfg.actors, cfg.gpus, cfg.cpus), cfg.influence.batch_size,
+                      data.image_shape[0])
     ds = read_samples(data, "train", min(rows, cfg.shard_size))
     train_rs = RaySamples(ds, train_ids, train.y, data.image_shape)
     if split.val_source == "split":
@@ -354,8 +386,9 @@ def _scored_model(cfg: ScoreConfig, out: Path, data: Any, split: Any, train: Any
         if (meta.get("split_fingerprint"), meta.get("weights_arg"), meta.get("model_args")) != (
                 split.fingerprint(), cfg.weights, _model_args(cfg)):  # another model, weights or head: rebuild
             model = None
-    if model is None:  # a new head is fitted on a worker (a GPU one on a GPU cluster)
-        model, model_info = prepare_model(cfg, data, train, train.y, preprocess, fit=fit_head_on_worker)
+    if model is None:  # a new head is fitted on a worker (a GPU one with --gpus, or on a GPU cluster)
+        fit = functools.partial(fit_head_on_worker, gpu=True if cfg.gpus else None)
+        model, model_info = prepare_model(cfg, data, train, train.y, preprocess, fit=fit)
     split.save(out / "split.json")
     save_checkpoint(model_path, model, {"dataset": data.name, "classes": list(data.classes), "dataset_fingerprint": data.fingerprint(),
                                         "split_fingerprint": split.fingerprint(), "weights_arg": cfg.weights,
@@ -447,7 +480,7 @@ def decide_keep(cfg: ScoreConfig, scores: np.ndarray, model: nn.Module, x: Any, 
         augment = None
     import ray
 
-    gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    gpus = 1.0 if cfg.gpus or ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     choice = choose_budget(model, x, y, harm, val_pick, val_pick.y, data.mean, data.std,
                            candidates=cfg.auto_budgets, recipe=TrainRecipe(epochs=cfg.auto_epochs), augment=augment,
                            seed=cfg.seed, gpus_per_trial=gpus, storage=str((out / "auto-budget").resolve()),

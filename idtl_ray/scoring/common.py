@@ -72,7 +72,15 @@ class Preprocess:
 
 
 def worker_device() -> torch.device:
-    """CUDA when Ray gave this worker a GPU (it sets CUDA_VISIBLE_DEVICES), else the CPU."""
+    """CUDA when Ray gave this worker a GPU, else the CPU.
+
+    A worker Ray gave no GPU must not take one it can see: on a GPU node it would share a device Ray
+    hands to another worker (a CPU actor on cuda:0 beside the GPU actor that owns it).
+    """
+    import ray
+
+    if ray.is_initialized() and not ray.get_gpu_ids():
+        return torch.device("cpu")
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

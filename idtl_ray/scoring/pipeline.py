@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import IdtlError, InputError
 from ..influence import InfluenceConfig, InfluenceEngine, curvature_subsample
-from ..data.samples import RaySamples, quiet_ray_data
+from ..data.samples import READ_CPUS, RaySamples, quiet_ray_data
 from ..self_influence import HeadFactors, self_influence_batch
 from ..storage import json_digest
 from .common import ArraySet, PipelineResult, Preprocess, _get, device_batch_size, setup_worker, unwrap_ray_error
@@ -81,23 +81,41 @@ class Pool(NamedTuple):
     threads: int   # torch threads per actor
 
 
-def scoring_pool(actors: int | None) -> Pool:
-    """The pool for this cluster (``actors`` overrides the count).
+def scoring_pool(actors: int | None, gpus: int = 0, cpus: int | None = None) -> Pool:
+    """The pool for this run: declared resources first, else what the local Ray has.
 
-    GPU clusters: one actor per GPU. CPU clusters: one single-threaded actor per CPU up to 4 CPUs, then
-    one 2-thread actor per 2 CPUs: two 1-thread processes score ~18% faster than one 2-thread process on
-    2 cores, and more actors than that only multiply model copies.
+    ``gpus`` (``--gpus``): one actor per GPU, each with ``num_gpus=1``. ``cpus`` (``--cpus``) or the
+    local machine's CPUs: one single-threaded actor per CPU up to 4 CPUs, then one 2-thread actor per 2
+    CPUs: two 1-thread processes score ~18% faster than one 2-thread process on 2 cores, and more
+    actors than that only multiply model copies. Each CPU actor leaves room for the read tasks
+    (:data:`~idtl_ray.data.samples.READ_CPUS`). ``actors`` overrides the count (never above the GPUs).
+    On a joined cluster with nothing declared, what it has now is used, and a cluster scaled to zero is
+    refused with a line that says to declare ``--gpus`` or ``--cpus``.
     """
-    import ray
-
-    res = ray.cluster_resources()
-    gpus, cpus = int(res.get("GPU", 0)), float(res.get("CPU", 1))
     if gpus > 0:
         # A GPU actor needs little CPU; asking for a whole one starves Ray Data (ray-2.60-notes P2).
         return Pool(min(actors or gpus, gpus), 0.5, True, 2)
-    n = actors or (max(1, int(cpus)) if cpus <= 4 else int(cpus) // 2)
-    per = max(cpus / n, 0.1) if n <= cpus else 0.5
-    return Pool(n, per, False, max(1, int(round(min(per, cpus / n)))))
+    if cpus is None:
+        import ray
+
+        from ..resources import joined_cluster
+
+        res = ray.cluster_resources()
+        have_gpus, have_cpus = int(res.get("GPU", 0)), float(res.get("CPU", 0))
+        if joined_cluster() and have_gpus == 0 and have_cpus == 0:
+            raise InputError("the cluster has no CPU or GPU yet (it scales from zero): declare what to use, "
+                             "--gpus N (one scoring actor per GPU) or --cpus N, and it scales up for it")
+        if have_gpus > 0:
+            return Pool(min(actors or have_gpus, have_gpus), 0.5, True, 2)
+        cpus = max(1, int(have_cpus))
+    n = actors or (max(1, cpus) if cpus <= 4 else cpus // 2)
+    per = max(min(cpus / n, (cpus - READ_CPUS) / n), 0.1) if n <= cpus else 0.5
+    return Pool(n, per, False, max(1, int(round(cpus / n))))
+
+
+def pool_bundles(pool: Pool) -> list[dict[str, float]]:
+    """The resource shapes of ``pool``'s actors (what the autoscaler is asked for)."""
+    return [{"CPU": pool.cpus, "GPU": 1.0 if pool.gpu else 0.0}] * pool.actors
 
 
 # Hash of everything that determines the scores (a dict): a resumed run must match it.
@@ -236,6 +254,8 @@ def run_pipeline(
     classes: Sequence[int] | None = None,
     params: Any = None,
     actors: int | None = None,
+    gpus: int = 0,
+    cpus: int | None = None,
     work_dir: str | Path | None = None,
     resume: bool = False,
     shard_size: int = 1024,
@@ -247,7 +267,8 @@ def run_pipeline(
 
     ``work_dir/parts`` keeps s and the written scores so that ``resume=True`` continues an interrupted
     run; ``fingerprint`` identifies the settings, and a resume with other settings is refused.
-    ``shard_size`` caps the rows per written file (the unit a resume can skip).
+    ``shard_size`` caps the rows per written file (the unit a resume can skip). ``gpus``/``cpus``:
+    the declared resources (:func:`scoring_pool`); the pre-scoring worker takes a GPU when there are GPUs.
     """
     import ray
 
@@ -260,7 +281,7 @@ def run_pipeline(
         raise InputError(f"shard_size must be >= 1, got {shard_size}")
     quiet_ray_data()
     say = log if progress else (lambda msg: None)
-    pool = scoring_pool(actors)
+    pool = scoring_pool(actors, gpus, cpus)
     with tempfile.TemporaryDirectory(prefix="idtl-scoring-") as scratch:
         parts = RunParts(Path(work_dir) / "parts" if work_dir is not None else Path(scratch) / "parts", fingerprint, resume)
         return _run(model, train, val, config, preprocess, classes, params, pool, parts, shard_size, say, progress,
@@ -286,7 +307,7 @@ def _run(model: nn.Module, train: ArraySet | RaySamples, val: ArraySet | RaySamp
             raise InputError(f"no validation sample belongs to classes {wanted}: choose classes present in the validation set")
         sub = curvature_subsample(len(train), config.curvature_samples, config.seed)
         pre = run_prescore(model_ref, params, preprocess, _part(train, sub), _part(val) if config.score == "paper" else None,
-                           wanted, config, say=say)
+                           wanted, config, say=say, gpu=pool.gpu)
         parts.save_prescored(pre)
         timings.update(pre.timings)
         info = pre.solve

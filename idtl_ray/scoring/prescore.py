@@ -109,28 +109,31 @@ def prescore(model: nn.Module, params: Any, preprocess: Preprocess, sub: Any, va
 
 
 def run_prescore(model_ref: Any, params: Any, preprocess: Preprocess, sub: Any, val: Any, classes: Sequence[int] | None, config: InfluenceConfig,
-                 *, say: Callable[[str], None]) -> Prescored:
-    """Run :func:`prescore` as one Ray task (a GPU one on a GPU cluster) and wait for it."""
+                 *, say: Callable[[str], None], gpu: bool | None = None) -> Prescored:
+    """Run :func:`prescore` as one Ray task (a GPU one when ``gpu``, or on a GPU cluster) and wait for it."""
     what = "head factors (EK-FAC)" if config.score == "self" else "validation gradient, curvature and solve"
     return run_on_worker(prescore, (model_ref, params, preprocess, sub, val, classes, config),
-                         name="idtl-prescore", say=say, what=what)
+                         name="idtl-prescore", say=say, what=what, gpu=gpu)
 
 
-def single_worker() -> tuple[bool, int]:
+def single_worker(gpu: bool | None = None) -> tuple[bool, int]:
     """(GPU?, torch threads) of a task that runs alone, before the scoring pool.
 
-    A GPU cluster: one GPU. Otherwise the task asks Ray for one CPU (a whole free node may never come)
-    and uses the cores of the largest node as threads.
+    ``gpu``: as the scoring pool decided (declared ``--gpus``); None: whether the cluster has a GPU now.
+    A GPU task takes one GPU. Otherwise the task asks Ray for one CPU (a whole free node may never
+    come) and uses the cores of the largest node as threads.
     """
     import ray
 
-    if ray.cluster_resources().get("GPU", 0) > 0:
+    if gpu is None:
+        gpu = ray.cluster_resources().get("GPU", 0) > 0
+    if gpu:
         return True, 2
     return False, max([int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] + [1])
 
 
 def run_on_worker(fn: Callable[..., Any], args: tuple[Any, ...], *, name: str, say: Callable[[str], None],
-                  what: str) -> Any:
+                  what: str, gpu: bool | None = None) -> Any:
     """Run ``fn(*args, threads=...)`` as one Ray task on :func:`single_worker`'s resources and wait for it.
 
     Errors come back with their own type and text; a worker that dies is retried by Ray; an
@@ -138,7 +141,7 @@ def run_on_worker(fn: Callable[..., Any], args: tuple[Any, ...], *, name: str, s
     """
     import ray
 
-    gpu, threads = single_worker()
+    gpu, threads = single_worker(gpu)
     task = ray.remote(fn).options(num_cpus=0.5 if gpu else 1, num_gpus=1 if gpu else 0, max_retries=PRESCORE_RETRIES,
                                   retry_exceptions=False, name=name)
     say(f"{what} on one {'GPU' if gpu else f'{threads}-thread CPU'} worker ...")

@@ -19,6 +19,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     if ray.is_initialized():
         return
+    global _JOINED
     from ..cli_common import check_ray_address
 
     check_ray_address(address)  # an unreachable host:port fails in seconds, not after minutes of retries
@@ -31,6 +32,16 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         if num_cpus:
             kwargs["num_cpus"] = num_cpus
     ray.init(**kwargs)
+    _JOINED = kwargs.get("address") != "local"
+
+
+_JOINED = False
+
+
+def joined_cluster() -> bool:
+    """Whether :func:`ensure_ray` joined an existing cluster (an address, or ``RAY_ADDRESS``, which
+    ``ray job submit`` sets for its entrypoint) instead of starting the embedded local Ray."""
+    return _JOINED or bool(os.environ.get("RAY_ADDRESS"))
 
 
 # Lines Ray's C++ core prints at error level for conditions that are not errors in our use. Ray Data

@@ -1,0 +1,108 @@
+"""What a command asks of the cluster: declared GPUs and CPUs, the autoscaler's request, shared storage.
+
+On a cluster that scales from zero, what Ray reports at start is not what the command will get: a
+fresh cluster has a head with no CPU and no GPU. So the commands size their work from what the user
+declares (``--gpus N``, ``--cpus N``), ask the autoscaler for it at once
+(:func:`ray.autoscaler.sdk.request_resources`), and let Ray place the work when the nodes arrive. Only
+the embedded local Ray, this machine, is sized from what it has.
+
+On a cluster whose work runs on other nodes, every path a worker reads or writes (``--out``,
+``--data-dir``, a prepared ``--dataset``, the dataset cache) must be on storage every node sees:
+an ``s3://`` (or other) URI, or a path under a mount the user declares shared on every node with
+``IDTL_SHARED_STORAGE`` (``cluster.yaml`` sets ``/mnt/cluster_storage``; several mounts are separated
+by ``:``). :func:`check_shared_storage` refuses anything else before any work starts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+SHARED_ENV = "IDTL_SHARED_STORAGE"
+
+
+def joined_cluster() -> bool:
+    """Whether this process drives an existing cluster (``--address``, ``RAY_ADDRESS``, ``ray job submit``)
+    rather than the embedded local Ray :func:`idtl_ray.scoring.ensure_ray` starts."""
+    from .scoring import session
+
+    return session.joined_cluster()
+
+
+def work_runs_elsewhere() -> bool:
+    """On a joined cluster: whether workers run on other nodes than this one (more than one node, or
+    this node offers no CPU and no GPU, as the head of ``cluster.yaml`` does)."""
+    import ray
+
+    if not joined_cluster():
+        return False
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if len(alive) > 1:
+        return True
+    here = ray.get_runtime_context().get_node_id()
+    mine = next((n["Resources"] for n in alive if n.get("NodeID") == here), {})
+    return mine.get("CPU", 0) == 0 and mine.get("GPU", 0) == 0
+
+
+def shared_roots() -> list[Path]:
+    """The mounts declared shared by ``IDTL_SHARED_STORAGE``, resolved."""
+    raw = os.environ.get(SHARED_ENV, "")
+    return [Path(p).expanduser().resolve() for p in raw.split(os.pathsep) if p.strip()]
+
+
+def is_shared(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a URI other than ``file://`` or lies under a declared shared mount."""
+    text = str(path)
+    if "://" in text:
+        return not text.startswith("file://")
+    p = Path(text).expanduser().resolve()
+    return any(p == root or root in p.parents for root in shared_roots())
+
+
+def check_shared_storage(paths: Mapping[str, str | os.PathLike[str] | None]) -> None:
+    """Refuse, in one line, a path workers on other nodes could not see (see the module docstring).
+
+    ``paths``: option name -> path (None: not used). Does nothing off a cluster, or when every worker
+    runs on this node.
+    """
+    if not work_runs_elsewhere():
+        return
+    roots = shared_roots()
+    for option, path in paths.items():
+        if path is None or is_shared(path):
+            continue
+        where = (f"under {SHARED_ENV} ({os.pathsep.join(map(str, roots))})" if roots
+                 else f"declared shared with {SHARED_ENV}=/mnt/cluster_storage (cluster.yaml sets it)")
+        raise InputError(f"{option} {path} is not on shared storage, and this cluster runs the work on other nodes: "
+                         f"use s3://... or a path on a mount every node has, {where}")
+
+
+def request(bundles: list[dict[str, float]]) -> None:
+    """Ask the autoscaler of a joined cluster for ``bundles`` now (a no-op on the embedded local Ray)."""
+    if not joined_cluster() or not bundles:
+        return
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{k: float(v) for k, v in b.items() if v} for b in bundles])
+
+
+def release() -> None:
+    """Withdraw this command's request, so that idle nodes can scale down again."""
+    if not joined_cluster():
+        return
+    from ray.autoscaler.sdk import request_resources
+
+    try:
+        request_resources(bundles=[])
+    except Exception:  # the cluster is gone: nothing to release
+        pass
+
+
+def describe(resources: Mapping[str, Any]) -> str:
+    """``2 GPUs, 1 CPU`` for a resource dict."""
+    parts = [f"{v:g} {k}{'s' if v != 1 else ''}" for k, v in resources.items() if v]
+    return ", ".join(parts) or "nothing"
