@@ -25,7 +25,7 @@ def ray_with_a_logical_gpu():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, num_gpus=1, object_store_memory=300 * 1024**2, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, num_gpus=1, object_store_memory=300 * 1024**2, log_to_driver=False,
              include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
