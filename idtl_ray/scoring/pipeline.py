@@ -12,6 +12,7 @@ Ray Data retries the work of an actor that dies; the merge drops the duplicates 
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import signal
 import sys
@@ -34,7 +35,7 @@ from ..self_influence import HeadFactors, self_influence_batch
 from ..storage import json_digest
 from .common import ArraySet, PipelineResult, Preprocess, _get, device_batch_size, setup_worker, unwrap_ray_error
 from .parts import RunParts
-from .prescore import Prescored, log, run_prescore
+from .prescore import PRESCORE_NAME, Prescored, log, start_prescore, wait_on_worker
 
 PROGRESS_EVERY_S = 2.0
 
@@ -47,7 +48,8 @@ class Scorer:
         self.device = setup_worker(threads)
         self.preprocess, self.n_train, self.score, self.method = preprocess, n_train, score, method
         self.engine = InfluenceEngine(_get(model_ref), params=params, device=self.device)
-        payload = _get(payload_ref)
+        payload = _get(payload_ref)  # blocks until the pre-scoring task is done when it is its ObjectRef
+        payload = payload.payload if isinstance(payload, Prescored) else payload
         todo = _get(todo_ref)  # reading a prepared dataset: the ids to score (the rest are done or validation)
         self.todo = None if todo is None else np.asarray(todo, dtype=np.int64)
         if score == "self":
@@ -288,11 +290,81 @@ def run_pipeline(
                     on_progress)
 
 
-def _run(model: nn.Module, train: ArraySet | RaySamples, val: ArraySet | RaySamples, config: InfluenceConfig, preprocess: Preprocess,
-         classes: Sequence[int] | None, params: Any, pool: Pool, parts: RunParts,
+class _PrescoreWaiter:
+    """Waits, on a thread, for the pre-scoring task while the scoring actors start; saves its result.
+
+    The actors receive the task's ObjectRef and block in their constructor until s is ready, so their
+    start-up (import torch, load the model: ~12 s on 2 CPUs) overlaps the solve instead of following
+    it. A failed task interrupts the main thread's pipeline, whose actors would only fail with it.
+    """
+
+    def __init__(self, ref: Any, parts: RunParts, say: Callable[[str], None], interrupt: bool):
+        self.ref, self.parts, self.say, self.interrupt = ref, parts, say, interrupt
+        self.result: Prescored | None = None
+        self.error: BaseException | None = None
+        self.done_at = time.perf_counter()
+        self._thread = threading.Thread(target=self._wait, name="idtl-prescore-wait", daemon=True)
+        self._thread.start()
+
+    def _wait(self) -> None:
+        try:
+            pre = wait_on_worker(self.ref, name=PRESCORE_NAME, say=self.say)
+            self.parts.save_prescored(pre)
+            self.result = pre
+            info, t = pre.solve, pre.timings
+            self.say(f"pre-scoring: {info.solver}, {info.iterations} iterations, relative residual "
+                     f"{info.relative_residual:.1e}, {t.get('validation_gradient_s', 0) + t.get('solve_s', 0):.1f} s")
+        except BaseException as e:  # handed to the main thread
+            self.error = e
+            if self.interrupt:
+                _thread.interrupt_main()
+        finally:
+            self.done_at = time.perf_counter()
+
+    def failed(self, timeout: float = 10.0) -> bool:
+        """After the pipeline stopped: whether the pre-scoring task failed (waits briefly for its verdict)."""
+        self._thread.join(timeout if self.interrupt else 0.0)
+        return self.error is not None
+
+    def cancel(self) -> None:
+        """Do not leave the task running when the run stops for another reason."""
+        import ray
+
+        try:
+            if not ray.wait([self.ref], timeout=0)[0]:
+                ray.cancel(self.ref, force=True)
+        except Exception:  # the driver lost Ray: nothing to cancel
+            pass
+
+    def get(self) -> Prescored:
+        """The pre-scoring result, or its error raised here."""
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+def _start_prescore(model_ref: Any, train: ArraySet | RaySamples, val: ArraySet | RaySamples, config: InfluenceConfig,
+                    preprocess: Preprocess, classes: Sequence[int] | None, params: Any, pool: Pool, parts: RunParts,
+                    say: Callable[[str], None], overlap: bool) -> _PrescoreWaiter:
+    """Stage 1, submitted: with ``overlap`` (samples to score) the task takes a token CPU on a CPU pool, so
+    that every scoring actor starts beside it (they wait, idle, for its result)."""
+    wanted = None if classes is None else [int(c) for c in classes]
+    if wanted is not None and config.score == "paper" and not np.isin(val.y, wanted).any():
+        raise InputError(f"no validation sample belongs to classes {wanted}: choose classes present in the validation set")
+    sub = curvature_subsample(len(train), config.curvature_samples, config.seed)
+    ref = start_prescore(model_ref, params, preprocess, _part(train, sub), _part(val) if config.score == "paper" else None,
+                         wanted, config, say=say, gpu=pool.gpu, cpus=READ_CPUS if overlap and not pool.gpu else None)
+    return _PrescoreWaiter(ref, parts, say, interrupt=overlap and threading.current_thread() is threading.main_thread())
+
+
+def _run(model: nn.Module, train: ArraySet | RaySamples, val: ArraySet | RaySamples, config: InfluenceConfig,
+         preprocess: Preprocess, classes: Sequence[int] | None, params: Any, pool: Pool, parts: RunParts,
          shard_size: int, say: Callable[[str], None], progress: bool,
          on_progress: Callable[[int], None] | None) -> PipelineResult:
-    """run_pipeline's stages on an open run directory: pre-score (unless saved), score what is missing, merge."""
+    """run_pipeline's stages on an open run directory: pre-score (unless saved) while the actors start,
+    score what is missing, merge."""
     import ray
 
     timings: dict[str, float] = {"validation_gradient_s": 0.0, "solve_s": 0.0}
@@ -301,39 +373,51 @@ def _run(model: nn.Module, train: ArraySet | RaySamples, val: ArraySet | RaySamp
     todo = np.flatnonzero(~np.isin(train.ids, done_ids))
     model_ref = ray.put(model.cpu())
     pre: Prescored | None = parts.load_prescored()
+    waiter = None
     if pre is None:
-        wanted = None if classes is None else [int(c) for c in classes]
-        if wanted is not None and config.score == "paper" and not np.isin(val.y, wanted).any():
-            raise InputError(f"no validation sample belongs to classes {wanted}: choose classes present in the validation set")
-        sub = curvature_subsample(len(train), config.curvature_samples, config.seed)
-        pre = run_prescore(model_ref, params, preprocess, _part(train, sub), _part(val) if config.score == "paper" else None,
-                           wanted, config, say=say, gpu=pool.gpu)
-        parts.save_prescored(pre)
-        timings.update(pre.timings)
-        info = pre.solve
-        say(f"pre-scoring: {info.solver}, {info.iterations} iterations, relative residual "
-            f"{info.relative_residual:.1e}, {timings['validation_gradient_s'] + timings['solve_s']:.1f} s")
+        waiter = _start_prescore(model_ref, train, val, config, preprocess, classes, params, pool, parts, say, bool(len(todo)))
     t = time.perf_counter()
     if len(todo):
-        say(f"scoring {len(todo)} samples on {pool.actors} {'GPU' if pool.gpu else 'CPU'} actor{'s' if pool.actors > 1 else ''}"
-            + (f" ({len(train) - len(todo)} already scored)" if len(todo) < len(train) else ""))
-        bar = _Progress(parts, len(done_ids), len(todo), progress, on_progress)
-        try:
-            with _ctrl_c_noted() as interrupted:
-                try:
-                    _score_rows(model_ref, train, todo, ray.put(pre.payload), config, pool, params, preprocess,
-                                parts.scores_dir, shard_size)
-                except Exception as e:
-                    if interrupted.is_set():  # Ray Data turned the Ctrl-C into an error of its own shutdown
-                        raise KeyboardInterrupt from None
-                    raise unwrap_ray_error(e) from None
-                if interrupted.is_set():  # ... or swallowed it
-                    raise KeyboardInterrupt
-        finally:
-            bar.close()
-    timings["scores_s"] = time.perf_counter() - t
+        payload_ref = waiter.ref if waiter is not None else ray.put(pre.payload)
+        _score_todo(model_ref, train, todo, payload_ref, config, pool, params, preprocess, parts, shard_size, say,
+                    progress, on_progress, len(done_ids), waiter)
+    if waiter is not None:
+        pre = waiter.get()
+        timings.update(pre.timings)
+    assert pre is not None
+    # the stage's own time: what scoring adds once s is ready (the actors' start-up overlapped the solve)
+    timings["scores_s"] = time.perf_counter() - max(t, waiter.done_at if waiter is not None else t)
     scores = parts.merge(train.ids)
     if not np.isfinite(scores).all():
         raise IdtlError("non-finite scores: the model produces non-finite losses on some samples; check the inputs")
     return PipelineResult(scores, pre.solve, pre.n_val, timings, shards_reused=files_reused,
                           samples_scored=int(len(todo)), actors=pool.actors, device="cuda" if pool.gpu else "cpu")
+
+
+def _score_todo(model_ref: Any, train: ArraySet | RaySamples, todo: np.ndarray, payload_ref: Any,
+                config: InfluenceConfig, pool: Pool, params: Any, preprocess: Preprocess, parts: RunParts,
+                shard_size: int, say: Callable[[str], None], progress: bool,
+                on_progress: Callable[[int], None] | None, done: int, waiter: _PrescoreWaiter | None) -> None:
+    """Stages 3-4 with progress, Ctrl-C and the pre-scoring task's failure turned into clear errors."""
+    say(f"scoring {len(todo)} samples on {pool.actors} {'GPU' if pool.gpu else 'CPU'} actor{'s' if pool.actors > 1 else ''}"
+        + (f" ({done} already scored)" if done else "") + (" (they start while pre-scoring runs)" if waiter else ""))
+    bar = _Progress(parts, done, len(todo), progress, on_progress)
+    try:
+        with _ctrl_c_noted() as interrupted:
+            try:
+                _score_rows(model_ref, train, todo, payload_ref, config, pool, params, preprocess, parts.scores_dir,
+                            shard_size)
+            except BaseException as e:
+                if waiter is not None and waiter.failed():
+                    raise waiter.error from None  # the actors stopped because pre-scoring failed: say why
+                if waiter is not None:
+                    waiter.cancel()
+                if interrupted.is_set() or isinstance(e, KeyboardInterrupt):
+                    raise KeyboardInterrupt from None  # Ray Data turned the Ctrl-C into an error of its own
+                raise unwrap_ray_error(e) from None
+            if interrupted.is_set():  # ... or swallowed it
+                if waiter is not None and waiter.failed():
+                    raise waiter.error from None
+                raise KeyboardInterrupt
+    finally:
+        bar.close()

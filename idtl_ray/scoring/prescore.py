@@ -27,6 +27,7 @@ from .common import Preprocess, setup_worker, unwrap_ray_error
 
 PRESCORE_RETRIES = 2  # a worker that dies (node lost, OOM kill) is restarted this often
 WAIT_REPORT_S = 30.0  # "still working" line while the driver waits
+PRESCORE_NAME = "idtl-prescore"
 
 
 @dataclass
@@ -108,12 +109,16 @@ def prescore(model: nn.Module, params: Any, preprocess: Preprocess, sub: Any, va
     return Prescored(s_wire, info, n_val, {"validation_gradient_s": t1 - t0, "solve_s": time.perf_counter() - t1})
 
 
-def run_prescore(model_ref: Any, params: Any, preprocess: Preprocess, sub: Any, val: Any, classes: Sequence[int] | None, config: InfluenceConfig,
-                 *, say: Callable[[str], None], gpu: bool | None = None) -> Prescored:
-    """Run :func:`prescore` as one Ray task (a GPU one when ``gpu``, or on a GPU cluster) and wait for it."""
+def start_prescore(model_ref: Any, params: Any, preprocess: Preprocess, sub: Any, val: Any,
+                   classes: Sequence[int] | None, config: InfluenceConfig, *, say: Callable[[str], None],
+                   gpu: bool | None = None, cpus: float | None = None) -> Any:
+    """Submit :func:`prescore` as one Ray task (a GPU one when ``gpu``, or on a GPU cluster); its ObjectRef.
+
+    Wait for it with :func:`wait_on_worker` (``name="idtl-prescore"``).
+    """
     what = "head factors (EK-FAC)" if config.score == "self" else "validation gradient, curvature and solve"
-    return run_on_worker(prescore, (model_ref, params, preprocess, sub, val, classes, config),
-                         name="idtl-prescore", say=say, what=what, gpu=gpu)
+    return start_on_worker(prescore, (model_ref, params, preprocess, sub, val, classes, config),
+                           name=PRESCORE_NAME, say=say, what=what, gpu=gpu, cpus=cpus)
 
 
 def single_worker(gpu: bool | None = None) -> tuple[bool, int]:
@@ -139,16 +144,31 @@ def run_on_worker(fn: Callable[..., Any], args: tuple[Any, ...], *, name: str, s
     Errors come back with their own type and text; a worker that dies is retried by Ray; an
     interrupted wait cancels the task.
     """
+    return wait_on_worker(start_on_worker(fn, args, name=name, say=say, what=what, gpu=gpu), name=name, say=say)
+
+
+def start_on_worker(fn: Callable[..., Any], args: tuple[Any, ...], *, name: str, say: Callable[[str], None],
+                    what: str, gpu: bool | None = None, cpus: float | None = None) -> Any:
+    """Submit ``fn(*args, threads=...)`` as :func:`run_on_worker` does; return its ObjectRef at once.
+
+    ``cpus``: the logical CPUs the task asks for, when not the usual one (half beside a GPU).
+    """
     import ray
 
     gpu, threads = single_worker(gpu)
-    task = ray.remote(fn).options(num_cpus=0.5 if gpu else 1, num_gpus=1 if gpu else 0, max_retries=PRESCORE_RETRIES,
-                                  retry_exceptions=False, name=name)
+    task = ray.remote(fn).options(num_cpus=cpus if cpus is not None else (0.5 if gpu else 1), num_gpus=1 if gpu else 0,
+                                  max_retries=PRESCORE_RETRIES, retry_exceptions=False, name=name)
     say(f"{what} on one {'GPU' if gpu else f'{threads}-thread CPU'} worker ...")
-    ref = task.remote(*args, threads=threads)
+    return task.remote(*args, threads=threads)
+
+
+def wait_on_worker(ref: Any, *, name: str, say: Callable[[str], None], report_s: float = WAIT_REPORT_S) -> Any:
+    """Wait for a task :func:`start_on_worker` submitted; its errors as one clear exception."""
+    import ray
+
     t0 = time.monotonic()
     try:
-        while not ray.wait([ref], timeout=WAIT_REPORT_S)[0]:
+        while not ray.wait([ref], timeout=report_s)[0]:
             say(f"{name} still running ({time.monotonic() - t0:.0f} s)")
         return ray.get(ref)
     except BaseException as e:
@@ -157,16 +177,23 @@ def run_on_worker(fn: Callable[..., Any], args: tuple[Any, ...], *, name: str, s
                 ray.cancel(ref, force=True)
         except Exception:  # the driver lost Ray: the original error is what matters
             pass
-        inner = unwrap_ray_error(e)
-        died = (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError, ray.exceptions.NodeDiedError)
-        if isinstance(inner, died):  # more often than Ray retries
-            raise IdtlError(f"the {name} worker died {PRESCORE_RETRIES + 1} times ({type(inner).__name__}): "
-                            "check the nodes' memory and `ray logs`, then re-run (score: with --resume)") from None
-        if isinstance(inner, ray.exceptions.RayError):
-            first = (str(inner).strip().splitlines() or [""])[0][:200]
-            raise IdtlError(f"the {name} task failed ({type(inner).__name__}: {first}); see `ray logs`, "
-                            "then re-run (score: with --resume)") from None
-        raise inner from None
+        raise worker_error(e, name) from None
+
+
+def worker_error(error: BaseException, name: str) -> BaseException:
+    """The user-facing form of a pre-scoring task's failure (its own error, or one line about the worker)."""
+    import ray
+
+    inner = unwrap_ray_error(error)
+    died = (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError, ray.exceptions.NodeDiedError)
+    if isinstance(inner, died):  # more often than Ray retries
+        return IdtlError(f"the {name} worker died {PRESCORE_RETRIES + 1} times ({type(inner).__name__}): "
+                         "check the nodes' memory and `ray logs`, then re-run (score: with --resume)")
+    if isinstance(inner, ray.exceptions.RayError):
+        first = (str(inner).strip().splitlines() or [""])[0][:200]
+        return IdtlError(f"the {name} task failed ({type(inner).__name__}: {first}); see `ray logs`, "
+                         "then re-run (score: with --resume)")
+    return inner
 
 
 def log(msg: str) -> None:
