@@ -1,15 +1,17 @@
 """Fine-tuning on Ray Train: from scratch, model-based and instance-based (paper 3.2-3.3, section 4).
 
 Stages of :func:`run_finetune`:
-  1. plan      load the dataset and the split (for ``instance``: the split.json beside the mask), check
-               that the mask belongs to both, pick the training sample ids
+  1. plan      open the prepared dataset (a name is prepared once into the cache) for its manifest and
+               labels only, load the split (for ``instance``: the split.json beside the mask), check
+               that the mask belongs to both, pick the training sample ids. The driver never holds images.
   2. model     build the adapted model on the driver: Xavier (``scratch``) or pre-trained weights
                (``model``/``instance``), optional hybrid init (Table 4) and freezing (Tables 3, 6)
-  3. data      the training samples -> a Ray Data dataset (sample_id, image uint8 NHWC tensor, label);
-               validation and test arrays and the initial weights go to the object store once
-  4. train     a TorchTrainer (Train V2): DDP workers read their shard, augment and normalise in the
-               worker, Adam with lr x0.1 at ``lr_drop_at`` of the epochs; a checkpoint every epoch,
-               restored after a worker failure or when the same command runs again
+  3. data      Ray Data reads and decodes the training, validation and test samples into the object
+               store (:mod:`idtl_ray.finetune_data`); the initial weights go there once too
+  4. train     a TorchTrainer (Train V2): DDP workers read their shard of ``train`` (shuffled per epoch),
+               augment and normalise in the worker, Adam with lr x0.1 at ``lr_drop_at`` of the epochs;
+               rank 0 evaluates on ``val`` and ``test``; a checkpoint every epoch, restored after a worker
+               failure or when the same command runs again (:mod:`idtl_ray.finetune_worker`)
   5. outputs   ``config.json``, ``metrics.json``/``metrics.csv``, ``curves.png``, ``final.json``,
                ``model.pt`` and ``seen_ids.npy`` (the sample ids the workers trained on in epoch 0)
 
@@ -24,13 +26,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
-import os
-import signal
-import sys
-import tempfile
-import threading
-import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -43,14 +38,16 @@ from torch import nn
 
 from . import data as D
 from . import models as M
+from .data.samples import PreparedTarget
 from .errors import IdtlError, InputError, MaskError, WeightsError
+from .finetune_data import Rows
+from .finetune_progress import Progress, Relay, emitter, epoch_line, say
+from .finetune_worker import FAULT_MARKER, _images, ids_hash, lr_at  # noqa: F401  (_images: budget.py uses it)
 from .mask import check_mask, read_mask, write_mask
-from .storage import (atomic_path, digest, ids_digest, json_digest, save_figure_atomic, write_json_atomic,
-                      write_text_atomic)
+from .storage import atomic_path, digest, json_digest, save_figure_atomic, write_json_atomic, write_text_atomic
 
 STRATEGIES = ("scratch", "model", "instance")
 STRATEGY_TITLES = {"scratch": "from Scratch", "model": "Model-based TL", "instance": "Instance-based TL"}
-FAULT_MARKER = ".fault_injected"
 
 # Fields that do not change what is trained: a rerun that differs only in these resumes the same run.
 # ``epochs``/``eval_every`` are left out too, so a rerun with more epochs continues from the checkpoint.
@@ -148,14 +145,17 @@ class FinetuneConfig:
 
 @dataclass
 class Plan:
-    """What a run trains on: the dataset, the split, the training samples and their ids."""
+    """What a run trains on: the prepared dataset (manifest and labels, no images), the split, the sample ids.
 
-    data: D.TargetData
+    ``train_ids`` are sample ids of the prepared ``train`` part; ``val`` the validation rows (carved
+    ids of ``train``, or the whole shipped ``val`` part; None without a validation set).
+    """
+
+    data: PreparedTarget
     split: D.Split | None
     split_path: Path | None
-    train: D.ImageArrays
     train_ids: np.ndarray
-    val: D.ImageArrays | None
+    val: Rows | None
     mask_path: Path | None = None
 
 
@@ -164,15 +164,19 @@ def _mask_file(mask: str) -> Path:
     return p / "mask.parquet" if p.is_dir() else p
 
 
-def make_plan(cfg: FinetuneConfig) -> Plan:
-    """Load data and split and pick the training samples (every training id, or those the mask keeps)."""
-    data = D.load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size)
+def make_plan(cfg: FinetuneConfig, *, say: Progress | None = None) -> Plan:
+    """Open the data's labels, load the split and pick the training samples (every training id, or those
+    the mask keeps). A dataset given by name is prepared into the cache first (``say`` hears about it)."""
+    from .data.cache import ensure_prepared
+    from .data.samples import open_target
+
+    data = open_target(ensure_prepared(cfg.dataset, cfg.data_dir, cfg.image_size, say=say))
     mask_path = _mask_file(cfg.mask) if cfg.mask and cfg.strategy == "instance" else None
+    shipped = Rows("val", np.arange(len(data.val), dtype=np.int64)) if data.val is not None else None
     if cfg.split == "none":
         if cfg.strategy == "instance":
             raise InputError("--split none cannot be used with --strategy instance: the mask belongs to a split")
-        ids = np.arange(len(data.train), dtype=np.int64)
-        return Plan(data, None, None, data.train, ids, data.val)
+        return Plan(data, None, None, np.arange(len(data.train), dtype=np.int64), shipped)
     if cfg.split:
         split_path = Path(cfg.split).expanduser()
     elif mask_path is not None or cfg.mask and (_mask_file(cfg.mask).parent / "split.json").is_file():
@@ -185,9 +189,10 @@ def make_plan(cfg: FinetuneConfig) -> Plan:
         if not split_path.is_file():  # a rerun reuses the split it made (it is deterministic anyway)
             D.make_split(data, cfg.val_fraction, cfg.seed).save(split_path)
     split = D.Split.load(split_path)
-    train, val, ids = D.apply_split(data, split)
+    _, _, ids = D.apply_split(data, split)  # refuses a split of another dataset
+    val = shipped if split.val_source == "shipped" else Rows("train", np.asarray(split.val_ids, dtype=np.int64))
     if mask_path is None:
-        return Plan(data, split, split_path, train, ids, val)
+        return Plan(data, split, split_path, ids, val)
     mask = read_mask(mask_path)
     check_mask(mask, data.fingerprint(), split.fingerprint(), data.name)
     kept = mask.kept_ids
@@ -197,8 +202,7 @@ def make_plan(cfg: FinetuneConfig) -> Plan:
                         f"(e.g. {int(outside[0])}); re-run `idtl-ray score`")  # fmt: skip
     if kept.size == 0:
         raise MaskError(f"the mask {mask_path} keeps no samples; lower --drop-threshold or set --drop-budget when scoring")
-    sel = np.flatnonzero(np.isin(ids, kept))
-    return Plan(data, split, split_path, train.take(sel), ids[sel], val, mask_path)
+    return Plan(data, split, split_path, ids[np.isin(ids, kept)], val, mask_path)
 
 
 # ── Stage 2: model ────────────────────────────────────────────────────────────────────────────────
@@ -234,7 +238,7 @@ def _adapted_model_path(cfg: FinetuneConfig) -> Path | None:
     return None
 
 
-def _load_adapted(model: nn.Module, path: Path, data: D.TargetData | None) -> None:
+def _load_adapted(model: nn.Module, path: Path, data: PreparedTarget | D.TargetData | None) -> None:
     adapted, meta = M.load_checkpoint(path)
     want = {k: model.idtl_config[k] for k in ("model_name", "num_classes", "in_channels", "image_size")}
     have = {k: adapted.idtl_config[k] for k in want}
@@ -247,7 +251,8 @@ def _load_adapted(model: nn.Module, path: Path, data: D.TargetData | None) -> No
 
 
 def build_finetune_model(
-    cfg: FinetuneConfig, num_classes: int, in_channels: int, image_size: int, data: D.TargetData | None = None
+    cfg: FinetuneConfig, num_classes: int, in_channels: int, image_size: int,
+    data: PreparedTarget | D.TargetData | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Build the model a run starts from: strategy init, then hybrid init, then freezing.
 
@@ -290,14 +295,14 @@ def trainable_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _arch(data: D.TargetData) -> tuple[int, int, int]:
+def _arch(data: PreparedTarget | D.TargetData) -> tuple[int, int, int]:
     h, _, c = data.image_shape
     return data.num_classes, c, h
 
 
 def dry_run(cfg: FinetuneConfig) -> str:
     """The layer table after hybrid init and freezing, trainable params, and the training sample count."""
-    plan = make_plan(cfg)
+    plan = make_plan(cfg, say=say)
     model, info = build_finetune_model(cfg, *_arch(plan.data), data=plan.data)
     total = sum(p.numel() for p in model.parameters())
     lines = [
@@ -309,200 +314,6 @@ def dry_run(cfg: FinetuneConfig) -> str:
         + (f" (mask {plan.mask_path})" if plan.mask_path else ""),
     ]
     return "\n".join(lines)
-
-
-# ── Stage 3: data ─────────────────────────────────────────────────────────────────────────────────
-
-
-def to_ray_dataset(x: np.ndarray, y: np.ndarray, ids: np.ndarray, blocks: int = 16) -> Any:
-    """Columns sample_id (int64), image (ArrowTensorArray uint8 NHWC), label (int64), in ``blocks`` blocks.
-
-    Several blocks let ``streaming_split`` hand work to every worker.
-    """
-    import pyarrow as pa
-    import ray.data
-    from ray.data.extensions import ArrowTensorArray
-
-    n = len(ids)
-    step = max(1, math.ceil(n / max(1, blocks)))
-    tables = [
-        pa.table({
-            "sample_id": pa.array(np.asarray(ids[i : i + step], dtype=np.int64)),
-            "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(x[i : i + step])),
-            "label": pa.array(np.asarray(y[i : i + step], dtype=np.int64)),
-        })
-        for i in range(0, n, step)
-    ]  # fmt: skip
-    return ray.data.from_arrow(tables)
-
-
-def _exact_split_config() -> Any:
-    """A DataConfig whose split keeps every row.
-
-    Ray's default ``streaming_split(equal=True)`` drops up to ``workers - 1`` rows to even the shards,
-    so instance training would silently lose kept samples; the uneven shards this leaves are handled
-    by DDP's ``join()`` in the worker.
-    """
-    import ray.train
-
-    class ExactSplitDataConfig(ray.train.DataConfig):
-        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):  # type: ignore[no-untyped-def]
-            out: list[dict[str, Any]] = [{} for _ in range(world_size)]
-            hints = worker_node_ids if self._enable_shard_locality else None
-            for name, ds in datasets.items():
-                ds = ds.copy(ds)
-                ds.context.execution_options = self.default_ingest_options()
-                for i, it in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
-                    out[i][name] = it
-            return out
-
-    return ExactSplitDataConfig()
-
-
-# ── Stage 4: train (runs in every Ray Train worker) ───────────────────────────────────────────────
-
-
-def lr_at(cfg: FinetuneConfig, epoch: int) -> float:
-    """Learning rate of ``epoch``: ``lr``, x0.1 from epoch ``max(1, round(lr_drop_at * epochs))`` on."""
-    drop = max(1, int(round(cfg.lr_drop_at * cfg.epochs)))
-    return cfg.lr * (0.1 if cfg.lr_drop_at < 1.0 and epoch >= drop else 1.0)
-
-
-def _images(x: np.ndarray, aug: Callable[[torch.Tensor], torch.Tensor] | None, mean: Any, std: Any) -> torch.Tensor:
-    """uint8 NHWC -> normalised float NCHW; augmentation per sample on [0, 1] CHW tensors (as ImageDataset)."""
-    if aug is None:
-        return D.to_tensor(x, mean, std)
-    t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float().div_(255.0)
-    t = torch.stack([aug(s) for s in t])
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (t - m) / s
-
-
-@torch.no_grad()
-def _accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, mean: Any, std: Any, device: torch.device) -> float:
-    model.eval()
-    correct = 0
-    for i in range(0, len(y), 512):
-        logits = model(D.to_tensor(x[i : i + 512], mean, std).to(device))
-        correct += int((logits.argmax(1).cpu() == torch.as_tensor(y[i : i + 512])).sum())
-    return correct / max(1, len(y))
-
-
-def _frozen_bn_eval(model: nn.Module) -> None:
-    """Keep BatchNorms of frozen layers in eval mode, so their running statistics stay pre-trained too."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and not m.weight.requires_grad:
-            m.eval()
-
-
-# 16-hex sha256 of the sorted int64 ids (order-free fingerprint of a multiset of sample ids)
-ids_hash = ids_digest
-
-
-def _train_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker loop (every rank): restore, train, evaluate on rank 0, checkpoint, report."""
-    import ray
-    import ray.train
-    import ray.train.torch
-    import torch.distributed as dist
-
-    cfg = FinetuneConfig(**config["cfg"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    # the driver's model object itself: unpickling needs no torchvision import for sample-cnn (slow to start)
-    model = ray.get(config["init_model"])
-    apply_freeze(model, cfg)
-    start, history, attempts, seen = 0, [], [], None
-    opt_state = None
-    if ckpt := ray.train.get_checkpoint():
-        with ckpt.as_directory() as d:
-            st = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
-            seen = np.load(Path(d) / "seen_ids.npy")
-        model.load_state_dict(st["model"])
-        opt_state, start = st["optimizer"], int(st["epoch"]) + 1
-        history, attempts = list(st["history"]), list(st["attempts"])
-    attempts.append(start)  # where this worker group began: 0 for a fresh run, k+1 after a restore
-    device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(model)
-    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
-    torch.manual_seed(cfg.seed * 1000 + rank + 7919 * start)
-    evals = ray.get(config["eval"]) if rank == 0 else None  # only rank 0 evaluates
-    mean, std = config["mean"], config["std"]
-    aug = config["augment"]
-    shard = ray.train.get_dataset_shard("train")
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
-
-    def save_and_report(epoch: int, row: dict[str, Any]) -> None:
-        metrics = {k: v for k, v in row.items() if v is not None}
-        metrics.update(start_epoch=start, n_seen_epoch0=len(seen), seen_hash=ids_hash(seen))
-        with tempfile.TemporaryDirectory() as d:
-            ck = None
-            if rank == 0:  # one copy of the state; every rank still calls report (V2 barrier)
-                torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                            "history": history, "attempts": attempts}, Path(d) / "state.pt")  # fmt: skip
-                np.save(Path(d) / "seen_ids.npy", seen)
-                ck = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=ck, checkpoint_dir_name=f"checkpoint_epoch={epoch:05d}")
-
-    for epoch in range(start, cfg.epochs):
-        lr = lr_at(cfg, epoch)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        model.train()
-        _frozen_bn_eval(net)
-        loss_sum, count, epoch_ids = 0.0, 0, []
-        # DDP.join(): shards may differ by a few rows (no row is dropped), so ranks run unequal step counts
-        join = model.join() if isinstance(model, nn.parallel.DistributedDataParallel) else nullcontext()
-        with join:
-            batches = shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
-                                         local_shuffle_buffer_size=max(cfg.batch_size, min(4096, config["n_train"])),
-                                         local_shuffle_seed=cfg.seed + 1000 * epoch + rank)  # fmt: skip
-            for b, batch in enumerate(batches):
-                if cfg.fault_inject_kill_epoch == epoch and rank == 0 and b == 1:
-                    marker = Path(cfg.out_dir) / FAULT_MARKER
-                    if not marker.exists():
-                        # the controller collects reports asynchronously: wait until the last
-                        # checkpoint is registered, so the test knows which one the restart must use
-                        ray.train.get_all_reported_checkpoints(timeout_s=120)
-                        marker.parent.mkdir(parents=True, exist_ok=True)
-                        marker.write_text(f"killed pid {os.getpid()} in epoch {epoch}\n")
-                        os.kill(os.getpid(), signal.SIGKILL)
-                xb = _images(batch["image"], aug, mean, std).to(device)
-                yb = torch.as_tensor(batch["label"], dtype=torch.long).to(device)
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(xb), yb)
-                (loss / len(yb)).backward()
-                opt.step()
-                loss_sum += float(loss.detach())
-                count += len(yb)
-                if epoch == 0:
-                    epoch_ids.append(np.asarray(batch["sample_id"], dtype=np.int64))
-        totals = torch.tensor([loss_sum, float(count)], dtype=torch.float64, device=device)  # NCCL needs device tensors
-        if epoch == 0:
-            mine = np.concatenate(epoch_ids) if epoch_ids else np.zeros(0, np.int64)
-            parts = [mine]
-            if world > 1 and dist.is_initialized():
-                parts = [None] * world
-                dist.all_gather_object(parts, mine)
-            seen = np.concatenate(parts).astype(np.int64)
-        if world > 1 and dist.is_initialized():
-            dist.all_reduce(totals)
-        totals = totals.cpu()
-        row: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": float(totals[0] / max(1.0, float(totals[1]))),
-                               "val_acc": None, "test_error": None}  # fmt: skip
-        if rank == 0 and ((epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1):
-            if evals["val_x"] is not None and len(evals["val_y"]):
-                row["val_acc"] = 100.0 * _accuracy(net, evals["val_x"], evals["val_y"], mean, std, device)
-            row["test_error"] = 100.0 * (1.0 - _accuracy(net, evals["test_x"], evals["test_y"], mean, std, device))
-        history.append(row)
-        save_and_report(epoch, row)
-    if start >= cfg.epochs and history:
-        # a finished run started again: hand its final state back as this run's checkpoint (0 more epochs)
-        save_and_report(start - 1, history[-1])
 
 
 # ── Stage 5: outputs ──────────────────────────────────────────────────────────────────────────────
@@ -564,125 +375,12 @@ def _check_resources(cfg: FinetuneConfig) -> None:
                          f"has {res.get('GPU', 0.0):g}; pass --gpus-per-worker 0 or join a GPU cluster with --address")  # fmt: skip
 
 
-# ── Progress: epochs as Ray Train reports them, printed by the driver ─────────────────────────────
+def _finished_run(cfg: FinetuneConfig, out: Path, plan: Plan, emit: Progress | None) -> tuple[str, dict[str, Any] | None]:
+    """The digest of the training ids, and the saved result when ``out`` already holds this run, finished.
 
-Progress = Callable[[str], None]
-
-
-def say(msg: str) -> None:
-    """A progress line on stderr (as `score` prints them), flushed at once."""
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _emitter(progress: bool | Progress | None, prefix: str = "") -> Progress | None:
-    """``True`` -> lines on stderr; a callable receives the lines; ``False``/``None`` -> silent."""
-    if not progress:
-        return None
-    emit = say if progress is True else progress
-    return (lambda msg: emit(prefix + msg)) if prefix else emit
-
-
-def epoch_line(row: dict[str, Any], epochs: int, elapsed_s: float) -> str:
-    """``epoch 2/10: train loss 0.4123, val acc 91.20%, test error 8.35% (63 s)``."""
-    parts = [f"epoch {int(row['epoch']) + 1}/{epochs}: train loss {row['train_loss']:.4f}"]
-    if row.get("val_acc") is not None:
-        parts.append(f"val acc {row['val_acc']:.2f}%")
-    if row.get("test_error") is not None:
-        parts.append(f"test error {row['test_error']:.2f}%")
-    return ", ".join(parts) + f" ({elapsed_s:.0f} s)"
-
-
-class _ProgressBoard:
-    """A mailbox actor: Ray Train's controller posts each epoch's metrics, the driver takes them.
-
-    The controller (where callbacks run) is an actor of its own, and the workers too: with
-    ``log_to_driver=False`` none of their prints reach the user, so the driver prints instead.
+    The config names the mask by its path; what it keeps can change (a re-scored mask). A run trained
+    on other samples must not be resumed or returned as if it were this one.
     """
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, Any]] = []
-
-    def put(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
-
-    def take(self) -> list[dict[str, Any]]:
-        rows, self.rows = self.rows, []
-        return rows
-
-
-def _epoch_callback(board: Any) -> Any:
-    """A Ray Train ``UserCallback`` that posts rank 0's metrics of every report to ``board``."""
-    from ray.train import UserCallback
-
-    class EpochReporter(UserCallback):
-        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-            if metrics and "epoch" in metrics[0]:
-                board.put.remote(dict(metrics[0]))
-
-    return EpochReporter()
-
-
-class _Relay:
-    """While ``trainer.fit()`` blocks the driver, a thread prints the epochs the board receives."""
-
-    def __init__(self, emit: Progress, epochs: int, poll_s: float = 0.5):
-        import ray
-
-        self.emit, self.epochs, self.poll_s = emit, epochs, poll_s
-        self.board = ray.remote(_ProgressBoard).options(num_cpus=0).remote()  # needs no CPU: never blocks a worker
-        self.callback = _epoch_callback(self.board)
-        self.t0 = time.monotonic()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="idtl-train-progress", daemon=True)
-
-    def __enter__(self) -> _Relay:
-        self._thread.start()
-        return self
-
-    def _drain(self) -> None:
-        import ray
-
-        for row in ray.get(self.board.take.remote(), timeout=10):
-            # a finished run started again re-reports its last epoch (start_epoch is past it): not news
-            if int(row["epoch"]) >= int(row.get("start_epoch", 0)):
-                self.emit(epoch_line(row, self.epochs, time.monotonic() - self.t0))
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            try:
-                self._drain()
-            except Exception:  # progress must never break training (e.g. Ray shutting down)
-                return
-
-    def __exit__(self, *exc: Any) -> None:
-        import ray
-
-        self._stop.set()
-        self._thread.join(timeout=15)
-        try:
-            self._drain()  # the last epoch's row, reported just before fit() returned
-        except Exception:
-            pass
-        ray.kill(self.board)
-
-
-def run_finetune(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None, run_name: str | None = None,
-                 progress: bool | Progress = False) -> dict[str, Any]:
-    """Train one strategy with Ray Train and write the run directory; returns the ``final.json`` dict.
-
-    Running it again with the same ``out`` and config resumes: a finished run returns its saved
-    results at once, an interrupted one continues from its last checkpoint. ``callbacks`` (Ray Train
-    ``UserCallback``s, e.g. Tune's ``TuneReportCallback``) and ``run_name`` are for :mod:`idtl_ray.sweep`.
-    ``progress``: ``True`` prints a line per epoch on stderr (loss, validation accuracy, test error,
-    elapsed time), a callable receives those lines instead; off by default (Tune trials, tests).
-    """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    out = _check_out_dir(cfg)
-    plan = make_plan(cfg)
-    # The config names the mask by its path; what it keeps can change (a re-scored mask). A run trained
-    # on other samples must not be resumed or returned as if it were this one.
     ids_sha = digest(np.asarray(plan.train_ids, dtype=np.int64))  # in plan order (unlike ids_hash)
     prev = out / "config.json"
     if prev.is_file():
@@ -690,32 +388,31 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None, run
         if old_sha is not None and old_sha != ids_sha:
             raise InputError(f"{out} holds a run trained on other samples (the mask changed since; it now keeps "
                              f"{len(plan.train_ids)}): choose another --out, or remove that directory to retrain")
-    emit = _emitter(progress)
     final_path = out / "final.json"
     if final_path.is_file():
         final = json.loads(final_path.read_text(encoding="utf-8"))
         if final.get("epochs") == cfg.epochs and (out / "model.pt").is_file():
             if emit:
                 emit(f"{out} already holds the finished run ({cfg.epochs} epochs): nothing to train")
-            return final
-    model, info = build_finetune_model(cfg, *_arch(plan.data), data=plan.data)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic({**cfg.to_dict(), "train_ids_sha": ids_sha}, out / "config.json")
-    from .scoring import ensure_ray
+            return ids_sha, final
+    return ids_sha, None
 
-    ensure_ray(cfg.address)
-    _check_resources(cfg)
 
+def _trainer(cfg: FinetuneConfig, out: Path, plan: Plan, model: nn.Module, name: str, callbacks: list[Any]) -> Any:
+    """The TorchTrainer of a run: the samples as Ray Datasets (read now), the model once in the object store."""
     import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
 
-    test = plan.data.test
-    evals = {"val_x": plan.val.x if plan.val is not None else None, "val_y": plan.val.y if plan.val is not None else None,
-             "test_x": test.x, "test_y": test.y}  # fmt: skip
+    from .finetune_data import exact_split_config, train_datasets
+    from .finetune_worker import train_worker
+
+    datasets = train_datasets(plan.data, plan.train_ids, plan.val, cfg.workers)
     loop_config = {
         "cfg": replace(cfg, out=str(out)).to_dict(),  # absolute: Ray Train changes the workers' cwd
         "init_model": ray.put(model),  # once in the object store instead of once per worker config
         "augment": D.augmentation(cfg.dataset) if cfg.augment else None,
-        "eval": ray.put(evals),
+        "eval_sets": sorted(set(datasets) - {"train"}),
         "mean": plan.data.mean,
         "std": plan.data.std,
         "n_train": int(len(plan.train_ids)),
@@ -723,13 +420,8 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None, run
     resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
     if cfg.gpus_per_worker > 0:
         resources["GPU"] = cfg.gpus_per_worker
-    name = run_name or cfg.run_name()
-    relay = _Relay(emit, cfg.epochs) if emit else None
-    if emit:
-        emit(f"training {cfg.model} on {len(plan.train_ids)} samples of {cfg.dataset} for {cfg.epochs} epoch"
-             f"{'s' if cfg.epochs > 1 else ''} on {cfg.workers} Ray Train worker{'s' if cfg.workers > 1 else ''}")
-    trainer = TorchTrainer(
-        _train_worker,
+    return TorchTrainer(
+        train_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
                                                resources_per_worker=resources),  # fmt: skip
@@ -738,11 +430,15 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None, run
             storage_path=str(out / "ray"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=[*(callbacks or []), *([relay.callback] if relay else [])] or None,
+            callbacks=callbacks or None,
         ),
-        datasets={"train": to_ray_dataset(plan.train.x, plan.train.y, plan.train_ids, blocks=8 * cfg.workers)},
-        dataset_config=_exact_split_config(),
+        datasets=datasets,
+        dataset_config=exact_split_config(),
     )
+
+
+def _fit(trainer: Any, name: str, out: Path, relay: Relay | None) -> tuple[dict[str, Any], np.ndarray]:
+    """Run the trainer; the final checkpoint's state and the sample ids seen in epoch 0, or one-line errors."""
     try:
         with relay or nullcontext():
             result = trainer.fit()
@@ -756,6 +452,40 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None, run
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
         seen = np.load(Path(d) / "seen_ids.npy")
+    return state, seen
+
+
+def run_finetune(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None, run_name: str | None = None,
+                 progress: bool | Progress = False) -> dict[str, Any]:
+    """Train one strategy with Ray Train and write the run directory; returns the ``final.json`` dict.
+
+    Running it again with the same ``out`` and config resumes: a finished run returns its saved
+    results at once, an interrupted one continues from its last checkpoint. ``callbacks`` (Ray Train
+    ``UserCallback``s, e.g. Tune's ``TuneReportCallback``) and ``run_name`` are for :mod:`idtl_ray.sweep`.
+    ``progress``: ``True`` prints a line per epoch on stderr (loss, validation accuracy, test error,
+    elapsed time), a callable receives those lines instead; off by default (Tune trials, tests).
+    The images never enter this process: Ray Data reads them into the object store for the workers.
+    """
+    out = _check_out_dir(cfg)
+    emit = emitter(progress)
+    plan = make_plan(cfg, say=emit)
+    ids_sha, final = _finished_run(cfg, out, plan, emit)
+    if final is not None:
+        return final
+    model, info = build_finetune_model(cfg, *_arch(plan.data), data=plan.data)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic({**cfg.to_dict(), "train_ids_sha": ids_sha}, out / "config.json")
+    from .scoring import ensure_ray
+
+    ensure_ray(cfg.address)
+    _check_resources(cfg)
+    name = run_name or cfg.run_name()
+    relay = Relay(emit, cfg.epochs) if emit else None
+    if emit:
+        emit(f"training {cfg.model} on {len(plan.train_ids)} samples of {cfg.dataset} for {cfg.epochs} epoch"
+             f"{'s' if cfg.epochs > 1 else ''} on {cfg.workers} Ray Train worker{'s' if cfg.workers > 1 else ''}")
+    trainer = _trainer(cfg, out, plan, model, name, [*(callbacks or []), *([relay.callback] if relay else [])])
+    state, seen = _fit(trainer, name, out, relay)
     model.load_state_dict(state["model"])
     return _write_outputs(cfg, plan, out, model, state, seen, info, name)
 
@@ -823,13 +553,13 @@ def pretrain(dataset: str, model: str, epochs: int, out: str | Path, batch_size:
                          batch_size=batch_size, lr=lr, lr_drop_at=1.0, seed=seed, data_dir=data_dir,
                          image_size=image_size, workers=workers, cpus_per_worker=cpus_per_worker,
                          gpus_per_worker=gpus_per_worker, address=address, out=str(path) + ".run")  # fmt: skip
-    final = run_finetune(cfg, progress=_emitter(progress, "pretrain: ") or False)
+    final = run_finetune(cfg, progress=emitter(progress, "pretrain: ") or False)
     trained, run_meta = M.load_checkpoint(Path(cfg.out_dir) / "model.pt")
-    classes = run_meta.get("classes") or list(D.load_dataset(dataset, data_dir, image_size=image_size).classes)
+    classes = run_meta.get("classes") or make_plan(cfg).data.classes  # labels only, as the run read them
     meta = {"dataset": dataset, "classes": list(classes), "dataset_fingerprint": final["dataset_fingerprint"],
             "epochs": final["epochs"], "test_error": final["test_error"]}  # fmt: skip
     M.save_checkpoint(path, trained, meta)
-    if emit := _emitter(progress, "pretrain: "):
+    if emit := emitter(progress, "pretrain: "):
         emit(f"wrote {path} (test error {final['test_error']:.2f}%)")
     return {**meta, "path": str(path)}
 
@@ -941,9 +671,9 @@ def run_compare(dataset: str, model: str, weights: str, epochs: int, *, out: str
 
     def announce(i: int, name: str, title: str, cfg: FinetuneConfig) -> bool | Progress:
         """Say which run starts; the run's own lines get its name as prefix."""
-        if emit := _emitter(progress):
+        if emit := emitter(progress):
             emit(f"compare: run {i} of {runs}, {name} ({title}, {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''})")
-        return _emitter(progress, f"compare {name}: ") or False
+        return emitter(progress, f"compare {name}: ") or False
 
     for i, strategy in enumerate(STRATEGIES, 1):
         cfg = FinetuneConfig(dataset=dataset, model=model, weights=weights, strategy=strategy,
@@ -972,7 +702,7 @@ def config_from(base: FinetuneConfig, **changes: Any) -> FinetuneConfig:
 
 
 __all__ = [
-    "FinetuneConfig", "Plan", "TrainingError", "apply_freeze", "build_finetune_model", "compare_table", "config_from",
-    "dry_run", "ids_hash", "lr_at", "make_plan", "plot_curves", "pretrain", "run_compare", "run_finetune",
-    "to_ray_dataset", "trainable_params",
+    "FAULT_MARKER", "FinetuneConfig", "Plan", "TrainingError", "apply_freeze", "build_finetune_model", "compare_table", "config_from",
+    "dry_run", "epoch_line", "ids_hash", "lr_at", "make_plan", "plot_curves", "pretrain", "run_compare",
+    "run_finetune", "say", "trainable_params",
 ]  # fmt: skip

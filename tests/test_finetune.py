@@ -1,6 +1,8 @@
 """Fine-tuning (issue 4): freezing, hybrid init, mask checks, and real Ray Train runs on `digits`.
 
-The Ray tests train sample-cnn on scikit-learn's 8x8 digits (1438 training images) for 1-2 epochs.
+The Ray tests train sample-cnn on scikit-learn's 8x8 digits (1438 training images) for 1-2 epochs,
+with every image loader of the driver process guarded (issue 11: the driver never holds the dataset;
+Ray Data reads the images for the workers).
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ import json
 import math
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,6 +37,25 @@ from idtl_ray.finetune import (
 from idtl_ray.mask import read_mask, write_mask
 
 DIGITS = (10, 1, 8)  # num_classes, in_channels, image_size of `digits`
+
+
+@contextmanager
+def images_refused() -> Iterator[None]:
+    """Every way the driver could load images raises (Ray's workers are other processes: unguarded)."""
+    import idtl_ray.data as data_pkg
+    import idtl_ray.data.readers as readers
+    import idtl_ray.data.registry as registry
+    from idtl_ray.data.samples import RaySamples
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the driver loaded the images")
+
+    with pytest.MonkeyPatch.context() as mp:
+        for owner, fn in ((data_pkg, "load_dataset"), (registry, "load_dataset"), (data_pkg, "load_prepared"),
+                          (readers, "load_prepared"), (data_pkg, "read_prepared"), (readers, "read_prepared"),
+                          (RaySamples, "gather")):  # fmt: skip
+            mp.setattr(owner, fn, refuse)
+        yield
 
 
 def _source_checkpoint(path: Path, seed: int = 123) -> dict[str, torch.Tensor]:
@@ -129,6 +152,38 @@ def test_instance_refuses_a_mask_made_for_another_split(tmp_path: Path) -> None:
     assert np.array_equal(plan.train_ids, other.train_ids)
     with pytest.raises(InputError, match="needs --mask"):
         FinetuneConfig(strategy="instance", weights=str(ckpt))
+
+
+def _arrays(obj: object) -> Iterator[np.ndarray]:
+    """Every numpy array reachable from ``obj`` through dataclass fields, dicts, lists and tuples."""
+    import dataclasses
+
+    if isinstance(obj, np.ndarray):
+        yield obj
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from _arrays(getattr(obj, f.name))
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _arrays(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _arrays(v)
+
+
+def test_the_plan_holds_labels_and_ids_not_images(tmp_path: Path) -> None:
+    """Issue 11: the driver plans a run from the prepared dataset's labels; no image loader is called."""
+    mask, kept = _mask_dir(tmp_path)
+    ckpt = tmp_path / "src.pt"
+    _source_checkpoint(ckpt)
+    cfg = FinetuneConfig(strategy="instance", mask=str(mask), weights=str(ckpt))
+    with images_refused():
+        plan = make_plan(cfg)
+        assert f"training samples: {len(kept):,} of 1,438" in dry_run(cfg)
+    arrays = list(_arrays(plan))
+    assert arrays and all(a.ndim == 1 and a.dtype != np.uint8 for a in arrays)  # ids and labels only
+    assert np.array_equal(np.sort(plan.train_ids), kept)
+    assert plan.val.part == "train" and np.array_equal(plan.val.ids, D.Split.load(tmp_path / "split.json").val_ids)
 
 
 def test_lr_drops_tenfold_at_half_the_epochs() -> None:
@@ -231,8 +286,47 @@ def killed_run(ray_session, tmp_path_factory: pytest.TempPathFactory) -> dict:
     cfg = FinetuneConfig(strategy="instance", mask=str(mask), weights=str(ckpt), epochs=2, batch_size=64, workers=2,
                          cpus_per_worker=0.5, out=str(out), fault_inject_kill_epoch=1)  # fmt: skip
     lines: list[str] = []
-    final = run_finetune(cfg, progress=lines.append)
+    with images_refused():
+        final = run_finetune(cfg, progress=lines.append)
     return {"cfg": cfg, "kept": kept, "out": out, "final": final, "lines": lines}
+
+
+def _npz(path: Path, val: bool) -> tuple[str, dict[str, np.ndarray]]:
+    """A small npz dataset (8x8 grey, 3 classes), with a shipped validation split or without."""
+    rng = np.random.default_rng(0)
+    sizes = {"train": 90, "test": 30, **({"val": 20} if val else {})}
+    x = {s: rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8) for s, n in sizes.items()}
+    np.savez(path, **{f"x_{s}": v for s, v in x.items()}, **{f"y_{s}": np.arange(len(v)) % 3 for s, v in x.items()})
+    return f"npz:{path}", x
+
+
+def _by_id(ds) -> tuple[np.ndarray, np.ndarray]:
+    """(sample ids, images) of a Ray Dataset, in its block order."""
+    batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    return np.concatenate([b["sample_id"] for b in batches]), np.concatenate([b["x"] for b in batches])
+
+
+@pytest.mark.parametrize("shipped", [False, True])
+def test_train_datasets_hold_exactly_the_planned_rows(ray_session, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      shipped: bool) -> None:  # fmt: skip
+    """What each Train worker reads: the training ids (any subset), the validation rows (carved from the
+    training split, or the shipped split) and the whole test split, with the images of those ids."""
+    from idtl_ray.finetune_data import train_datasets
+
+    monkeypatch.setenv("IDTL_CACHE_DIR", str(tmp_path / "cache"))
+    name, x = _npz(tmp_path / "d.npz", val=shipped)
+    plan = make_plan(FinetuneConfig(dataset=name, strategy="scratch", out=str(tmp_path / "run")))
+    subset = plan.train_ids[::2]
+    with images_refused():
+        sets = train_datasets(plan.data, subset, plan.val, workers=2)
+    assert sets["train"].num_blocks() >= 4  # enough blocks for the streaming split to feed both workers
+    want = {"train": ("train", subset), "val": ("val" if shipped else "train", plan.val.ids),
+            "test": ("test", np.arange(30))}
+    for key, (part, ids) in want.items():
+        got_ids, got_x = _by_id(sets[key])
+        assert np.array_equal(np.sort(got_ids), np.sort(ids)), key
+        assert np.array_equal(got_x, x[part][got_ids]), key
+    assert plan.val.part == ("val" if shipped else "train") and len(plan.val.ids) == (20 if shipped else 9)
 
 
 def test_instance_training_sees_exactly_the_kept_ids(killed_run: dict) -> None:
@@ -250,7 +344,8 @@ def test_instance_training_sees_exactly_the_kept_ids(killed_run: dict) -> None:
 
 def test_epoch_progress_reaches_the_driver(killed_run: dict) -> None:
     """The workers and Ray Train's controller print nowhere the user sees: the driver prints each epoch."""
-    lines, n = killed_run["lines"], len(killed_run["kept"])
+    n = len(killed_run["kept"])
+    lines = [ln for ln in killed_run["lines"] if not ln.startswith(("preparing ", "prepared "))]  # a fresh cache
     assert lines[0] == f"training sample-cnn on {n} samples of digits for 2 epochs on 2 Ray Train workers"
     epochs = [ln for ln in lines[1:] if ln.startswith("epoch ")]
     assert [ln.split(":")[0] for ln in epochs] == ["epoch 1/2", "epoch 2/2"], lines  # each once, the restart included

@@ -1,0 +1,118 @@
+"""The samples of a fine-tuning run as Ray Datasets: the driver picks sample ids, Ray Data reads the images.
+
+The driver of :func:`idtl_ray.finetune.run_finetune` holds the prepared dataset's labels and the ids
+to train on, never the images. :func:`train_datasets` reads the prepared shards with
+``read_parquet``, decodes them in ``map_batches`` tasks on any node's CPUs
+(:func:`idtl_ray.data.samples.read_samples`), keeps the rows whose ``sample_id`` the run wants, and
+computes the blocks into Ray's object store before training starts, because:
+
+- the Train workers may hold every CPU (2 workers x 1 CPU on a 2-CPU machine), and a read task
+  could then never be scheduled beside them;
+- every epoch and every evaluation then reads decoded blocks, not files, in a fixed block order,
+  so that a seed reproduces a run.
+
+:func:`exact_split_config` hands each worker its shard of ``train`` (no row dropped) and the whole
+``val`` and ``test`` sets (rank 0 evaluates on them).
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .data.samples import READ_CPUS, PreparedTarget, read_samples
+from .errors import DataError
+
+# Rows per decoded block: at most this many (a 224 px RGB block stays near 150 MB) ...
+MAX_BLOCK_ROWS = 1024
+# ... and at least this many blocks per Train worker, so the streaming split can balance the shards.
+BLOCKS_PER_WORKER = 8
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The rows of one prepared part ("train", "val" or "test") that a dataset takes, by sample id."""
+
+    part: str
+    ids: np.ndarray
+
+
+def _keep_rows(batch: Any, wanted: np.ndarray) -> Any:
+    """``map_batches`` function: the rows of a pyarrow batch whose ``sample_id`` is marked in ``wanted``."""
+    return batch.filter(wanted[batch.column("sample_id").to_numpy()])
+
+
+def _part_size(target: PreparedTarget, part: str) -> int:
+    labels = {"train": target.train, "val": target.val, "test": target.test}[part]
+    return 0 if labels is None else len(labels)
+
+
+def read_rows(target: PreparedTarget, rows: Rows, block_rows: int) -> Any:
+    """The samples ``rows`` as a materialized Ray Dataset (``x`` uint8 HWC, ``label``, ``sample_id``).
+
+    The ids travel once, as a boolean per sample id of the part, inside the filter's task; a filter
+    that would keep every row is left out.
+    """
+    n = _part_size(target, rows.part)
+    wanted = np.zeros(n, dtype=bool)
+    wanted[np.asarray(rows.ids, dtype=np.int64)] = True
+    ds = read_samples(target, rows.part, block_rows, materialize=False)
+    if not wanted.all():
+        ds = ds.map_batches(_keep_rows, batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS,
+                            fn_kwargs={"wanted": wanted})  # fmt: skip
+    ds.context.execution_options.preserve_order = True  # blocks in shard order: a seed reproduces the epochs
+    ds = ds.materialize()
+    if ds.count() != int(wanted.sum()):  # metadata only: the blocks stay in the object store
+        raise DataError(f"{target.location}: {ds.count()} of the {int(wanted.sum())} wanted {rows.part} samples were "
+                        f"read; prepare the dataset again (idtl-ray prepare)")  # fmt: skip
+    return ds
+
+
+def train_datasets(target: PreparedTarget, train_ids: np.ndarray, val: Rows | None, workers: int) -> dict[str, Any]:
+    """``{"train", "val", "test"}`` Ray Datasets of a run (``val``/``test`` absent when there are none).
+
+    ``train`` comes in ``BLOCKS_PER_WORKER`` blocks per worker (fewer, larger ones only past
+    ``MAX_BLOCK_ROWS``); the evaluation sets, read whole by rank 0, in large blocks.
+    """
+    n = _part_size(target, "train")
+    rows = max(1, min(MAX_BLOCK_ROWS, math.ceil(n / (BLOCKS_PER_WORKER * workers))))
+    jobs = {"train": (Rows("train", train_ids), rows)}
+    if val is not None and len(val.ids):
+        jobs["val"] = (val, MAX_BLOCK_ROWS)
+    if len(target.test):
+        jobs["test"] = (Rows("test", np.arange(len(target.test))), MAX_BLOCK_ROWS)
+    # read concurrently: a small set's Ray Data execution mostly waits on task start-up, so they overlap well
+    with ThreadPoolExecutor(len(jobs), thread_name_prefix="idtl-read") as pool:
+        futures = {name: pool.submit(read_rows, target, r, b) for name, (r, b) in jobs.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def exact_split_config() -> Any:
+    """A DataConfig that splits only ``train``, keeping every row, and gives every worker all of the others.
+
+    Ray's default ``streaming_split(equal=True)`` drops up to ``workers - 1`` rows to even the shards,
+    so instance training would silently lose kept samples; the uneven shards this leaves are handled
+    by DDP's ``join()`` in the worker.
+    """
+    import ray.train
+
+    class ExactSplitDataConfig(ray.train.DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):  # type: ignore[no-untyped-def]
+            out: list[dict[str, Any]] = [{} for _ in range(world_size)]
+            hints = worker_node_ids if self._enable_shard_locality else None
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.context.execution_options = self.default_ingest_options()
+                if name != "train":  # evaluation sets: whole, on every rank (only rank 0 reads them)
+                    for i in range(world_size):
+                        out[i][name] = ds.iterator()
+                    continue
+                for i, it in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                    out[i][name] = it
+            return out
+
+    return ExactSplitDataConfig()

@@ -1,0 +1,227 @@
+"""The Ray Train worker loop of :func:`idtl_ray.finetune.run_finetune` (runs in every rank).
+
+Each rank restores the last checkpoint (if any), trains every epoch on its shard of ``train``
+(``ray.train.get_dataset_shard``, shuffled per epoch by a local buffer seeded by the epoch),
+augmenting and normalising in the worker; rank 0 evaluates by reading the whole ``val`` and
+``test`` sets and writes the checkpoint every rank reports.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import data as D
+from .storage import ids_digest
+
+FAULT_MARKER = ".fault_injected"
+EVAL_BATCH = 512
+
+# 16-hex sha256 of the sorted int64 ids (order-free fingerprint of a multiset of sample ids)
+ids_hash = ids_digest
+
+
+def lr_at(cfg: Any, epoch: int) -> float:
+    """Learning rate of ``epoch``: ``lr``, x0.1 from epoch ``max(1, round(lr_drop_at * epochs))`` on."""
+    drop = max(1, int(round(cfg.lr_drop_at * cfg.epochs)))
+    return cfg.lr * (0.1 if cfg.lr_drop_at < 1.0 and epoch >= drop else 1.0)
+
+
+def _images(x: np.ndarray, aug: Callable[[torch.Tensor], torch.Tensor] | None, mean: Any, std: Any) -> torch.Tensor:
+    """uint8 NHWC -> normalised float NCHW; augmentation per sample on [0, 1] CHW tensors (as ImageDataset)."""
+    if aug is None:
+        return D.to_tensor(x, mean, std)
+    t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float().div_(255.0)
+    t = torch.stack([aug(s) for s in t])
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (t - m) / s
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, samples: Any, mean: Any, std: Any, device: torch.device) -> float | None:
+    """Accuracy on a Ray Data iterator of ``x``/``label`` batches (None when it is empty)."""
+    model.eval()
+    correct, n = 0, 0
+    for batch in samples.iter_batches(batch_size=EVAL_BATCH, batch_format="numpy"):
+        logits = model(D.to_tensor(batch["x"], mean, std).to(device))
+        correct += int((logits.argmax(1).cpu() == torch.as_tensor(batch["label"])).sum())
+        n += len(batch["label"])
+    return correct / n if n else None
+
+
+def _frozen_bn_eval(model: nn.Module) -> None:
+    """Keep BatchNorms of frozen layers in eval mode, so their running statistics stay pre-trained too."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and not m.weight.requires_grad:
+            m.eval()
+
+
+@dataclass
+class _Run:
+    """One rank's training state, carried from epoch to epoch."""
+
+    cfg: Any
+    rank: int
+    world: int
+    device: torch.device
+    model: nn.Module  # DDP-wrapped with several workers
+    net: nn.Module  # the bare model: state dicts and evaluation
+    opt: torch.optim.Optimizer
+    start: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    attempts: list[int] = field(default_factory=list)
+    seen: np.ndarray | None = None
+
+
+def _setup(config: dict[str, Any]) -> _Run:
+    """The model (restored from the last checkpoint, if any), wrapped for DDP, and its optimizer."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from .finetune import FinetuneConfig, apply_freeze  # here: finetune imports this module
+
+    cfg = FinetuneConfig(**config["cfg"])
+    ctx = ray.train.get_context()
+    # the driver's model object itself: unpickling needs no torchvision import for sample-cnn (slow to start)
+    model = ray.get(config["init_model"])
+    apply_freeze(model, cfg)
+    st = None
+    if ckpt := ray.train.get_checkpoint():
+        with ckpt.as_directory() as d:
+            st = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+            seen = np.load(Path(d) / "seen_ids.npy")
+        model.load_state_dict(st["model"])
+    wrapped = ray.train.torch.prepare_model(model)
+    net = wrapped.module if isinstance(wrapped, nn.parallel.DistributedDataParallel) else wrapped
+    opt = torch.optim.Adam([p for p in wrapped.parameters() if p.requires_grad], lr=cfg.lr)
+    run = _Run(cfg, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), wrapped, net, opt)
+    if st is not None:
+        opt.load_state_dict(st["optimizer"])
+        run.start, run.history, run.attempts, run.seen = int(st["epoch"]) + 1, list(st["history"]), list(st["attempts"]), seen
+    run.attempts.append(run.start)  # where this worker group began: 0 for a fresh run, k+1 after a restore
+    torch.manual_seed(cfg.seed * 1000 + run.rank + 7919 * run.start)
+    return run
+
+
+def _maybe_die(cfg: Any, epoch: int, rank: int, step: int) -> None:
+    """TEST ONLY (``fault_inject_kill_epoch``): rank 0 SIGKILLs itself once, at the second step of that epoch."""
+    import ray.train
+
+    if cfg.fault_inject_kill_epoch != epoch or rank != 0 or step != 1:
+        return
+    marker = Path(cfg.out_dir) / FAULT_MARKER
+    if marker.exists():
+        return
+    # the controller collects reports asynchronously: wait until the last checkpoint is registered,
+    # so the test knows which one the restart must use
+    ray.train.get_all_reported_checkpoints(timeout_s=120)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"killed pid {os.getpid()} in epoch {epoch}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _train_epoch(run: _Run, shard: Any, epoch: int, config: dict[str, Any]) -> tuple[float, int, list[np.ndarray]]:
+    """One epoch over this rank's shard: (summed loss, samples, the sample ids seen in epoch 0)."""
+    cfg, aug, mean, std = run.cfg, config["augment"], config["mean"], config["std"]
+    run.model.train()
+    _frozen_bn_eval(run.net)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    loss_sum, count, ids = 0.0, 0, []
+    # DDP.join(): shards may differ by a few rows (no row is dropped), so ranks run unequal step counts
+    join = run.model.join() if isinstance(run.model, nn.parallel.DistributedDataParallel) else nullcontext()
+    with join:
+        batches = shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
+                                     local_shuffle_buffer_size=max(cfg.batch_size, min(4096, config["n_train"])),
+                                     local_shuffle_seed=cfg.seed + 1000 * epoch + run.rank)  # fmt: skip
+        for step, batch in enumerate(batches):
+            _maybe_die(cfg, epoch, run.rank, step)
+            xb = _images(batch["x"], aug, mean, std).to(run.device)
+            yb = torch.as_tensor(batch["label"], dtype=torch.long).to(run.device)
+            run.opt.zero_grad(set_to_none=True)
+            loss = loss_fn(run.model(xb), yb)
+            (loss / len(yb)).backward()
+            run.opt.step()
+            loss_sum += float(loss.detach())
+            count += len(yb)
+            if epoch == 0:
+                ids.append(np.asarray(batch["sample_id"], dtype=np.int64))
+    return loss_sum, count, ids
+
+
+def _epoch_row(run: _Run, epoch: int, lr: float, loss_sum: float, count: int, ids: list[np.ndarray]) -> dict[str, Any]:
+    """The epoch's row from every rank's loss; in epoch 0 also every rank's sample ids (``run.seen``)."""
+    import torch.distributed as dist
+
+    distributed = run.world > 1 and dist.is_initialized()
+    totals = torch.tensor([loss_sum, float(count)], dtype=torch.float64, device=run.device)  # NCCL needs device tensors
+    if epoch == 0:
+        parts: list[Any] = [np.concatenate(ids) if ids else np.zeros(0, np.int64)]
+        if distributed:
+            mine, parts = parts[0], [None] * run.world
+            dist.all_gather_object(parts, mine)
+        run.seen = np.concatenate(parts).astype(np.int64)
+    if distributed:
+        dist.all_reduce(totals)
+    totals = totals.cpu()
+    return {"epoch": epoch, "lr": lr, "train_loss": float(totals[0] / max(1.0, float(totals[1]))), "val_acc": None,
+            "test_error": None}  # fmt: skip
+
+
+def _evaluate(run: _Run, evals: dict[str, Any], config: dict[str, Any]) -> dict[str, float]:
+    """Rank 0: validation accuracy and test error (%), each read from its whole Ray Data set."""
+    out: dict[str, float] = {}
+    for name, key in (("val", "val_acc"), ("test", "test_error")):
+        acc = _accuracy(run.net, evals[name], config["mean"], config["std"], run.device) if name in evals else None
+        if acc is not None:
+            out[key] = 100.0 * (acc if name == "val" else 1.0 - acc)
+    return out
+
+
+def _save_and_report(run: _Run, epoch: int, row: dict[str, Any]) -> None:
+    """Report the epoch's metrics from every rank (a V2 barrier), with rank 0's checkpoint."""
+    import ray.train
+
+    metrics = {k: v for k, v in row.items() if v is not None}
+    metrics.update(start_epoch=run.start, n_seen_epoch0=len(run.seen), seen_hash=ids_hash(run.seen))
+    with tempfile.TemporaryDirectory() as d:
+        ck = None
+        if run.rank == 0:  # one copy of the state
+            torch.save({"model": run.net.state_dict(), "optimizer": run.opt.state_dict(), "epoch": epoch,
+                        "history": run.history, "attempts": run.attempts}, Path(d) / "state.pt")  # fmt: skip
+            np.save(Path(d) / "seen_ids.npy", run.seen)
+            ck = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=ck, checkpoint_dir_name=f"checkpoint_epoch={epoch:05d}")
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker loop (every rank): restore, train, evaluate on rank 0, checkpoint, report."""
+    import ray.train
+
+    run = _setup(config)
+    cfg = run.cfg
+    shard = ray.train.get_dataset_shard("train")
+    evals = {name: ray.train.get_dataset_shard(name) for name in config["eval_sets"]} if run.rank == 0 else {}
+    for epoch in range(run.start, cfg.epochs):
+        lr = lr_at(cfg, epoch)
+        for g in run.opt.param_groups:
+            g["lr"] = lr
+        row = _epoch_row(run, epoch, lr, *_train_epoch(run, shard, epoch, config))
+        if run.rank == 0 and ((epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1):
+            row.update(_evaluate(run, evals, config))
+        run.history.append(row)
+        _save_and_report(run, epoch, row)
+    if run.start >= cfg.epochs and run.history:
+        # a finished run started again: hand its final state back as this run's checkpoint (0 more epochs)
+        _save_and_report(run, run.start - 1, run.history[-1])
