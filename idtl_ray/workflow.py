@@ -22,7 +22,7 @@ import functools
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -33,16 +33,18 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
+from .adapt import prepare_model
 from .config import ScoreConfig
-from .errors import IdtlError, InputError, WeightsError
+from .errors import IdtlError, InputError
+from .head import fit_head
 from .influence import InfluenceConfig, ParamSpec
-from .mask import Mask, read_mask, write_mask
+from .mask import write_mask
 from .scoring import (ArraySet, PipelineResult, Preprocess, ScoreOutput, ensure_ray, hold_directory, run_fingerprint,
                       run_pipeline)
 from .scoring.parts import LOCK_NAME
 from .selection import budget_count, harm_of, keep_least_harmful, keep_mask
-from .head import fit_head
-from .storage import digest, ensure_writable, save_figure_atomic, write_json_atomic
+from .storage import digest, ensure_writable, write_json_atomic
+from .summary import format_summary, inspect_mask
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -72,138 +74,6 @@ def fit_head_on_worker(model: nn.Module, x: Any, y: np.ndarray, preprocess: Prep
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def prepare_model(cfg: ScoreConfig, data: Any, train_x: np.ndarray, train_y: np.ndarray,
-                  preprocess: Preprocess, fit: Callable[..., dict[str, float]] | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Build the model, load the weights, and give it a head for the target classes.
-
-    ``fit`` fits a new head (default :func:`fit_head`, in this process; ``run_score`` passes
-    :func:`fit_head_on_worker`).
-    """
-    from .models import build_model, head_module, load_weights, replace_head
-
-    h, _, c = data.image_shape
-    torch.manual_seed(cfg.seed)  # layers not loaded from weights are Xavier-initialised: make that reproducible
-    try:
-        model = build_model(cfg.model, data.num_classes, in_channels=c, image_size=h)
-    except ValueError as e:
-        raise InputError(str(e)) from e
-    source_classes = data.num_classes
-    source: dict[str, Any] = {"num_classes": None, "classes": None, "dataset": None, "kind": "none"}
-    head_info: dict[str, Any] = {"mode": cfg.head}
-    weights_path = Path(cfg.weights).expanduser() if cfg.weights not in (None, "none", "imagenet") else None
-    if weights_path is not None:
-        # Build at the checkpoint's class count so its head loads when it fits.
-        source = _checkpoint_classes(weights_path, model.head_name)
-        source_classes = source["num_classes"] or data.num_classes
-        if source["kind"] == "checkpoint" and source_classes != data.num_classes:
-            model = build_model(cfg.model, source_classes, in_channels=c, image_size=h)
-    report = load_weights(model, cfg.model, cfg.weights)
-    if cfg.weights == "imagenet":
-        source_classes = 1000
-    head_out = head_module(model).out_features
-    fits = head_out == data.num_classes and not report["head_replaced"] and source_classes == data.num_classes
-    n = data.num_classes
-    # keep the weights' head only when it predicts the target's classes: same names, same order (a count is not enough)
-    if cfg.weights in (None, "none"):
-        same, why = None, ""
-    elif cfg.weights == "imagenet":
-        same, why = False, f"ImageNet weights have 1000 classes, {data.name} has {n}"
-    elif not fits and source["num_classes"] is None:
-        same, why = False, f"the weights hold no {cfg.model} head"
-    elif not fits:
-        same, why = False, f"the weights' head has {source_classes} classes, {data.name} has {n}"
-    elif source["classes"] is None:
-        same = None
-        why = ("the weights' classes are unknown (" + ("a plain state dict" if source["kind"] == "state_dict"
-               else "the checkpoint records no class names") + ")")
-    elif list(source["classes"]) == list(data.classes):
-        same, why = True, f"the weights' classes are {_poss(data.name)} ({_class_names(data.classes)})"
-    elif sorted(source["classes"]) == sorted(data.classes):
-        same, why = False, f"the weights' classes are {_poss(data.name)} in another order"
-    else:
-        same = False
-        why = (f"the weights' classes differ: {_poss(source['dataset'] or 'the weights')} "
-               f"{_class_names(source['classes'])} vs {_poss(data.name)} {_class_names(data.classes)}")
-    if cfg.head == "keep" and not fits:
-        no_head = source["num_classes"] is None and cfg.weights != "imagenet"
-        what = why if no_head else f"the weights' head has {source_classes} classes"
-        raise WeightsError(
-            f"{what} but {data.name} has {data.num_classes}: "
-            "drop --head keep so that a new head is fitted on the target data"
-        )
-    if cfg.weights in (None, "none"):
-        new_head = cfg.head == "new"
-        reason = "--head new: a new head was fitted" if new_head else ""
-    elif cfg.head == "new":
-        new_head, reason = True, f"--head new: a new head was fitted ({why})"
-    elif cfg.head == "keep":
-        new_head, reason = False, f"--head keep: the weights' head was kept ({why})"
-        if not same:
-            head_info["warning"] = (f"{why}, yet --head keep kept the weights' head: its outputs may not mean "
-                                    f"{data.name}'s classes; use --head auto to fit a new head")
-            _log(f"warning: {head_info['warning']}")
-    elif same:
-        new_head, reason = False, f"{why}: the weights' head was kept"
-    else:
-        new_head, reason = True, f"{why}: a new head was fitted"
-    if cfg.weights in (None, "none"):
-        head_info["warning"] = (f"--weights none: {cfg.model} is randomly initialised, so the scores describe an "
-                                "untrained model; pass --weights (a pre-trained checkpoint, or imagenet) for transfer learning")
-        _log(f"warning: {head_info['warning']}")
-    if new_head:
-        if head_out != data.num_classes:
-            replace_head(model, data.num_classes)
-        _log(f"fitting a new {data.num_classes}-class head on {len(train_y)} target samples (backbone frozen)")
-        head_info.update((fit or fit_head)(model, train_x, train_y, preprocess, steps=cfg.head_steps, seed=cfg.seed))
-    head_info.update(new_head=bool(new_head), source_classes=int(source_classes), num_classes=int(n),
-                     source_dataset=source["dataset"], classes_match=same)
-    if reason:
-        head_info.update(reason=reason, why=why)
-    return model, {"weights": report["source"], "loaded_tensors": len(report["loaded"]), "head": head_info}
-
-
-def _poss(name: str) -> str:
-    """``digits'`` / ``fashion-mnist's``."""
-    return name + ("'" if name.endswith("s") else "'s")
-
-
-def _class_names(names: Sequence[str], show: int = 2) -> str:
-    """Short form of a class list: ``0..9`` for 0..n-1, else the first few names and ``...``."""
-    names = [str(x) for x in names]
-    if names == [str(i) for i in range(len(names))]:
-        return f"0..{len(names) - 1}"
-    return ", ".join(names) if len(names) <= show + 1 else ", ".join(names[:show]) + ", ..."
-
-
-def _checkpoint_classes(path: Path, head_name: str | None = None) -> dict[str, Any]:
-    """What the weights file says about its classes: ``num_classes``, ``classes`` (names), ``dataset``, ``kind``.
-
-    A project checkpoint gives its class count and, when its meta records them (``pretrain``,
-    ``finetune``), the source dataset and class names. A plain state dict gives only the count,
-    read from the head's weight (``head_name``); its names are unknown (None).
-    """
-    from .models import _extract_state, _normalise_keys, _read_torch_file
-
-    state, header = _extract_state(_read_torch_file(path), path)
-    out: dict[str, Any] = {"num_classes": None, "classes": None, "dataset": None, "kind": "state_dict"}
-    if header is None:
-        w = _normalise_keys(state).get(f"{head_name}.weight") if head_name else None
-        if torch.is_tensor(w) and w.ndim == 2:
-            out["num_classes"] = int(w.shape[0])
-        return out
-    out["kind"] = "checkpoint"
-    if header.get("num_classes"):
-        out["num_classes"] = int(header["num_classes"])
-    meta = header.get("meta") if isinstance(header.get("meta"), dict) else {}
-    if isinstance(meta.get("dataset"), str):
-        out["dataset"] = meta["dataset"]
-    names = meta.get("classes")
-    if (isinstance(names, list) and names and all(isinstance(x, str) for x in names)
-            and (out["num_classes"] is None or len(names) == out["num_classes"])):
-        out["classes"] = list(names)
-    return out
 
 
 def run_score(cfg: ScoreConfig, *, progress: bool = True, on_progress: Any = None) -> dict[str, Any]:
@@ -588,87 +458,6 @@ def _finish_user_score(result: PipelineResult, model: nn.Module, ty: np.ndarray,
         write_mask(mask_path, ids, ty, result.scores, keep, meta, score_column(config.score))
         shutil.rmtree(mask_path.parent / "parts", ignore_errors=True)
     return ScoreOutput(result.scores, keep, result.solve, result.timings, mask_path)
-
-
-# ── summaries ────────────────────────────────────────────────────────────────────────────────────
-
-
-def format_summary(meta: dict[str, Any], mask: Mask | None = None) -> str:
-    """The closing summary: kept/dropped per class, solver convergence, time per stage."""
-    lines = []
-    if mask is not None:
-        per = [{"label": c, "name": str(c), "kept": k, "dropped": d} for c, k, d in mask.per_class()]
-    else:
-        per = meta.get("per_class", [])
-    n = meta.get("n_train", sum(r["kept"] + r["dropped"] for r in per))
-    dropped = sum(r["dropped"] for r in per)
-    lines.append(f"dataset {meta.get('dataset')}  model {meta.get('model')}  weights {meta.get('weights', '-')}")
-    hd = meta.get("head")
-    if isinstance(hd, dict) and hd.get("reason"):  # why the scored head is new or the weights' own
-        n_out = hd.get("num_classes", "")
-        what = f"new {n_out}-class head fitted" if hd.get("new_head") else f"kept the weights' {n_out}-class head"
-        why = "; ".join(x for x in (f"--head {hd.get('mode')}" if hd.get("mode") not in (None, "auto") else "",
-                                    ("WARNING: " if hd.get("warning") else "") + str(hd.get("why") or "")) if x)
-        lines.append(f"head: {what}" + (f" ({why})" if why else ""))
-    if isinstance(hd, dict) and str(hd.get("warning", "")).startswith("--weights none"):
-        lines.append(f"WARNING: {hd['warning']}")
-    s = meta.get("solve", {})
-    inf = meta.get("influence", {})
-    if meta.get("score", inf.get("score")) == "self":
-        lines.append(f"score: self-influence over the head's {inf.get('head_params')} (EK-FAC, damping "
-                     f"{inf.get('head_damping')} x mean eigenvalue); high = likely mislabelled, dropped first")
-    else:
-        ref = meta.get("validation_reference", {})
-        lines.append(f"score: delta_val_loss against validation classes {ref.get('classes')} ({ref.get('n_samples')} samples)")
-        lines.append(f"solver {s.get('solver')} on {inf.get('curvature')} curvature, damping {inf.get('damping')}: "
-                     f"{s.get('iterations')} iterations, relative residual {s.get('relative_residual', float('nan')):.2e}"
-                     f" ({'converged' if s.get('converged') else 'NOT converged to tol ' + str(inf.get('tol'))})")
-    rule = meta.get("drop_rule") or {}
-    if rule.get("rule") == "auto":
-        tried = ", ".join(f"{t['k']}: {100 * t['val_error']:.2f}%" if t.get("val_error") is not None else f"{t['k']}: failed"
-                          for t in rule.get("trials", []))
-        lines.append(f"drop rule auto: validation error per samples dropped ({tried}); chose {rule.get('k')} "
-                     f"({rule.get('choice', '')})")
-    elif rule.get("rule"):
-        lines.append(f"drop rule {rule['rule']}: " + ", ".join(f"{k} {v}" for k, v in rule.items() if k != "rule"))
-    lines.append(f"kept {n - dropped} / dropped {dropped} of {n} training samples ({100 * dropped / max(n, 1):.1f}% dropped)")
-    lines.append(f"{'class':<16}{'kept':>8}{'dropped':>9}")
-    for r in per[:100]:
-        lines.append(f"{str(r['name'])[:15]:<16}{r['kept']:>8}{r['dropped']:>9}")
-    tm = meta.get("timings", {})
-    if tm:
-        lines.append("time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in tm.items()))
-    return "\n".join(lines)
-
-
-def inspect_mask(path: str | Path, png: str | Path | None = None) -> tuple[str, Path]:
-    """Summary text of a mask, and a PNG of the score distribution per class (written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mask = read_mask(path)
-    p = Path(path)
-    png = Path(png) if png is not None else (p if p.is_dir() else p.parent) / "scores.png"
-    labels = np.unique(mask.label)
-    fig, ax = plt.subplots(figsize=(max(6, min(0.35 * len(labels), 30)), 4))
-    data = [mask.scores[mask.label == c] for c in labels]
-    ax.boxplot(data, showfliers=True, flierprops={"markersize": 2})
-    ax.set_xticks(range(1, len(labels) + 1), [str(int(c)) for c in labels], fontsize=7 if len(labels) > 20 else 9)
-    self_score = mask.score_name == "self_influence"
-    if (~mask.keep).any():  # the cut between what the rule dropped and what it kept
-        cut = mask.scores[~mask.keep].min() if self_score else mask.scores[~mask.keep].max()
-        ax.axhline(cut, color="r", lw=0.8, ls="--", label="drop above" if self_score else "drop below")
-    ax.set_xlabel("class")
-    ax.set_ylabel(mask.score_name)
-    what = "self-influence (high = likely mislabelled)" if self_score else "predicted change of summed val loss if removed"
-    ax.set_title(f"{mask.meta.get('dataset')}: {what}; {int((~mask.keep).sum())} of {len(mask)} dropped", fontsize=9)
-    if (~mask.keep).any():
-        ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    save_figure_atomic(fig, png, dpi=110)
-    return format_summary(mask.meta, mask), png
 
 
 __all__ = ["IdtlError", "fit_head", "format_summary", "inspect_mask", "run_score", "score"]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import idtl_ray.adapt as A
 import idtl_ray.workflow as W
 from idtl_ray.config import ScoreConfig
 from idtl_ray.data import apply_split, load_dataset, make_split
@@ -148,7 +149,7 @@ def test_pretrain_checkpoint_records_dataset_and_classes(tmp_path, monkeypatch):
     assert ck["dataset"] == meta["dataset"] == "digits" and ck["classes"] == meta["classes"] == DIGITS
     _, run_ck = load_checkpoint(tmp_path / "src.pt.run" / "model.pt")
     assert run_ck["dataset"] == "digits" and run_ck["classes"] == DIGITS
-    assert W._checkpoint_classes(tmp_path / "src.pt") == {"num_classes": 10, "classes": DIGITS, "dataset": "digits",
+    assert A._checkpoint_classes(tmp_path / "src.pt") == {"num_classes": 10, "classes": DIGITS, "dataset": "digits",
                                                           "kind": "checkpoint"}
 
 

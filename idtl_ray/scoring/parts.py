@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from ..errors import IdtlError, InputError
+from ..errors import IdtlError
 from ..influence import SolveInfo
-from ..storage import LOCK_NAME, hold_directory, save_npz_atomic, write_json_atomic
+from ..storage import LOCK_NAME, hold_directory, save_npz_atomic, write_json_atomic  # noqa: F401  (the lock is re-exported)
 from .prescore import Prescored
 
 

@@ -12,7 +12,6 @@ Ray Data retries the work of an actor that dies; the merge drops the duplicates 
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import signal
 import sys
@@ -35,7 +34,7 @@ from ..self_influence import HeadFactors, self_influence_batch
 from ..storage import json_digest
 from .common import ArraySet, PipelineResult, Preprocess, _get, device_batch_size, setup_worker, unwrap_ray_error
 from .parts import RunParts
-from .prescore import PRESCORE_NAME, Prescored, log, start_prescore, wait_on_worker
+from .prescore import Prescored, PrescoreWaiter, log, start_prescore
 
 PROGRESS_EVERY_S = 2.0
 
@@ -272,8 +271,6 @@ def run_pipeline(
     ``shard_size`` caps the rows per written file (the unit a resume can skip). ``gpus``/``cpus``:
     the declared resources (:func:`scoring_pool`); the pre-scoring worker takes a GPU when there are GPUs.
     """
-    import ray
-
     preprocess = preprocess or Preprocess()
     if len(train) == 0:
         raise InputError("the training set is empty: give at least one training sample")
@@ -290,64 +287,9 @@ def run_pipeline(
                     on_progress)
 
 
-class _PrescoreWaiter:
-    """Waits, on a thread, for the pre-scoring task while the scoring actors start; saves its result.
-
-    The actors receive the task's ObjectRef and block in their constructor until s is ready, so their
-    start-up (import torch, load the model: ~12 s on 2 CPUs) overlaps the solve instead of following
-    it. A failed task interrupts the main thread's pipeline, whose actors would only fail with it.
-    """
-
-    def __init__(self, ref: Any, parts: RunParts, say: Callable[[str], None], interrupt: bool):
-        self.ref, self.parts, self.say, self.interrupt = ref, parts, say, interrupt
-        self.result: Prescored | None = None
-        self.error: BaseException | None = None
-        self.done_at = time.perf_counter()
-        self._thread = threading.Thread(target=self._wait, name="idtl-prescore-wait", daemon=True)
-        self._thread.start()
-
-    def _wait(self) -> None:
-        try:
-            pre = wait_on_worker(self.ref, name=PRESCORE_NAME, say=self.say)
-            self.parts.save_prescored(pre)
-            self.result = pre
-            info, t = pre.solve, pre.timings
-            self.say(f"pre-scoring: {info.solver}, {info.iterations} iterations, relative residual "
-                     f"{info.relative_residual:.1e}, {t.get('validation_gradient_s', 0) + t.get('solve_s', 0):.1f} s")
-        except BaseException as e:  # handed to the main thread
-            self.error = e
-            if self.interrupt:
-                _thread.interrupt_main()
-        finally:
-            self.done_at = time.perf_counter()
-
-    def failed(self, timeout: float = 10.0) -> bool:
-        """After the pipeline stopped: whether the pre-scoring task failed (waits briefly for its verdict)."""
-        self._thread.join(timeout if self.interrupt else 0.0)
-        return self.error is not None
-
-    def cancel(self) -> None:
-        """Do not leave the task running when the run stops for another reason."""
-        import ray
-
-        try:
-            if not ray.wait([self.ref], timeout=0)[0]:
-                ray.cancel(self.ref, force=True)
-        except Exception:  # the driver lost Ray: nothing to cancel
-            pass
-
-    def get(self) -> Prescored:
-        """The pre-scoring result, or its error raised here."""
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
-        assert self.result is not None
-        return self.result
-
-
 def _start_prescore(model_ref: Any, train: ArraySet | RaySamples, val: ArraySet | RaySamples, config: InfluenceConfig,
                     preprocess: Preprocess, classes: Sequence[int] | None, params: Any, pool: Pool, parts: RunParts,
-                    say: Callable[[str], None], overlap: bool) -> _PrescoreWaiter:
+                    say: Callable[[str], None], overlap: bool) -> PrescoreWaiter:
     """Stage 1, submitted: with ``overlap`` (samples to score) the task takes a token CPU on a CPU pool, so
     that every scoring actor starts beside it (they wait, idle, for its result)."""
     wanted = None if classes is None else [int(c) for c in classes]
@@ -356,7 +298,7 @@ def _start_prescore(model_ref: Any, train: ArraySet | RaySamples, val: ArraySet 
     sub = curvature_subsample(len(train), config.curvature_samples, config.seed)
     ref = start_prescore(model_ref, params, preprocess, _part(train, sub), _part(val) if config.score == "paper" else None,
                          wanted, config, say=say, gpu=pool.gpu, cpus=READ_CPUS if overlap and not pool.gpu else None)
-    return _PrescoreWaiter(ref, parts, say, interrupt=overlap and threading.current_thread() is threading.main_thread())
+    return PrescoreWaiter(ref, parts, say, interrupt=overlap and threading.current_thread() is threading.main_thread())
 
 
 def _run(model: nn.Module, train: ArraySet | RaySamples, val: ArraySet | RaySamples, config: InfluenceConfig,
@@ -397,7 +339,7 @@ def _run(model: nn.Module, train: ArraySet | RaySamples, val: ArraySet | RaySamp
 def _score_todo(model_ref: Any, train: ArraySet | RaySamples, todo: np.ndarray, payload_ref: Any,
                 config: InfluenceConfig, pool: Pool, params: Any, preprocess: Preprocess, parts: RunParts,
                 shard_size: int, say: Callable[[str], None], progress: bool,
-                on_progress: Callable[[int], None] | None, done: int, waiter: _PrescoreWaiter | None) -> None:
+                on_progress: Callable[[int], None] | None, done: int, waiter: PrescoreWaiter | None) -> None:
     """Stages 3-4 with progress, Ctrl-C and the pre-scoring task's failure turned into clear errors."""
     say(f"scoring {len(todo)} samples on {pool.actors} {'GPU' if pool.gpu else 'CPU'} actor{'s' if pool.actors > 1 else ''}"
         + (f" ({done} already scored)" if done else "") + (" (they start while pre-scoring runs)" if waiter else ""))

@@ -9,7 +9,9 @@ result is the in-process result) and returns its payload once; s travels in the 
 
 from __future__ import annotations
 
+import _thread
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -194,6 +196,62 @@ def worker_error(error: BaseException, name: str) -> BaseException:
         return IdtlError(f"the {name} task failed ({type(inner).__name__}: {first}); see `ray logs`, "
                          "then re-run (score: with --resume)")
     return inner
+
+
+class PrescoreWaiter:
+    """Waits, on a thread, for the pre-scoring task while the scoring actors start; saves its result.
+
+    The actors receive the task's ObjectRef and block in their constructor until s is ready, so their
+    start-up (import torch, load the model: ~12 s on 2 CPUs) overlaps the solve instead of following
+    it. A failed task interrupts the main thread's pipeline, whose actors would only fail with it.
+    ``parts``: the run's :class:`~idtl_ray.scoring.parts.RunParts`, where the result is saved.
+    """
+
+    def __init__(self, ref: Any, parts: Any, say: Callable[[str], None], interrupt: bool):
+        self.ref, self.parts, self.say, self.interrupt = ref, parts, say, interrupt
+        self.result: Prescored | None = None
+        self.error: BaseException | None = None
+        self.done_at = time.perf_counter()
+        self._thread = threading.Thread(target=self._wait, name="idtl-prescore-wait", daemon=True)
+        self._thread.start()
+
+    def _wait(self) -> None:
+        try:
+            pre = wait_on_worker(self.ref, name=PRESCORE_NAME, say=self.say)
+            self.parts.save_prescored(pre)
+            self.result = pre
+            info, t = pre.solve, pre.timings
+            self.say(f"pre-scoring: {info.solver}, {info.iterations} iterations, relative residual "
+                     f"{info.relative_residual:.1e}, {t.get('validation_gradient_s', 0) + t.get('solve_s', 0):.1f} s")
+        except BaseException as e:  # handed to the main thread
+            self.error = e
+            if self.interrupt:
+                _thread.interrupt_main()
+        finally:
+            self.done_at = time.perf_counter()
+
+    def failed(self, timeout: float = 10.0) -> bool:
+        """After the pipeline stopped: whether the pre-scoring task failed (waits briefly for its verdict)."""
+        self._thread.join(timeout if self.interrupt else 0.0)
+        return self.error is not None
+
+    def cancel(self) -> None:
+        """Do not leave the task running when the run stops for another reason."""
+        import ray
+
+        try:
+            if not ray.wait([self.ref], timeout=0)[0]:
+                ray.cancel(self.ref, force=True)
+        except Exception:  # the driver lost Ray: nothing to cancel
+            pass
+
+    def get(self) -> Prescored:
+        """The pre-scoring result, or its error raised here."""
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
 
 
 def log(msg: str) -> None:

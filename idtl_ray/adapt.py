@@ -1,0 +1,158 @@
+"""The scored model: an architecture from the registry, the weights, and a head for the target's classes.
+
+:func:`prepare_model` keeps the weights' head only when it predicts the target's classes (the same
+names in the same order; a matching count is not enough) and otherwise fits a new one (design.md §2:
+a linear probe puts the adapted model near a target optimum), saying why in the run's metadata.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import ScoreConfig
+from .errors import InputError, WeightsError
+from .head import fit_head
+from .scoring import Preprocess
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def prepare_model(cfg: ScoreConfig, data: Any, train_x: np.ndarray, train_y: np.ndarray,
+                  preprocess: Preprocess, fit: Callable[..., dict[str, float]] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the model, load the weights, and give it a head for the target classes.
+
+    ``fit`` fits a new head (default :func:`fit_head`, in this process; ``run_score`` passes
+    :func:`fit_head_on_worker`).
+    """
+    from .models import build_model, head_module, load_weights, replace_head
+
+    h, _, c = data.image_shape
+    torch.manual_seed(cfg.seed)  # layers not loaded from weights are Xavier-initialised: make that reproducible
+    try:
+        model = build_model(cfg.model, data.num_classes, in_channels=c, image_size=h)
+    except ValueError as e:
+        raise InputError(str(e)) from e
+    source_classes = data.num_classes
+    source: dict[str, Any] = {"num_classes": None, "classes": None, "dataset": None, "kind": "none"}
+    head_info: dict[str, Any] = {"mode": cfg.head}
+    weights_path = Path(cfg.weights).expanduser() if cfg.weights not in (None, "none", "imagenet") else None
+    if weights_path is not None:
+        # Build at the checkpoint's class count so its head loads when it fits.
+        source = _checkpoint_classes(weights_path, model.head_name)
+        source_classes = source["num_classes"] or data.num_classes
+        if source["kind"] == "checkpoint" and source_classes != data.num_classes:
+            model = build_model(cfg.model, source_classes, in_channels=c, image_size=h)
+    report = load_weights(model, cfg.model, cfg.weights)
+    if cfg.weights == "imagenet":
+        source_classes = 1000
+    head_out = head_module(model).out_features
+    fits = head_out == data.num_classes and not report["head_replaced"] and source_classes == data.num_classes
+    n = data.num_classes
+    # keep the weights' head only when it predicts the target's classes: same names, same order (a count is not enough)
+    if cfg.weights in (None, "none"):
+        same, why = None, ""
+    elif cfg.weights == "imagenet":
+        same, why = False, f"ImageNet weights have 1000 classes, {data.name} has {n}"
+    elif not fits and source["num_classes"] is None:
+        same, why = False, f"the weights hold no {cfg.model} head"
+    elif not fits:
+        same, why = False, f"the weights' head has {source_classes} classes, {data.name} has {n}"
+    elif source["classes"] is None:
+        same = None
+        why = ("the weights' classes are unknown (" + ("a plain state dict" if source["kind"] == "state_dict"
+               else "the checkpoint records no class names") + ")")
+    elif list(source["classes"]) == list(data.classes):
+        same, why = True, f"the weights' classes are {_poss(data.name)} ({_class_names(data.classes)})"
+    elif sorted(source["classes"]) == sorted(data.classes):
+        same, why = False, f"the weights' classes are {_poss(data.name)} in another order"
+    else:
+        same = False
+        why = (f"the weights' classes differ: {_poss(source['dataset'] or 'the weights')} "
+               f"{_class_names(source['classes'])} vs {_poss(data.name)} {_class_names(data.classes)}")
+    if cfg.head == "keep" and not fits:
+        no_head = source["num_classes"] is None and cfg.weights != "imagenet"
+        what = why if no_head else f"the weights' head has {source_classes} classes"
+        raise WeightsError(
+            f"{what} but {data.name} has {data.num_classes}: "
+            "drop --head keep so that a new head is fitted on the target data"
+        )
+    if cfg.weights in (None, "none"):
+        new_head = cfg.head == "new"
+        reason = "--head new: a new head was fitted" if new_head else ""
+    elif cfg.head == "new":
+        new_head, reason = True, f"--head new: a new head was fitted ({why})"
+    elif cfg.head == "keep":
+        new_head, reason = False, f"--head keep: the weights' head was kept ({why})"
+        if not same:
+            head_info["warning"] = (f"{why}, yet --head keep kept the weights' head: its outputs may not mean "
+                                    f"{data.name}'s classes; use --head auto to fit a new head")
+            _log(f"warning: {head_info['warning']}")
+    elif same:
+        new_head, reason = False, f"{why}: the weights' head was kept"
+    else:
+        new_head, reason = True, f"{why}: a new head was fitted"
+    if cfg.weights in (None, "none"):
+        head_info["warning"] = (f"--weights none: {cfg.model} is randomly initialised, so the scores describe an "
+                                "untrained model; pass --weights (a pre-trained checkpoint, or imagenet) for transfer learning")
+        _log(f"warning: {head_info['warning']}")
+    if new_head:
+        if head_out != data.num_classes:
+            replace_head(model, data.num_classes)
+        _log(f"fitting a new {data.num_classes}-class head on {len(train_y)} target samples (backbone frozen)")
+        head_info.update((fit or fit_head)(model, train_x, train_y, preprocess, steps=cfg.head_steps, seed=cfg.seed))
+    head_info.update(new_head=bool(new_head), source_classes=int(source_classes), num_classes=int(n),
+                     source_dataset=source["dataset"], classes_match=same)
+    if reason:
+        head_info.update(reason=reason, why=why)
+    return model, {"weights": report["source"], "loaded_tensors": len(report["loaded"]), "head": head_info}
+
+
+def _poss(name: str) -> str:
+    """``digits'`` / ``fashion-mnist's``."""
+    return name + ("'" if name.endswith("s") else "'s")
+
+
+def _class_names(names: Sequence[str], show: int = 2) -> str:
+    """Short form of a class list: ``0..9`` for 0..n-1, else the first few names and ``...``."""
+    names = [str(x) for x in names]
+    if names == [str(i) for i in range(len(names))]:
+        return f"0..{len(names) - 1}"
+    return ", ".join(names) if len(names) <= show + 1 else ", ".join(names[:show]) + ", ..."
+
+
+def _checkpoint_classes(path: Path, head_name: str | None = None) -> dict[str, Any]:
+    """What the weights file says about its classes: ``num_classes``, ``classes`` (names), ``dataset``, ``kind``.
+
+    A project checkpoint gives its class count and, when its meta records them (``pretrain``,
+    ``finetune``), the source dataset and class names. A plain state dict gives only the count,
+    read from the head's weight (``head_name``); its names are unknown (None).
+    """
+    from .models import _extract_state, _normalise_keys, _read_torch_file
+
+    state, header = _extract_state(_read_torch_file(path), path)
+    out: dict[str, Any] = {"num_classes": None, "classes": None, "dataset": None, "kind": "state_dict"}
+    if header is None:
+        w = _normalise_keys(state).get(f"{head_name}.weight") if head_name else None
+        if torch.is_tensor(w) and w.ndim == 2:
+            out["num_classes"] = int(w.shape[0])
+        return out
+    out["kind"] = "checkpoint"
+    if header.get("num_classes"):
+        out["num_classes"] = int(header["num_classes"])
+    meta = header.get("meta") if isinstance(header.get("meta"), dict) else {}
+    if isinstance(meta.get("dataset"), str):
+        out["dataset"] = meta["dataset"]
+    names = meta.get("classes")
+    if (isinstance(names, list) and names and all(isinstance(x, str) for x in names)
+            and (out["num_classes"] is None or len(names) == out["num_classes"])):
+        out["classes"] = list(names)
+    return out
