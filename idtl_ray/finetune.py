@@ -315,36 +315,7 @@ def dry_run(cfg: FinetuneConfig) -> str:
     return "\n".join(lines)
 
 
-# ── Stage 5: outputs ──────────────────────────────────────────────────────────────────────────────
-
-
-def _write_csv(rows: list[dict[str, Any]], path: Path, columns: list[str]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
-
-
-def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Validation accuracy and test error vs epoch (the paper's Figure 2), written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, key, label in ((a1, "val_acc", "validation accuracy (%)"), (a2, "test_error", "test error (%)")):
-        pts = [(r["epoch"] + 1, r[key]) for r in history if r.get(key) is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="o")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    save_figure_atomic(fig, path)
+# ── Stages 3-4: the run on Ray (data: idtl_ray.finetune_data; training: idtl_ray.finetune_worker) ──
 
 
 def _check_out_dir(cfg: FinetuneConfig) -> Path:
@@ -494,6 +465,38 @@ def _first_line(e: BaseException) -> str:
     return s.splitlines()[0][:200] if s else type(e).__name__
 
 
+# ── Stage 5: outputs ──────────────────────────────────────────────────────────────────────────────
+
+
+def _write_csv(rows: list[dict[str, Any]], path: Path, columns: list[str]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Validation accuracy and test error vs epoch (the paper's Figure 2), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key, label in ((a1, "val_acc", "validation accuracy (%)"), (a2, "test_error", "test error (%)")):
+        pts = [(r["epoch"] + 1, r[key]) for r in history if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    save_figure_atomic(fig, path)
+
+
 def _write_outputs(cfg: FinetuneConfig, plan: Plan, out: Path, model: nn.Module, state: dict[str, Any],
                    seen: np.ndarray, info: dict[str, Any], name: str) -> dict[str, Any]:  # fmt: skip
     history = list(state["history"])
@@ -551,7 +554,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "FAULT_MARKER", "FinetuneConfig", "Plan", "TrainingError", "apply_freeze", "build_finetune_model", "compare_table", "config_from",
-    "dry_run", "epoch_line", "ids_hash", "lr_at", "make_plan", "plot_curves", "pretrain", "run_compare",
+    "FAULT_MARKER", "FinetuneConfig", "Plan", "TrainingError", "apply_freeze", "build_finetune_model", "compare_table",
+    "config_from", "dry_run", "epoch_line", "ids_hash", "lr_at", "make_plan", "plot_curves", "pretrain", "run_compare",
     "run_finetune", "say", "trainable_params",
 ]  # fmt: skip

@@ -109,7 +109,8 @@ def _setup(config: dict[str, Any]) -> _Run:
     run = _Run(cfg, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), wrapped, net, opt)
     if st is not None:
         opt.load_state_dict(st["optimizer"])
-        run.start, run.history, run.attempts, run.seen = int(st["epoch"]) + 1, list(st["history"]), list(st["attempts"]), seen
+        run.start, run.seen = int(st["epoch"]) + 1, seen
+        run.history, run.attempts = list(st["history"]), list(st["attempts"])
     run.attempts.append(run.start)  # where this worker group began: 0 for a fresh run, k+1 after a restore
     torch.manual_seed(cfg.seed * 1000 + run.rank + 7919 * run.start)
     return run
