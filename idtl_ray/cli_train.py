@@ -60,11 +60,12 @@ SWEEP_OPTIONS = Options(FinetuneConfig, skip=(*_TEST_ONLY, "freeze", "freeze_con
 
 
 def _score_fn(dataset: str, model: str, weights: str, data_dir: str | None, image_size: int | None,
-              val_fraction: float, seed: int, address: str | None, epochs: int = 10) -> Callable[[str], str]:  # fmt: skip
+              val_fraction: float, seed: int, address: str | None, epochs: int = 10,
+              gpus: int | None = None) -> Callable[[str], str]:  # fmt: skip
     """``compare`` without a mask: run the scoring stage into the given directory, return the mask path.
 
     Its ``--drop auto`` trials train as long as the comparison's runs: how much label noise hurts, and so
-    which budget pays, depends on the length of training.
+    which budget pays, depends on the length of training. ``--gpus N`` gives it N scoring actors.
     """
 
     def score(out_dir: str) -> str:
@@ -73,7 +74,7 @@ def _score_fn(dataset: str, model: str, weights: str, data_dir: str | None, imag
 
         res = run_score(ScoreConfig(dataset=dataset, model=model, weights=weights, data_dir=data_dir,
                                     image_size=image_size, val_fraction=val_fraction, seed=seed, out=out_dir,
-                                    address=address, auto_epochs=epochs))  # fmt: skip
+                                    address=address, auto_epochs=epochs, gpus=gpus or 0))  # fmt: skip
         return str(res["mask"])
 
     return score
@@ -140,7 +141,7 @@ def compare_cmd(
     ensure_ray(kw["address"])
     dataset, model, weights, epochs = (kw.pop(k) for k in ("dataset", "model", "weights", "epochs"))
     score = _score_fn(dataset, model, weights, kw["data_dir"], kw["image_size"], kw["val_fraction"], kw["seed"],
-                      kw["address"], epochs)  # fmt: skip
+                      kw["address"], epochs, kw["gpus"])  # fmt: skip
     run_compare(dataset, model, weights, epochs, out=kw.pop("out"), mask=kw.pop("mask"), score_fn=score,
                 scratch_epochs=scratch_epochs, baselines=names, **kw)  # fmt: skip
 
@@ -152,7 +153,7 @@ def sweep_cmd(
     base: FinetuneConfig,
     frozen: list[str] = typer.Option(..., help="Frozen-layer counts: --frozen 20 30 40 (paper Table 3)."),
     out: str = typer.Option(..., help="Sweep directory (one run directory per count, sweep.md/csv)."),
-    max_concurrent: int = typer.Option(1, help="Trials at once (cluster GPUs // GPUs per trial)."),
+    max_concurrent: int = typer.Option(1, help="Trials at once (cluster GPUs // GPUs per trial; --gpus N runs N)."),
 ) -> None:
     """Ray Tune sweep over frozen-layer counts; prints and saves sweep.md / sweep.csv."""
     from .sweep import check_frozen, run_sweep

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import sys
 import time
@@ -480,11 +479,28 @@ class Resources:
     gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs per Train worker (full tables: 1)."})
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per Train worker."})
     score_actors: int | None = field(default=None, metadata={"help": "Scoring actors (None: one per GPU, else one per CPU up to 4 CPUs, then CPUs/2)."})
+    gpus: int = field(default=0, metadata={"help": "GPUs declared for the job (--gpus N): N Train workers with one GPU each and N scoring actors with one GPU each; the autoscaler is asked for them at start. 0: --workers and --gpus-per-worker decide."})
 
     @classmethod
     def default(cls, smoke: bool) -> Resources:
         """Smoke: one CPU worker (fits 2 CPUs beside Ray Data); full: one GPU worker with 4 CPUs."""
         return cls(1, 0.0, 1.0, 1) if smoke else cls(1, 1.0, 4.0, None)
+
+    def declare_gpus(self, gpus: int) -> Resources:
+        """``--gpus N``: N Train workers with one GPU each and N scoring actors (one GPU each); 0: no GPU."""
+        if gpus < 0:
+            raise InputError(f"--gpus takes a GPU count >= 0, got {gpus}")
+        self.gpus, self.gpus_per_worker = gpus, float(min(gpus, 1))
+        if gpus:
+            self.workers, self.score_actors = gpus, None
+        return self
+
+    def bundles(self) -> list[dict[str, float]]:
+        """What the autoscaler is asked for at start: one bundle per GPU Train worker (a scoring actor,
+        0.5 CPU and one GPU, fits in one too); none for CPU-only runs."""
+        if self.gpus_per_worker <= 0:
+            return []
+        return [{"GPU": self.gpus_per_worker, "CPU": self.cpus_per_worker}] * self.workers
 
 
 _T0 = time.perf_counter()
@@ -514,22 +530,27 @@ def _request_gpus(res: Resources, timeout_s: float = 900.0) -> None:
         return
     if _cluster_address() is None:  # a local Ray has no autoscaler to bring GPUs
         raise ExperimentError(f"{res.workers} workers x {res.gpus_per_worker:g} GPUs need {need:g} GPUs but this Ray has "
-                              f"{have:g}; pass --gpus-per-worker 0 or submit the job to a GPU cluster")  # fmt: skip
-    request_resources(bundles=[{"GPU": res.gpus_per_worker, "CPU": res.cpus_per_worker}] * res.workers)
-    _log(f"waiting for {need:g} GPU(s) to join the cluster (up to {timeout_s:.0f} s)")
+                              f"{have:g}; pass --gpus 0 (or --gpus-per-worker 0) or submit the job to a GPU cluster")  # fmt: skip
+    request_resources(bundles=res.bundles())
+    _log(f"asked the autoscaler for {need:g} GPU(s); waiting for them to join the cluster (up to {timeout_s:.0f} s)")
     deadline = time.time() + timeout_s
-    while ray.cluster_resources().get("GPU", 0.0) < need:
+    while (have := ray.cluster_resources().get("GPU", 0.0)) < need:
         if time.time() > deadline:
-            raise ExperimentError(f"no {need:g} GPU(s) joined the cluster within {timeout_s:.0f} s; check the "
-                                  f"gpu_worker type and your EC2 GPU quota, or pass --gpus-per-worker 0")  # fmt: skip
-        time.sleep(10)
+            raise ExperimentError(f"{have:g} of {need:g} GPU(s) joined the cluster within {timeout_s:.0f} s; check the "
+                                  f"gpu_worker type and your EC2 GPU quota, or pass fewer --gpus")  # fmt: skip
+        time.sleep(2)
+    _log(f"{have:g} GPU(s) in the cluster")
 
 
 def _release_gpus(res: Resources) -> None:
-    if res.gpus_per_worker > 0:
+    """Withdraw the job's request (only a joined cluster has an autoscaler), so idle GPU workers can go."""
+    if res.bundles() and _cluster_address() is not None:
         from ray.autoscaler.sdk import request_resources
 
-        request_resources(bundles=[])  # let idle GPU workers go
+        try:
+            request_resources(bundles=[])
+        except Exception:  # the cluster is gone: nothing to release
+            pass
 
 
 def _log(msg: str) -> None:
@@ -613,7 +634,7 @@ def _score(ctx: _Context, s: Setting, dataset: str, weights: str, seed: int, cla
     cfg = ScoreConfig(dataset=dataset, model=s.model, weights=weights, data_dir=ctx.data_dir, image_size=s.image_size,
                       **rule,  # type: ignore[arg-type]
                       target_classes=classes, seed=seed, out=str(out), resume=True, actors=ctx.res.score_actors,
-                      address=_cluster_address())  # fmt: skip
+                      gpus=ctx.res.gpus, address=_cluster_address())  # fmt: skip
     _log(f"seed {seed}: scoring {dataset} with {s.model} ({weights}){'' if classes is None else f' against class {classes}'}")
     summary = run_score(cfg, progress=False)
     return {"dir": str(out), "mask": summary["mask"], "n_train": summary["n_train"], "n_dropped": summary["n_dropped"],
@@ -703,9 +724,13 @@ def run_table(n: int, smoke: bool = False, data_dir: str | None = None, out: str
     """
     if not seeds or len(set(seeds)) != len(seeds):
         raise ExperimentError(f"seeds must be distinct and at least one, got {list(seeds)}; e.g. --seeds 0 1 2")
+    root = Path(out).expanduser().resolve()
+    if _cluster_address() is not None:  # before any work: paths the workers on other nodes could not see
+        from .resources import check_shared_storage
+
+        check_shared_storage({"--out": root, "--data-dir": data_dir})
     table = preflight(n, smoke, data_dir) if spec is None else check_files(spec, data_dir)
     n = table.number
-    root = Path(out).expanduser().resolve()
     ctx = _Context(table, root / f"table{n}", data_dir, resources or Resources.default(smoke), root / f"table{n}" / "_data")
     t0 = time.perf_counter()
     runs: list[dict[str, Any]] = []
@@ -958,6 +983,9 @@ def job_parser(n: int, doc: str | None = None) -> Any:
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers per run (default 1).")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (default: 1 full, 0 smoke).")
     p.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per worker (default: 4 full, 1 smoke).")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs to run on: N Train workers with one GPU each and N "
+                   "scoring actors; on a cluster the autoscaler is asked for them at start "
+                   "(instead of --workers and --gpus-per-worker; 0: no GPU).")  # fmt: skip
     return p
 
 
@@ -967,6 +995,11 @@ def resources_from_args(args: Any) -> Resources:
     for name in ("workers", "gpus_per_worker", "cpus_per_worker"):
         if getattr(args, name, None) is not None:
             setattr(res, name, getattr(args, name))
+    if (gpus := getattr(args, "gpus", None)) is not None:
+        if args.gpus_per_worker is not None or (gpus and args.workers not in (None, gpus)):
+            raise InputError(f"--gpus {gpus} sets the Train workers ({gpus} with one GPU each; 0: no GPU): leave out "
+                             f"--workers and --gpus-per-worker, or use them without --gpus")  # fmt: skip
+        res.declare_gpus(gpus)
     if res.workers < 1 or res.cpus_per_worker <= 0 or res.gpus_per_worker < 0:
         raise InputError("--workers must be >= 1, --cpus-per-worker > 0 and --gpus-per-worker >= 0")
     return res

@@ -50,8 +50,9 @@ STRATEGY_TITLES = {"scratch": "from Scratch", "model": "Model-based TL", "instan
 
 # Fields that do not change what is trained: a rerun that differs only in these resumes the same run.
 # ``epochs``/``eval_every`` are left out too, so a rerun with more epochs continues from the checkpoint.
-_NON_IDENTITY = ("out", "address", "max_failures", "cpus_per_worker", "gpus_per_worker", "epochs", "eval_every",
+_NON_IDENTITY = ("out", "address", "max_failures", "cpus_per_worker", "gpus_per_worker", "gpus", "epochs", "eval_every",
                  "fault_inject_kill_epoch")  # fmt: skip
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 class TrainingError(IdtlError, RuntimeError):
@@ -80,6 +81,8 @@ class FinetuneConfig:
     hybrid_init: int | None = field(default=None, metadata={"help": "Load only the first K layers from the weights, Xavier the rest (paper Table 4)."})
     workers: int = field(default=1, metadata={"help": "Ray Train workers (DDP ranks)."})
     gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs per worker (0 = train on CPU)."})
+    gpus: int | None = field(default=None, metadata={"help": "GPUs to train on: N DDP workers with one GPU each, asked of the autoscaler at start on a cluster (instead of --workers and --gpus-per-worker; 0: CPU)."})
+    precision: str = field(default="auto", metadata={"choices": ("auto", "bf16", "fp32"), "help": "Training precision: bf16 (autocast), fp32, or auto (bf16 on GPUs, fp32 on CPUs)."})
     cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per worker (0.5 on a 2-CPU box leaves room for Ray Data)."})
     eval_every: int = field(default=1, metadata={"help": "Evaluate validation accuracy and test error every N epochs (and after the last)."})
     seed: int = field(default=0, metadata={"help": "Seed of the split (when one is made), the init and the shuffling."})
@@ -114,11 +117,30 @@ class FinetuneConfig:
             raise InputError(f"lr must be positive, got {self.lr}")
         if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
             raise InputError("cpus_per_worker must be > 0 and gpus_per_worker >= 0")
+        self._declare_gpus()
+        if self.precision not in PRECISIONS:
+            raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if 0 < self.gpus_per_worker < 1 and self.workers > 1:  # DDP would put several ranks on one GPU
             raise InputError(f"--gpus-per-worker {self.gpus_per_worker:g} with {self.workers} workers would share a GPU "
                              "between DDP ranks (NCCL refuses it): use whole GPUs per worker, or one worker")
         if self.freeze is not None and self.freeze < 0 or self.hybrid_init is not None and self.hybrid_init < 0:
             raise InputError("--freeze and --hybrid-init take a layer count >= 0")
+
+    def _declare_gpus(self) -> None:
+        """``--gpus N``: N workers with one GPU each (0: no GPU); it replaces --workers/--gpus-per-worker."""
+        if self.gpus is None:
+            return
+        if self.gpus < 0:
+            raise InputError(f"--gpus takes a GPU count >= 0, got {self.gpus}")
+        wanted = (self.gpus or 1, float(min(self.gpus, 1)))
+        if self.workers not in (1, wanted[0]) or self.gpus_per_worker not in (0.0, wanted[1]):
+            raise InputError(f"--gpus {self.gpus} sets the workers ({self.gpus or 1} with {wanted[1]:g} GPU each): "
+                             f"leave out --workers and --gpus-per-worker, or use them without --gpus")  # fmt: skip
+        self.workers, self.gpus_per_worker = wanted
+
+    def bundles(self) -> list[dict[str, float]]:
+        """What a run asks of a cluster's autoscaler: one bundle per Train worker."""
+        return [{"CPU": self.cpus_per_worker, "GPU": self.gpus_per_worker}] * self.workers
 
     @property
     def out_dir(self) -> Path:
@@ -331,18 +353,23 @@ def _check_out_dir(cfg: FinetuneConfig) -> Path:
 
 
 def _check_resources(cfg: FinetuneConfig) -> None:
-    """Refuse up front what would otherwise hang: workers that can never be scheduled."""
+    """Refuse up front what would otherwise hang on the embedded local Ray: workers that can never be
+    scheduled. A cluster is never refused for what it has now: it scales up for the request."""
     import ray
 
+    from .resources import joined_cluster
+
+    if joined_cluster():
+        return
     res = ray.cluster_resources()
     need_cpu = cfg.workers * cfg.cpus_per_worker
-    if cfg.address is None and need_cpu > res.get("CPU", 0.0):
+    if need_cpu > res.get("CPU", 0.0):
         raise InputError(f"{cfg.workers} workers x {cfg.cpus_per_worker} CPUs need {need_cpu:g} CPUs but the local Ray "
                          f"has {res.get('CPU', 0.0):g}; lower --workers or --cpus-per-worker (e.g. 0.5)")  # fmt: skip
     need_gpu = cfg.workers * cfg.gpus_per_worker
-    if cfg.address is None and need_gpu > res.get("GPU", 0.0):
-        raise InputError(f"{cfg.workers} workers x {cfg.gpus_per_worker} GPUs need {need_gpu:g} GPUs but the local Ray "
-                         f"has {res.get('GPU', 0.0):g}; pass --gpus-per-worker 0 or join a GPU cluster with --address")  # fmt: skip
+    if need_gpu > res.get("GPU", 0.0):
+        raise InputError(f"{cfg.workers} workers x {cfg.gpus_per_worker:g} GPUs need {need_gpu:g} GPUs but the local Ray "
+                         f"has {res.get('GPU', 0.0):g}; pass --gpus 0 or join a GPU cluster with --address")  # fmt: skip
 
 
 def _finished_run(cfg: FinetuneConfig, out: Path, plan: Plan, emit: Progress | None) -> tuple[str, dict[str, Any] | None]:
@@ -426,7 +453,7 @@ def _fit(trainer: Any, name: str, out: Path, relay: Relay | None) -> tuple[dict[
 
 
 def run_finetune(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None, run_name: str | None = None,
-                 progress: bool | Progress = False) -> dict[str, Any]:
+                 progress: bool | Progress = False, claim: bool = True) -> dict[str, Any]:
     """Train one strategy with Ray Train and write the run directory; returns the ``final.json`` dict.
 
     Running it again with the same ``out`` and config resumes: a finished run returns its saved
@@ -435,9 +462,23 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None, run
     ``progress``: ``True`` prints a line per epoch on stderr (loss, validation accuracy, test error,
     elapsed time), a callable receives those lines instead; off by default (Tune trials, tests).
     The images never enter this process: Ray Data reads them into the object store for the workers.
+    On a cluster (``--address``, ``RAY_ADDRESS``) the paths workers use must be shared storage, and the
+    workers' resources are asked of the autoscaler at start (``claim``; a sweep asks for its trials).
     """
+    from .resources import claim_cluster, release
+
     out = _check_out_dir(cfg)
-    emit = emitter(progress)
+    claimed = claim and claim_cluster(cfg.address, out, cfg.dataset, cfg.bundles)
+    try:
+        return _run(cfg, out, callbacks, run_name, emitter(progress))
+    finally:
+        if claimed:
+            release()
+
+
+def _run(cfg: FinetuneConfig, out: Path, callbacks: list[Any] | None, run_name: str | None,
+         emit: Progress | None) -> dict[str, Any]:  # fmt: skip
+    """:func:`run_finetune` once the cluster is claimed."""
     plan = make_plan(cfg, say=emit)
     ids_sha, final = _finished_run(cfg, out, plan, emit)
     if final is not None:

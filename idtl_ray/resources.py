@@ -16,7 +16,7 @@ by ``:``). :func:`check_shared_storage` refuses anything else before any work st
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,37 @@ def release() -> None:
         request_resources(bundles=[])
     except Exception:  # the cluster is gone: nothing to release
         pass
+
+
+def dataset_location(dataset: str) -> tuple[str, str | os.PathLike[str]]:
+    """Where workers read ``--dataset`` from: a name is prepared into the cache (``IDTL_CACHE_DIR``),
+    a prepared directory is read where it is. Returns (what to name in an error, the path)."""
+    from .data.cache import cache_root
+    from .data.registry import DATASETS
+
+    if dataset in DATASETS or dataset.startswith(("npz:", "folder:")):
+        return "IDTL_CACHE_DIR (the cache --dataset NAME is prepared into)", cache_root()
+    return "--dataset", dataset
+
+
+def claim_cluster(address: str | None, out: str | os.PathLike[str], dataset: str,
+                  bundles: Callable[[], list[dict[str, float]]]) -> bool:  # fmt: skip
+    """On a cluster (``--address``, ``RAY_ADDRESS``, inside ``ray job submit``): join it, refuse paths
+    other nodes cannot see, and ask the autoscaler for ``bundles()`` (called once joined) now, so that
+    nodes boot while the driver plans. Returns whether it did (then call :func:`release` when done).
+
+    Off a cluster it does nothing: the embedded local Ray starts later, after the checks that need no
+    Ray. ``--data-dir`` is read only on this node (a named dataset is prepared here, into the cache), so
+    it need not be shared.
+    """
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        return False
+    from .scoring import ensure_ray
+
+    ensure_ray(address)
+    check_shared_storage({"--out": out, **dict([dataset_location(dataset)])})
+    request(bundles())
+    return True
 
 
 def describe(resources: Mapping[str, Any]) -> str:

@@ -58,7 +58,7 @@ def _trial(config: dict[str, Any], base: dict[str, Any], out: str) -> None:
     n = int(config["freeze"])
     cfg = FinetuneConfig(**{**base, "freeze": n, "out": str(Path(out) / f"frozen-{n}")})
     trial_id = ray.tune.get_context().get_trial_id()
-    final = run_finetune(cfg, callbacks=[TuneReportCallback()], run_name=f"train-trial_id={trial_id}")
+    final = run_finetune(cfg, callbacks=[TuneReportCallback()], run_name=f"train-trial_id={trial_id}", claim=False)
     # also report the run's final numbers: a trial whose run had already finished trains nothing,
     # so the callback would forward nothing and the table would lose it
     ray.tune.report({k: final[k] for k in ("test_error", "val_acc", "train_loss", "epochs") if final[k] is not None})
@@ -118,30 +118,49 @@ def run_sweep(base: FinetuneConfig, frozen: list[int], out: str | Path, max_conc
 
     ``base`` gives every other setting (its ``freeze`` and ``out`` are replaced per trial).
     ``max_concurrent`` should be the number of trials the cluster fits at once (GPUs // GPUs per trial).
+    ``base.gpus = N`` (``--gpus N``) declares it instead: N trials at once, each on one GPU worker; on a
+    cluster the autoscaler is asked for them at start, and ``out`` must be on shared storage.
     ``trial_failures``: how often Tune retries a failed trial (its Train run continues from its last
     checkpoint; ``base.max_failures`` is the Train run's own retries of a lost worker, inside one attempt).
     A rerun into the same ``out`` restores the experiment: finished trials are kept, the others resume.
     Writes ``sweep.md`` and ``sweep.csv`` in ``out``; returns the table.
     """
-    import ray.tune
-
     frozen = check_frozen(base, frozen)
     if max_concurrent < 1:
         raise InputError(f"max_concurrent must be >= 1, got {max_concurrent}")
     if trial_failures < 0:
         raise InputError(f"trial_failures must be >= 0, got {trial_failures}")
     root = Path(out).expanduser().resolve()  # absolute: Tune and Train storage, and every trial's run directory
-    root.mkdir(parents=True, exist_ok=True)
+    from .resources import claim_cluster, release
     from .scoring import ensure_ray
 
-    ensure_ray(base.address)
+    if base.gpus and max_concurrent not in (1, base.gpus):
+        raise InputError(f"--gpus {base.gpus} runs {base.gpus} trials at once (one GPU each): leave out --max-concurrent")
+    if base.gpus:  # one GPU worker per trial, as many trials at once as GPUs declared
+        base, max_concurrent = replace(base, gpus=1, workers=1, gpus_per_worker=0.0), base.gpus
+    trial_bundles = [{"CPU": _TRIAL_DRIVER_CPU}, *base.bundles()]
+    claimed = claim_cluster(base.address, root, base.dataset, lambda: trial_bundles * max_concurrent)
+    try:
+        ensure_ray(base.address)
+        root.mkdir(parents=True, exist_ok=True)
+        return _tune(base, frozen, root, max_concurrent, trial_failures)
+    finally:
+        if claimed:
+            release()
+
+
+_TRIAL_DRIVER_CPU = 0.5  # a trial's driver only waits on its TorchTrainer
+
+
+def _tune(base: FinetuneConfig, frozen: list[int], root: Path, max_concurrent: int, trial_failures: int) -> pd.DataFrame:
+    """:func:`run_sweep` once the cluster is claimed: run (or restore) the Tune experiment, write the table."""
+    import ray.tune
+
     base_dict = replace(base, freeze=None, out=None).to_dict()
     name = experiment_name(base, frozen)
     storage = root / "ray"
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(_trial, base=base_dict, out=str(root)),
-        {"cpu": 0.5},  # the driver only waits on its TorchTrainer
-    )
+        ray.tune.with_parameters(_trial, base=base_dict, out=str(root)), {"cpu": _TRIAL_DRIVER_CPU})
     if ray.tune.Tuner.can_restore(str(storage / name)):
         # same sweep, same out: finished trials stay finished; unfinished and failed ones resume with their
         # trial ids, so their Train runs (named after the trial id) continue from their last checkpoints

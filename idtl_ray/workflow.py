@@ -100,26 +100,11 @@ def run_score(cfg: ScoreConfig, *, progress: bool = True, on_progress: Any = Non
 
 
 def _claim_cluster(cfg: ScoreConfig, out: Path) -> None:
-    """On a cluster (``--address``, ``RAY_ADDRESS``): join it, refuse paths other nodes cannot see, and ask
-    the autoscaler for the scoring pool now, so that nodes boot while the labels load.
-
-    The embedded local Ray starts later, after the checks that need no Ray. ``--data-dir`` is read only
-    on this node (the dataset is prepared here, into the cache), so it need not be shared.
-    """
-    import os
-
-    from .data.cache import cache_root
-    from .data.registry import DATASETS
-    from .resources import check_shared_storage, request
+    """On a cluster: join it, check shared storage and ask for the scoring pool now (resources.claim_cluster)."""
+    from .resources import claim_cluster
     from .scoring.pipeline import pool_bundles, scoring_pool
 
-    if not (cfg.address or os.environ.get("RAY_ADDRESS")):
-        return
-    ensure_ray(cfg.address)
-    named = cfg.dataset in DATASETS or cfg.dataset.startswith(("npz:", "folder:"))
-    where = {"IDTL_CACHE_DIR (the cache --dataset NAME is prepared into)": cache_root()} if named else {"--dataset": cfg.dataset}
-    check_shared_storage({"--out": out, **where})
-    request(pool_bundles(scoring_pool(cfg.actors, cfg.gpus, cfg.cpus)))
+    claim_cluster(cfg.address, out, cfg.dataset, lambda: pool_bundles(scoring_pool(cfg.actors, cfg.gpus, cfg.cpus)))
 
 
 def _model_args(cfg: ScoreConfig) -> list[Any]:

@@ -63,3 +63,90 @@ def test_no_check_and_no_request_off_a_cluster(monkeypatch, tmp_path):
     assert not R.joined_cluster() and not R.work_runs_elsewhere()
     R.check_shared_storage({"--out": tmp_path})  # the embedded local Ray: every worker is on this node
     R.request([{"GPU": 1}])  # no autoscaler to ask: a no-op
+
+
+def test_finetune_gpus_declares_one_gpu_worker_per_gpu_and_the_request():
+    from idtl_ray.finetune import FinetuneConfig
+
+    cfg = FinetuneConfig(strategy="scratch", gpus=2, cpus_per_worker=4)
+    assert (cfg.workers, cfg.gpus_per_worker) == (2, 1.0)
+    assert cfg.bundles() == [{"CPU": 4.0, "GPU": 1.0}] * 2
+    assert "gpus" not in cfg.identity()  # declared GPUs do not change what is trained: workers does
+    assert FinetuneConfig(strategy="scratch", gpus=0).gpus_per_worker == 0.0
+    for bad in ({"gpus": 2, "workers": 3}, {"gpus": 1, "gpus_per_worker": 0.5}, {"gpus": -1}):
+        with pytest.raises(InputError, match="--gpus"):
+            FinetuneConfig(strategy="scratch", **bad)
+    with pytest.raises(InputError, match="share a GPU"):  # fractions with several workers, as before
+        FinetuneConfig(strategy="scratch", workers=2, gpus_per_worker=0.5)
+
+
+@pytest.fixture
+def fake_cluster_calls(monkeypatch):
+    """A joined cluster whose work runs elsewhere, without Ray: records the autoscaler requests."""
+    import ray.autoscaler.sdk
+
+    import idtl_ray.scoring
+
+    calls: list[list[dict[str, float]]] = []
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    monkeypatch.setattr(idtl_ray.scoring, "ensure_ray", lambda address=None: None)
+    monkeypatch.setattr(R, "joined_cluster", lambda: True)
+    monkeypatch.setattr(R, "work_runs_elsewhere", lambda: True)
+    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda bundles=None, **_: calls.append(bundles))
+    return calls
+
+
+def test_finetune_on_a_cluster_checks_shared_storage_first_and_asks_for_its_workers(fake_cluster_calls, monkeypatch,
+                                                                                  tmp_path):  # fmt: skip
+    import idtl_ray.finetune as F
+
+    shared = tmp_path / "shared"
+    monkeypatch.setenv(R.SHARED_ENV, str(shared))
+    monkeypatch.setattr(F, "_run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("trained")))
+    local = F.FinetuneConfig(strategy="scratch", dataset=str(shared / "prepared"), gpus=2, out=str(tmp_path / "run"))
+    with pytest.raises(InputError, match="--out .* not on shared storage"):
+        F.run_finetune(local)
+    assert fake_cluster_calls == [] and not (tmp_path / "run").exists()  # refused before any request or file
+    cfg = F.FinetuneConfig(strategy="scratch", dataset=str(shared / "prepared"), gpus=2, out=str(shared / "run"))
+    with pytest.raises(RuntimeError, match="trained"):
+        F.run_finetune(cfg)
+    assert fake_cluster_calls == [[{"CPU": 1.0, "GPU": 1.0}] * 2, []]  # asked at start, withdrawn after a failure too
+
+
+def test_sweep_gpus_runs_one_trial_per_gpu_and_asks_for_them(fake_cluster_calls, monkeypatch, tmp_path):
+    import idtl_ray.sweep as S
+    from idtl_ray.finetune import FinetuneConfig
+
+    monkeypatch.setenv(R.SHARED_ENV, str(tmp_path))
+    seen = {}
+    monkeypatch.setattr(S, "_tune", lambda base, frozen, root, conc, failures: seen.update(base=base, conc=conc))
+    base = FinetuneConfig(strategy="model", weights="w.pt", dataset="s3://b/d", gpus=2, cpus_per_worker=2)
+    S.run_sweep(base, [1, 2, 3], tmp_path / "sweep")
+    assert seen["conc"] == 2 and (seen["base"].workers, seen["base"].gpus_per_worker) == (1, 1.0)
+    assert fake_cluster_calls == [[{"CPU": 0.5}, {"CPU": 2.0, "GPU": 1.0}] * 2, []]
+    with pytest.raises(InputError, match="--max-concurrent"):
+        S.run_sweep(base, [1, 2], tmp_path / "sweep", max_concurrent=3)
+
+
+def test_training_on_a_cluster_is_never_refused_for_what_it_has_now(monkeypatch):
+    import ray
+
+    import idtl_ray.finetune as F
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 0.0})  # a head with no CPU, scaled to zero
+    cfg = F.FinetuneConfig(strategy="scratch", gpus=2)
+    monkeypatch.setattr(R, "joined_cluster", lambda: True)
+    F._check_resources(cfg)  # Train's placement group makes the cluster scale up
+    monkeypatch.setattr(R, "joined_cluster", lambda: False)
+    with pytest.raises(InputError, match="local Ray has 0"):
+        F._check_resources(cfg)
+
+
+def test_a_job_on_a_cluster_refuses_out_off_shared_storage_before_any_work(fake_cluster_calls, monkeypatch, tmp_path):
+    from idtl_ray import experiments as E
+
+    monkeypatch.setenv(R.SHARED_ENV, str(tmp_path / "shared"))
+    monkeypatch.setattr(E, "_run_setting", lambda *a, **k: pytest.fail("no work may start"))
+    with pytest.raises(InputError, match="--out .* not on shared storage"):
+        E.run_table(5, smoke=True, out=tmp_path / "local")
+    assert fake_cluster_calls == []
