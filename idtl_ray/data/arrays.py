@@ -133,7 +133,7 @@ def resize_images(x: np.ndarray, size: int) -> np.ndarray:
         return x
     out = []
     for i in range(0, len(x), 4096):  # chunks bound the float copy's memory
-        t = torch.from_numpy(np.ascontiguousarray(x[i:i + 4096])).permute(0, 3, 1, 2).float()
+        t = torch.from_numpy(np.array(x[i:i + 4096])).permute(0, 3, 1, 2).float()  # a copy: x may be read-only
         r = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         out.append(r.round().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
     return np.concatenate(out) if out else x
