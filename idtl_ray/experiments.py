@@ -23,6 +23,7 @@ finished scores and runs (both stages resume).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -475,11 +476,11 @@ def check_files(table: TableSpec, data_dir: str | None = None) -> TableSpec:
 class Resources:
     """Ray resources of the training and scoring stages."""
 
-    workers: int = field(default=1, metadata={"help": "Ray Train workers (DDP ranks) per run."})
-    gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs per Train worker (full tables: 1)."})
-    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per Train worker."})
-    score_actors: int | None = field(default=None, metadata={"help": "Scoring actors (None: one per GPU, else one per CPU up to 4 CPUs, then CPUs/2)."})
-    gpus: int = field(default=0, metadata={"help": "GPUs declared for the job (--gpus N): N Train workers with one GPU each and N scoring actors with one GPU each; the autoscaler is asked for them at start. 0: --workers and --gpus-per-worker decide."})
+    workers: int = field(default=1, metadata={"help": "Ray Train workers (DDP ranks) per run (default 1)."})
+    gpus_per_worker: float = field(default=0.0, metadata={"help": "GPUs per Train worker (default: 1 full, 0 smoke)."})
+    cpus_per_worker: float = field(default=1.0, metadata={"help": "CPUs per Train worker (default: 4 full, 1 smoke)."})
+    score_actors: int | None = field(default=None, metadata={"help": "Scoring actors (default: one per GPU, else one per CPU up to 4 CPUs, then CPUs/2; smoke: 1)."})
+    gpus: int = field(default=0, metadata={"help": "GPUs to run on: N Train workers and N scoring actors with one GPU each, asked of the autoscaler at start on a cluster (instead of --workers and --gpus-per-worker; 0: no GPU)."})
 
     @classmethod
     def default(cls, smoke: bool) -> Resources:
@@ -980,28 +981,27 @@ def job_parser(n: int, doc: str | None = None) -> Any:
     p.add_argument("--out", default="results", help="Results directory (on the cluster use shared storage, e.g. "
                    "/mnt/cluster_storage/results: a job's working dir is deleted afterwards).")  # fmt: skip
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="Seeds (mean and std reported with several).")
-    p.add_argument("--workers", type=int, default=None, help="Ray Train workers per run (default 1).")
-    p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (default: 1 full, 0 smoke).")
-    p.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per worker (default: 4 full, 1 smoke).")
-    p.add_argument("--gpus", type=int, default=None, help="GPUs to run on: N Train workers with one GPU each and N "
-                   "scoring actors; on a cluster the autoscaler is asked for them at start "
-                   "(instead of --workers and --gpus-per-worker; 0: no GPU).")  # fmt: skip
+    for f in dataclasses.fields(Resources):  # declared once, in Resources: None = the table's default
+        kind = int if "int" in str(f.type) else float
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, help=f.metadata["help"])
     return p
 
 
 def resources_from_args(args: Any) -> Resources:
-    """Resources.default(smoke) with the job's overrides."""
+    """Resources.default(smoke) with the job's overrides (``--gpus`` first: it sets workers and GPUs)."""
     res = Resources.default(bool(args.smoke))
-    for name in ("workers", "gpus_per_worker", "cpus_per_worker"):
-        if getattr(args, name, None) is not None:
-            setattr(res, name, getattr(args, name))
     if (gpus := getattr(args, "gpus", None)) is not None:
         if args.gpus_per_worker is not None or (gpus and args.workers not in (None, gpus)):
             raise InputError(f"--gpus {gpus} sets the Train workers ({gpus} with one GPU each; 0: no GPU): leave out "
                              f"--workers and --gpus-per-worker, or use them without --gpus")  # fmt: skip
         res.declare_gpus(gpus)
+    for f in dataclasses.fields(Resources):
+        if f.name != "gpus" and getattr(args, f.name, None) is not None:
+            setattr(res, f.name, getattr(args, f.name))
     if res.workers < 1 or res.cpus_per_worker <= 0 or res.gpus_per_worker < 0:
         raise InputError("--workers must be >= 1, --cpus-per-worker > 0 and --gpus-per-worker >= 0")
+    if res.score_actors is not None and res.score_actors < 1:
+        raise InputError(f"--score-actors must be >= 1, got {res.score_actors}")
     return res
 
 

@@ -220,3 +220,15 @@ def test_job_script_full_mode_stops_at_once_with_one_line(n: int, tmp_path: Path
     assert "Traceback" not in p.stderr and "Started a local Ray" not in p.stderr
     assert not (tmp_path / "out").exists()
     assert time.perf_counter() - t < 60
+
+
+def test_the_jobs_resource_flags_are_the_resources_fields():
+    """Declared once: every Resources field is a job flag with the field's help, and parses into it."""
+    import dataclasses
+
+    parser = E.job_parser(5)
+    flags = {a.dest: a for a in parser._actions}
+    for f in dataclasses.fields(E.Resources):
+        assert flags[f.name].help == f.metadata["help"], f.name
+    res = E.resources_from_args(parser.parse_args(["--smoke", "--score-actors", "2", "--cpus-per-worker", "0.5"]))
+    assert (res.score_actors, res.cpus_per_worker, res.workers) == (2, 0.5, 1)
