@@ -408,7 +408,7 @@ def _trainer(cfg: FinetuneConfig, out: Path, plan: Plan, model: nn.Module, name:
     loop_config = {
         "cfg": replace(cfg, out=str(out)).to_dict(),  # absolute: Ray Train changes the workers' cwd
         "init_model": ray.put(model),  # once in the object store instead of once per worker config
-        "augment": D.augmentation(cfg.dataset) if cfg.augment else None,
+        "augment": D.batch_augmentation(cfg.dataset) if cfg.augment else None,  # applied on the worker's device
         "eval_sets": sorted(set(datasets) - {"train"}),
         "mean": plan.data.mean,
         "std": plan.data.std,

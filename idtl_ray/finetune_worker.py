@@ -1,9 +1,13 @@
 """The Ray Train worker loop of :func:`idtl_ray.finetune.run_finetune` (runs in every rank).
 
 Each rank restores the last checkpoint (if any), trains every epoch on its shard of ``train``
-(``ray.train.get_dataset_shard``, shuffled per epoch by a local buffer seeded by the epoch),
-augmenting and normalising in the worker; rank 0 evaluates by reading the whole ``val`` and
-``test`` sets and writes the checkpoint every rank reports.
+(``ray.train.get_dataset_shard``, shuffled per epoch by a local buffer seeded by the epoch); rank 0
+evaluates by reading the whole ``val`` and ``test`` sets and writes the checkpoint every rank reports.
+
+At GPU speed the host must only feed the device: each uint8 batch is copied (pinned, without
+blocking) to the worker's device, and converted, augmented (:class:`idtl_ray.data.BatchAugment`, one
+batched op) and normalised there; the loss is summed on the device and read once per epoch; forward
+and loss run under bf16 autocast when ``precision`` asks for it (``auto``: on GPUs only).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import torch
 from torch import nn
 
 from . import data as D
+from .data.augment import BatchAugment
+from .scoring.common import Preprocess, fast_cuda_math, to_device
 from .storage import ids_digest
 
 FAULT_MARKER = ".fault_injected"
@@ -37,8 +43,28 @@ def lr_at(cfg: Any, epoch: int) -> float:
     return cfg.lr * (0.1 if cfg.lr_drop_at < 1.0 and epoch >= drop else 1.0)
 
 
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``--precision`` on ``device``: bf16, or None for plain fp32.
+
+    ``auto`` is bf16 on a GPU (tensor cores, half the activation memory, no loss scaling needed) and
+    fp32 on a CPU, where bf16 kernels are rarely faster and results should match earlier runs.
+    """
+    if precision == "bf16" or precision == "auto" and device.type == "cuda":
+        return torch.bfloat16
+    return None
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    """bf16 autocast on ``device``, or nothing (fp32: the exact ops of a run without autocast)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
 def _images(x: np.ndarray, aug: Callable[[torch.Tensor], torch.Tensor] | None, mean: Any, std: Any) -> torch.Tensor:
-    """uint8 NHWC -> normalised float NCHW; augmentation per sample on [0, 1] CHW tensors (as ImageDataset)."""
+    """uint8 NHWC -> normalised float NCHW on the CPU, augmenting per sample with a torchvision transform.
+
+    Not the Train worker's path (that augments per batch on its device); ``budget.fine_tune``'s
+    in-process trials use it, with :func:`idtl_ray.data.augmentation`'s transforms.
+    """
     if aug is None:
         return D.to_tensor(x, mean, std)
     t = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float().div_(255.0)
@@ -49,15 +75,23 @@ def _images(x: np.ndarray, aug: Callable[[torch.Tensor], torch.Tensor] | None, m
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, samples: Any, mean: Any, std: Any, device: torch.device) -> float | None:
+def _accuracy(run: _Run, samples: Any) -> float | None:
     """Accuracy on a Ray Data iterator of ``x``/``label`` batches (None when it is empty)."""
-    model.eval()
-    correct, n = 0, 0
+    run.net.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=run.device)  # read once at the end: no sync per batch
+    n = 0
     for batch in samples.iter_batches(batch_size=EVAL_BATCH, batch_format="numpy"):
-        logits = model(D.to_tensor(batch["x"], mean, std).to(device))
-        correct += int((logits.argmax(1).cpu() == torch.as_tensor(batch["label"])).sum())
+        xb = run.prep(batch["x"], run.device)  # on a CPU exactly data.to_tensor
+        with _autocast(run.device, run.amp):
+            logits = run.net(xb)
+        correct += (logits.argmax(1) == _labels(batch, run.device)).sum()
         n += len(batch["label"])
-    return correct / n if n else None
+    return int(correct) / n if n else None
+
+
+def _labels(batch: dict[str, np.ndarray], device: torch.device) -> torch.Tensor:
+    """A batch's labels as int64 on ``device`` (copied without blocking on a GPU)."""
+    return to_device(torch.as_tensor(batch["label"], dtype=torch.long), device)
 
 
 def _frozen_bn_eval(model: nn.Module) -> None:
@@ -78,6 +112,8 @@ class _Run:
     model: nn.Module  # DDP-wrapped with several workers
     net: nn.Module  # the bare model: state dicts and evaluation
     opt: torch.optim.Optimizer
+    prep: Preprocess  # uint8 batch -> device tensor, normalised there
+    amp: torch.dtype | None = None  # autocast dtype (None: fp32)
     start: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     attempts: list[int] = field(default_factory=list)
@@ -106,7 +142,10 @@ def _setup(config: dict[str, Any]) -> _Run:
     wrapped = ray.train.torch.prepare_model(model)
     net = wrapped.module if isinstance(wrapped, nn.parallel.DistributedDataParallel) else wrapped
     opt = torch.optim.Adam([p for p in wrapped.parameters() if p.requires_grad], lr=cfg.lr)
-    run = _Run(cfg, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), wrapped, net, opt)
+    device = ray.train.torch.get_device()
+    fast_cuda_math(device)  # scoring's GPU settings; the torch thread count stays Ray Train's
+    run = _Run(cfg, ctx.get_world_rank(), ctx.get_world_size(), device, wrapped, net, opt,
+               Preprocess(tuple(config["mean"]), tuple(config["std"])), resolve_precision(cfg.precision, device))
     if st is not None:
         opt.load_state_dict(st["optimizer"])
         run.start, run.seen = int(st["epoch"]) + 1, seen
@@ -133,13 +172,26 @@ def _maybe_die(cfg: Any, epoch: int, rank: int, step: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _train_epoch(run: _Run, shard: Any, epoch: int, config: dict[str, Any]) -> tuple[float, int, list[np.ndarray]]:
-    """One epoch over this rank's shard: (summed loss, samples, the sample ids seen in epoch 0)."""
-    cfg, aug, mean, std = run.cfg, config["augment"], config["mean"], config["std"]
+def _augmenter(run: _Run, aug: BatchAugment | None, epoch: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The epoch's augmentation on the device, from a generator seeded by (seed, rank, epoch): a restart
+    from a checkpoint draws what an uninterrupted run would have drawn in that epoch."""
+    if aug is None:
+        return lambda t: t
+    g = torch.Generator(device=run.device)
+    g.manual_seed((run.cfg.seed * 1_000_003 + run.rank) * 10_007 + epoch)
+    return lambda t: aug(t, g)
+
+
+def _train_epoch(run: _Run, shard: Any, epoch: int,
+                 config: dict[str, Any]) -> tuple[torch.Tensor, int, list[np.ndarray]]:  # fmt: skip
+    """One epoch over this rank's shard: (summed loss on the device, samples, the sample ids seen in epoch 0)."""
+    cfg, augment = run.cfg, _augmenter(run, config["augment"], epoch)
     run.model.train()
     _frozen_bn_eval(run.net)
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    loss_sum, count, ids = 0.0, 0, []
+    # float64 on the device: read once per epoch (a float() per step would wait for the device every step)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    count, ids = 0, []
     # DDP.join(): shards may differ by a few rows (no row is dropped), so ranks run unequal step counts
     join = run.model.join() if isinstance(run.model, nn.parallel.DistributedDataParallel) else nullcontext()
     with join:
@@ -148,25 +200,28 @@ def _train_epoch(run: _Run, shard: Any, epoch: int, config: dict[str, Any]) -> t
                                      local_shuffle_seed=cfg.seed + 1000 * epoch + run.rank)  # fmt: skip
         for step, batch in enumerate(batches):
             _maybe_die(cfg, epoch, run.rank, step)
-            xb = _images(batch["x"], aug, mean, std).to(run.device)
-            yb = torch.as_tensor(batch["label"], dtype=torch.long).to(run.device)
+            xb = run.prep.normalise(augment(run.prep.unit(batch["x"], run.device)))
+            yb = _labels(batch, run.device)
             run.opt.zero_grad(set_to_none=True)
-            loss = loss_fn(run.model(xb), yb)
+            with _autocast(run.device, run.amp):
+                loss = loss_fn(run.model(xb), yb)
             (loss / len(yb)).backward()
             run.opt.step()
-            loss_sum += float(loss.detach())
+            loss_sum += loss.detach()
             count += len(yb)
             if epoch == 0:
                 ids.append(np.asarray(batch["sample_id"], dtype=np.int64))
     return loss_sum, count, ids
 
 
-def _epoch_row(run: _Run, epoch: int, lr: float, loss_sum: float, count: int, ids: list[np.ndarray]) -> dict[str, Any]:
+def _epoch_row(run: _Run, epoch: int, lr: float, loss_sum: torch.Tensor, count: int,
+               ids: list[np.ndarray]) -> dict[str, Any]:  # fmt: skip
     """The epoch's row from every rank's loss; in epoch 0 also every rank's sample ids (``run.seen``)."""
     import torch.distributed as dist
 
     distributed = run.world > 1 and dist.is_initialized()
-    totals = torch.tensor([loss_sum, float(count)], dtype=torch.float64, device=run.device)  # NCCL needs device tensors
+    # on the device already (NCCL needs device tensors): the epoch's one read of the loss is below
+    totals = torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64, device=run.device)])
     if epoch == 0:
         parts: list[Any] = [np.concatenate(ids) if ids else np.zeros(0, np.int64)]
         if distributed:
@@ -180,11 +235,11 @@ def _epoch_row(run: _Run, epoch: int, lr: float, loss_sum: float, count: int, id
             "test_error": None}  # fmt: skip
 
 
-def _evaluate(run: _Run, evals: dict[str, Any], config: dict[str, Any]) -> dict[str, float]:
+def _evaluate(run: _Run, evals: dict[str, Any]) -> dict[str, float]:
     """Rank 0: validation accuracy and test error (%), each read from its whole Ray Data set."""
     out: dict[str, float] = {}
     for name, key in (("val", "val_acc"), ("test", "test_error")):
-        acc = _accuracy(run.net, evals[name], config["mean"], config["std"], run.device) if name in evals else None
+        acc = _accuracy(run, evals[name]) if name in evals else None
         if acc is not None:
             out[key] = 100.0 * (acc if name == "val" else 1.0 - acc)
     return out
@@ -220,7 +275,7 @@ def train_worker(config: dict[str, Any]) -> None:
             g["lr"] = lr
         row = _epoch_row(run, epoch, lr, *_train_epoch(run, shard, epoch, config))
         if run.rank == 0 and ((epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1):
-            row.update(_evaluate(run, evals, config))
+            row.update(_evaluate(run, evals))
         run.history.append(row)
         _save_and_report(run, epoch, row)
     if run.start >= cfg.epochs and run.history:

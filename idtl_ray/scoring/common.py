@@ -54,11 +54,17 @@ class Preprocess:
             from ..data import to_tensor
 
             return to_tensor(x, self.mean, self.std)
+        return self.normalise(self.unit(x, device))
+
+    def unit(self, x: np.ndarray, device: torch.device) -> torch.Tensor:
+        """uint8 NHWC -> float NCHW in [0, 1] on ``device`` (the step before augmenting and normalising)."""
         if x.ndim != 4:
             raise InputError(f"expected uint8 images (N,H,W,C), got shape {x.shape}")
-        t = torch.from_numpy(np.ascontiguousarray(x)).pin_memory().to(device, non_blocking=True)
-        t = t.permute(0, 3, 1, 2).float().div_(255.0)
-        m, s = self._stats(device)
+        return to_device(torch.from_numpy(np.ascontiguousarray(x)), device).permute(0, 3, 1, 2).float().div_(255.0)
+
+    def normalise(self, t: torch.Tensor) -> torch.Tensor:
+        """(t - mean) / std in place, on ``t``'s device; NCHW-contiguous."""
+        m, s = self._stats(t.device)
         return t.sub_(m).div_(s).contiguous()
 
     def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,6 +75,14 @@ class Preprocess:
                       torch.tensor(self.std, device=device).view(1, -1, 1, 1))
             self.__dict__["_on_device"] = cached
         return cached[1], cached[2]
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; to a GPU from pinned memory without blocking, so the copy overlaps the
+    work already queued on the stream (the caching host allocator keeps the pinned block until then)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def worker_device() -> torch.device:
@@ -92,11 +106,16 @@ def setup_worker(threads: int) -> torch.device:
     """
     torch.set_num_threads(max(1, threads))
     device = worker_device()
+    fast_cuda_math(device)
+    return device
+
+
+def fast_cuda_math(device: torch.device) -> None:
+    """On a GPU: TF32 matmuls and convolutions, and cuDNN autotuning (no-op on a CPU)."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    return device
 
 
 def device_batch_size(batch_size: int, gpu: bool, image_px: int = 0) -> int:
