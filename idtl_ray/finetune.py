@@ -556,6 +556,7 @@ def _write_outputs(cfg: FinetuneConfig, plan: Plan, out: Path, model: nn.Module,
         "test_error": last["test_error"],
         "val_acc": last["val_acc"],
         "train_loss": last["train_loss"],
+        "precision": last.get("precision", "fp32"),  # what --precision resolved to on the workers' device
         "n_train_samples": int(len(plan.train_ids)),
         "n_seen_epoch0": int(len(seen)),
         "seen_ids_hash": ids_hash(seen),

@@ -232,7 +232,7 @@ def _epoch_row(run: _Run, epoch: int, lr: float, loss_sum: torch.Tensor, count: 
         dist.all_reduce(totals)
     totals = totals.cpu()
     return {"epoch": epoch, "lr": lr, "train_loss": float(totals[0] / max(1.0, float(totals[1]))), "val_acc": None,
-            "test_error": None}  # fmt: skip
+            "test_error": None, "precision": "bf16" if run.amp is not None else "fp32"}  # fmt: skip
 
 
 def _evaluate(run: _Run, evals: dict[str, Any]) -> dict[str, float]:

@@ -361,6 +361,7 @@ def test_killed_worker_restarts_from_its_checkpoint(killed_run: dict) -> None:
     assert [r["epoch"] for r in history] == [0, 1]  # each epoch exactly once
     assert [r["lr"] for r in history] == pytest.approx([1e-3, 1e-4])  # x0.1 at 50% of the epochs
     assert final["epochs"] == 2 and 0.0 <= final["test_error"] <= 100.0
+    assert final["precision"] == "fp32"  # --precision auto on CPU workers
 
 
 def test_rerunning_resumes_instead_of_starting_over(killed_run: dict) -> None:
@@ -413,3 +414,4 @@ def test_bf16_on_a_cpu_trains_through_the_batch_augmentation(ray_session, tmp_pa
     losses = [r["train_loss"] for r in json.loads((out / "metrics.json").read_text())]
     assert all(math.isfinite(v) and v > 0 for v in losses) and losses[1] < losses[0], losses
     assert final["epochs"] == 2 and 0.0 <= final["test_error"] < 90.0  # learnt something (chance: 90%)
+    assert final["precision"] == "bf16"
