@@ -24,6 +24,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     check_ray_address(address)  # an unreachable host:port fails in seconds, not after minutes of retries
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Tune's new console output prints a boxed configuration and TensorBoard hints even at verbose=0;
+    # our Tune runs (--drop auto, sweep) print their own progress lines
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR"}
     if address:
         kwargs["address"] = address
