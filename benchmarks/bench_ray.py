@@ -14,7 +14,7 @@ scores and writes Parquet files, which are merged. Each Ray path starts a fresh 
 workers start cold (a first `idtl-ray score`, the worst case).
 
     python benchmarks/bench_ray.py [--n-train 45000] [--n-val 5000] [--model sample-cnn]
-                                   [--scores self paper] [--actors 2]
+                                   [--scores self paper] [--actors 2] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from common import CIFAR_NPZ, load_cifar_jpeg  # noqa: E402
 from idtl_ray.data import channel_stats, to_tensor  # noqa: E402
 from idtl_ray.influence import InfluenceConfig, compute_influence  # noqa: E402
 from idtl_ray.models import build_model  # noqa: E402
-from idtl_ray.scoring import ArraySet, Preprocess, run_pipeline  # noqa: E402
+from idtl_ray.scoring import ArraySet, Preprocess, ensure_ray, run_pipeline  # noqa: E402
 
 
 def main() -> None:
@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--scores", nargs="+", choices=["self", "paper"], default=["self", "paper"])
     ap.add_argument("--actors", type=int, nargs="+", default=[2], help="scoring actors per Ray path (default: one per CPU)")
+    ap.add_argument("--repeat", type=int, default=1, help="run every path this many times, alternating; report medians "
+                    "(this machine's speed drifts by up to 2x between minutes)")
     args = ap.parse_args()
     got = load_cifar_jpeg(args.n_train + args.n_val)
     if got is None:
@@ -62,25 +64,34 @@ def main() -> None:
     train, val = ArraySet(x[:n], y[:n], np.arange(n)), ArraySet(x[n:], y[n:], np.arange(len(y) - n))
     torch.manual_seed(0)
     model = build_model(args.model, 10, in_channels=3, image_size=32).eval()
-    xt = to_tensor(train.x, mean, std)
-    t = time.perf_counter()
-    with torch.inference_mode():
-        for i in range(0, n, args.batch_size):
-            model(xt[i:i + args.batch_size])
-    t_inf = time.perf_counter() - t
-    del xt
     print(f"{args.model}, CIFAR-10 JPEG file, {n} train / {len(val)} val, fp32 CPU, {torch.get_num_threads()} threads")
-    print(f"plain inference over the training set: {t_inf:.1f} s", flush=True)
     for score in args.scores:
         cfg = InfluenceConfig(score=score, curvature_samples=512, max_iter=10, tol=1e-6, batch_size=args.batch_size)
-        rows = run_paths(model, train, val, cfg, pre, mean, std, args.actors)
-        print(f"\nscore={score}")
+        runs, passes = [], []
+        for _ in range(args.repeat):  # each repeat: one inference pass, then every path, back to back
+            passes.append(inference_pass(model, to_tensor(train.x, mean, std), args.batch_size))
+            runs.append(run_paths(model, train, val, cfg, pre, mean, std, args.actors))
+        rows = [(r[0][0], *np.median([[*run[i][1:]] for run in runs], axis=0)) for i, r in enumerate(zip(*runs))]
+        t_inf = float(np.median(passes))
+        print(f"\nplain inference over the training set: {t_inf:.1f} s" + (f" (median of {args.repeat})" if args.repeat > 1 else ""))
+        if args.repeat > 1:
+            print(f"score={score}: overhead per repeat " + ", ".join(f"{run[1][1] / run[0][1] - 1:.1%}" for run in runs))
+        print(f"score={score}")
         print(f"{'path':<16}{'total s':>9}{'g_val s':>9}{'solve s':>9}{'scores s':>10}{'overhead':>10}{'scores/infer':>14}"
               f"{'rel.err':>10}")
         t_in = rows[0][1]
         for name, tot, g, sv, sc, err in rows:
             print(f"{name:<16}{tot:>9.1f}{g:>9.1f}{sv:>9.1f}{sc:>10.1f}{tot / t_in - 1:>9.1%}{sc / t_inf:>13.2f}x{err:>10.1e}",
                   flush=True)
+
+
+def inference_pass(model: torch.nn.Module, xt: torch.Tensor, batch_size: int) -> float:
+    """Seconds of one plain inference pass over ``xt``: the yardstick of the scoring stage."""
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(xt), batch_size):
+            model(xt[i:i + batch_size])
+    return time.perf_counter() - t
 
 
 def run_paths(model: torch.nn.Module, train: ArraySet, val: ArraySet, cfg: InfluenceConfig, pre: Preprocess,
@@ -98,7 +109,7 @@ def run_paths(model: torch.nn.Module, train: ArraySet, val: ArraySet, cfg: Influ
     rows = [("in-process", t_in, tm.get("validation_gradient", 0.0), tm.get("solve", tm.get("curvature", 0.0)),
              tm["scores"], 0.0)]
     for actors in actor_counts:
-        ray.init(num_cpus=2, log_to_driver=False, logging_level="ERROR", address="local")
+        ensure_ray(num_cpus=2)  # the embedded local Ray as `idtl-ray score` starts it
         t = time.perf_counter()
         r = run_pipeline(model, train, val, cfg, preprocess=pre, actors=actors, progress=False)
         total = time.perf_counter() - t
