@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,23 +21,13 @@ from pathlib import Path
 
 import pytest
 
+from fake_cluster import free_ports
+
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 JOB_TIMEOUT_S = 900  # 360 s ran out under a load average of 40 with the job at its last strategy
 
 pytestmark = pytest.mark.slow
-
-
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _pids_using(marker: str) -> list[int]:
@@ -63,7 +52,7 @@ def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
             os.killpg(proc.pid, signal.SIGKILL)  # our own session: only processes this head started
             proc.wait(timeout=10)
     deadline = time.time() + 20
-    while (left := _pids_using(temp_dir)) and time.time() < deadline:
+    while _pids_using(temp_dir) and time.time() < deadline:
         time.sleep(1)
     for pid in _pids_using(temp_dir):
         try:
@@ -77,7 +66,7 @@ def ray_head():
     """A 2-CPU head with the dashboard (Jobs API) on free ports; yields (dashboard URL, temp dir)."""
     # short path: Ray's unix socket names under the temp dir must stay below ~107 bytes
     temp_dir = tempfile.mkdtemp(prefix="idtl-job-", dir="/tmp")
-    port, dash, client, agent, agent_grpc, env_agent, metrics = _free_ports(7)
+    port, dash, client, agent, agent_grpc, env_agent, metrics = free_ports(7)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     cmd = [RAY, "start", "--head", "--block", "--num-cpus=2", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
