@@ -546,12 +546,9 @@ def _request_gpus(res: Resources, timeout_s: float = 900.0) -> None:
 def _release_gpus(res: Resources) -> None:
     """Withdraw the job's request (only a joined cluster has an autoscaler), so idle GPU workers can go."""
     if res.bundles() and _cluster_address() is not None:
-        from ray.autoscaler.sdk import request_resources
+        from .resources import release
 
-        try:
-            request_resources(bundles=[])
-        except Exception:  # the cluster is gone: nothing to release
-            pass
+        release()
 
 
 def _log(msg: str) -> None:
