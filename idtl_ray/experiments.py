@@ -487,21 +487,23 @@ class Resources:
         """Smoke: one CPU worker (fits 2 CPUs beside Ray Data); full: one GPU worker with 4 CPUs."""
         return cls(1, 0.0, 1.0, 1) if smoke else cls(1, 1.0, 4.0, None)
 
-    def declare_gpus(self, gpus: int) -> Resources:
-        """``--gpus N``: N Train workers with one GPU each and N scoring actors (one GPU each); 0: no GPU."""
-        if gpus < 0:
-            raise InputError(f"--gpus takes a GPU count >= 0, got {gpus}")
-        self.gpus, self.gpus_per_worker = gpus, float(min(gpus, 1))
+    def declare_gpus(self, gpus: int, workers: int | None = None, gpus_per_worker: float | None = None) -> Resources:
+        """``--gpus N``: N Train workers with one GPU each and N scoring actors (one GPU each); 0: no GPU.
+        ``workers``/``gpus_per_worker``: what the job's flags also set (refused where they disagree)."""
+        from .resources import gpu_workers
+
+        self.gpus = gpus
+        self.workers, self.gpus_per_worker = gpu_workers(gpus, workers, gpus_per_worker)
         if gpus:
-            self.workers, self.score_actors = gpus, None
+            self.score_actors = None
         return self
 
     def bundles(self) -> list[dict[str, float]]:
         """What the autoscaler is asked for at start: one bundle per GPU Train worker (a scoring actor,
         0.5 CPU and one GPU, fits in one too); none for CPU-only runs."""
-        if self.gpus_per_worker <= 0:
-            return []
-        return [{"GPU": self.gpus_per_worker, "CPU": self.cpus_per_worker}] * self.workers
+        from .resources import bundles_of
+
+        return bundles_of(self.workers, self.cpus_per_worker, self.gpus_per_worker) if self.gpus_per_worker > 0 else []
 
 
 _T0 = time.perf_counter()
@@ -523,7 +525,8 @@ def _request_gpus(res: Resources, timeout_s: float = 900.0) -> None:
     at min 0 it would otherwise score on CPU. The request stays until :func:`_release_gpus`.
     """
     import ray
-    from ray.autoscaler.sdk import request_resources
+
+    from .resources import request
 
     need = res.workers * res.gpus_per_worker
     have = ray.cluster_resources().get("GPU", 0.0)
@@ -532,7 +535,7 @@ def _request_gpus(res: Resources, timeout_s: float = 900.0) -> None:
     if _cluster_address() is None:  # a local Ray has no autoscaler to bring GPUs
         raise ExperimentError(f"{res.workers} workers x {res.gpus_per_worker:g} GPUs need {need:g} GPUs but this Ray has "
                               f"{have:g}; pass --gpus 0 (or --gpus-per-worker 0) or submit the job to a GPU cluster")  # fmt: skip
-    request_resources(bundles=res.bundles())
+    request(res.bundles())
     _log(f"asked the autoscaler for {need:g} GPU(s); waiting for them to join the cluster (up to {timeout_s:.0f} s)")
     deadline = time.time() + timeout_s
     while (have := ray.cluster_resources().get("GPU", 0.0)) < need:
@@ -987,13 +990,12 @@ def job_parser(n: int, doc: str | None = None) -> Any:
 def resources_from_args(args: Any) -> Resources:
     """Resources.default(smoke) with the job's overrides (``--gpus`` first: it sets workers and GPUs)."""
     res = Resources.default(bool(args.smoke))
-    if (gpus := getattr(args, "gpus", None)) is not None:
-        if args.gpus_per_worker is not None or (gpus and args.workers not in (None, gpus)):
-            raise InputError(f"--gpus {gpus} sets the Train workers ({gpus} with one GPU each; 0: no GPU): leave out "
-                             f"--workers and --gpus-per-worker, or use them without --gpus")  # fmt: skip
-        res.declare_gpus(gpus)
+    gpus = getattr(args, "gpus", None)
+    if gpus is not None:
+        res.declare_gpus(gpus, args.workers, args.gpus_per_worker)
+    set_by_gpus = {"gpus"} if gpus is None else {"gpus", "workers", "gpus_per_worker"}
     for f in dataclasses.fields(Resources):
-        if f.name != "gpus" and getattr(args, f.name, None) is not None:
+        if f.name not in set_by_gpus and getattr(args, f.name, None) is not None:
             setattr(res, f.name, getattr(args, f.name))
     if res.workers < 1 or res.cpus_per_worker <= 0 or res.gpus_per_worker < 0:
         raise InputError("--workers must be >= 1, --cpus-per-worker > 0 and --gpus-per-worker >= 0")

@@ -128,19 +128,17 @@ class FinetuneConfig:
 
     def _declare_gpus(self) -> None:
         """``--gpus N``: N workers with one GPU each (0: no GPU); it replaces --workers/--gpus-per-worker."""
-        if self.gpus is None:
-            return
-        if self.gpus < 0:
-            raise InputError(f"--gpus takes a GPU count >= 0, got {self.gpus}")
-        wanted = (self.gpus or 1, float(min(self.gpus, 1)))
-        if self.workers not in (1, wanted[0]) or self.gpus_per_worker not in (0.0, wanted[1]):
-            raise InputError(f"--gpus {self.gpus} sets the workers ({self.gpus or 1} with {wanted[1]:g} GPU each): "
-                             f"leave out --workers and --gpus-per-worker, or use them without --gpus")  # fmt: skip
-        self.workers, self.gpus_per_worker = wanted
+        if self.gpus is not None:
+            from .resources import gpu_workers
+
+            self.workers, self.gpus_per_worker = gpu_workers(self.gpus, None if self.workers == 1 else self.workers,
+                                                             self.gpus_per_worker or None)  # fmt: skip
 
     def bundles(self) -> list[dict[str, float]]:
         """What a run asks of a cluster's autoscaler: one bundle per Train worker."""
-        return [{"CPU": self.cpus_per_worker, "GPU": self.gpus_per_worker}] * self.workers
+        from .resources import bundles_of
+
+        return bundles_of(self.workers, self.cpus_per_worker, self.gpus_per_worker)
 
     @property
     def out_dir(self) -> Path:

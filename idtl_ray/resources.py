@@ -81,6 +81,26 @@ def check_shared_storage(paths: Mapping[str, str | os.PathLike[str] | None]) -> 
                          f"use s3://... or a path on a mount every node has, {where}")
 
 
+def gpu_workers(gpus: int, workers: int | None, gpus_per_worker: float | None) -> tuple[int, float]:
+    """``--gpus N`` as (Train workers, GPUs per worker): N workers with one GPU each, one CPU worker for 0.
+
+    ``workers``/``gpus_per_worker``: what the user also set (None: not set); anything that disagrees
+    with ``--gpus`` is refused, since ``--gpus`` replaces them.
+    """
+    if gpus < 0:
+        raise InputError(f"--gpus takes a GPU count >= 0, got {gpus}")
+    wanted = (gpus or 1, float(min(gpus, 1)))
+    if workers not in (None, wanted[0]) or gpus_per_worker not in (None, wanted[1]):
+        raise InputError(f"--gpus {gpus} sets the Train workers ({wanted[0]} with {wanted[1]:g} GPU each): leave out "
+                         f"--workers and --gpus-per-worker, or use them without --gpus")  # fmt: skip
+    return wanted
+
+
+def bundles_of(count: int, cpus: float, gpus: float) -> list[dict[str, float]]:
+    """``count`` identical resource bundles (Train workers or scoring actors), as the autoscaler takes them."""
+    return [{"CPU": float(cpus), "GPU": float(gpus)}] * count
+
+
 def request(bundles: list[dict[str, float]]) -> None:
     """Ask the autoscaler of a joined cluster for ``bundles`` now (a no-op on the embedded local Ray)."""
     if not joined_cluster() or not bundles:

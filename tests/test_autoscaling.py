@@ -106,7 +106,8 @@ def test_jobs_gpus_declares_train_workers_scoring_actors_and_the_request(tmp_pat
     assert res.bundles() == [{"GPU": 1.0, "CPU": 1.0}] * 2
     full = E.resources_from_args(parser.parse_args(["--gpus", "0"]))
     assert (full.gpus_per_worker, full.bundles()) == (0.0, [])  # --gpus 0: no GPU, nothing to ask for
-    for argv in (["--gpus", "2", "--workers", "3"], ["--gpus", "2", "--gpus-per-worker", "0.5"], ["--gpus", "-1"]):
+    for argv in (["--gpus", "2", "--workers", "3"], ["--gpus", "2", "--gpus-per-worker", "0.5"], ["--gpus", "-1"],
+                 ["--gpus", "0", "--workers", "2"]):  # as finetune --gpus 0 --workers 2
         with pytest.raises(InputError, match="--gpus"):
             E.resources_from_args(parser.parse_args(argv))
 

@@ -116,7 +116,9 @@ def scoring_pool(actors: int | None, gpus: int = 0, cpus: int | None = None) -> 
 
 def pool_bundles(pool: Pool) -> list[dict[str, float]]:
     """The resource shapes of ``pool``'s actors (what the autoscaler is asked for)."""
-    return [{"CPU": pool.cpus, "GPU": 1.0 if pool.gpu else 0.0}] * pool.actors
+    from ..resources import bundles_of
+
+    return bundles_of(pool.actors, pool.cpus, 1.0 if pool.gpu else 0.0)
 
 
 # Hash of everything that determines the scores (a dict): a resumed run must match it.
