@@ -17,6 +17,7 @@ cleanlab requires), and :func:`baseline_masks` is the workflow wrapper used by `
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -212,6 +213,17 @@ def baseline_masks(model: nn.Module, x: np.ndarray, y: np.ndarray, mean: Sequenc
             probs = cross_validated_probs(feats, y, num_classes, seed=seed)
             out[m] = cleanlab_drop(y, probs, int(k))
     return out
+
+
+def baseline_masks_task(model: nn.Module, samples: Any, mean: Sequence[float], std: Sequence[float], k: int,
+                        methods: Sequence[str], seed: int, threads: int) -> dict[str, np.ndarray]:  # fmt: skip
+    """:func:`baseline_masks` in a Ray worker (on its GPU when it has one): ``samples`` is a
+    :class:`~idtl_ray.data.samples.RaySamples`, gathered here from Ray Data, so the driver never holds the images."""
+    from .scoring.common import setup_worker
+
+    device = setup_worker(threads)
+    x, y = samples.gather()
+    return baseline_masks(model.to(device), x, y, mean, std, k, methods, seed=seed)
 
 
 def row_label(method: str, k: int) -> str:

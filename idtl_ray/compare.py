@@ -78,14 +78,20 @@ def compare_table(rows: list[dict[str, Any]], dataset: str) -> str:
 
 
 def _baseline_mask_files(root: Path, mask_path: Path, split_path: Path, names: tuple[str, ...], dataset: str,
-                         data_dir: str | None, image_size: int | None, seed: int) -> list[tuple[str, Path, int]]:  # fmt: skip
+                         data_dir: str | None, image_size: int | None, seed: int,
+                         address: str | None = None) -> list[tuple[str, Path, int]]:  # fmt: skip
     """Write ``<root>/mask-<name>.parquet`` for each baseline: the instance mask's k drops, chosen by ``name``.
 
     The baselines rank the split's training samples with the scored model beside the mask
-    (``model.pt``). Each file carries the instance mask's metadata (so its fingerprints match) plus
+    (``model.pt``), in one Ray worker that reads the images through Ray Data (the driver holds only
+    labels). Each file carries the instance mask's metadata (so its fingerprints match) plus
     ``baseline``; a file made from the same mask, model and seed is reused, so a rerun resumes.
     """
-    from .baselines import baseline_masks
+    from .baselines import baseline_masks_task
+    from .data.cache import ensure_prepared
+    from .data.samples import RaySamples, open_target, read_samples
+    from .scoring import ensure_ray
+    from .scoring.prescore import run_on_worker
 
     mask = read_mask(mask_path)
     k = int((~mask.keep).sum())
@@ -93,7 +99,7 @@ def _baseline_mask_files(root: Path, mask_path: Path, split_path: Path, names: t
     if not model_path.is_file():
         raise MaskError(f"--baselines ranks samples with the scored model, but there is no {model_path}; "
                         f"re-run `idtl-ray score` (it saves model.pt beside the mask) or leave --baselines out")  # fmt: skip
-    data = D.load_dataset(dataset, data_dir, image_size=image_size)
+    data = open_target(ensure_prepared(dataset, data_dir, image_size, say=lambda m: print(m, flush=True)))
     split = D.Split.load(split_path)
     check_mask(mask, data.fingerprint(), split.fingerprint(), data.name)
     train, _, ids = D.apply_split(data, split)
@@ -117,8 +123,11 @@ def _baseline_mask_files(root: Path, mask_path: Path, split_path: Path, names: t
         scored, meta = M.load_checkpoint(model_path)
         if meta.get("dataset_fingerprint") not in (None, data.fingerprint()):
             raise WeightsError(f"{model_path} was scored on another dataset; re-run `idtl-ray score` for {data.name}")
-        print(f"baselines: ranking {len(ids)} training samples for {', '.join(todo)} (dropping {k} each)", flush=True)
-        keeps = baseline_masks(scored, train.x, train.y, data.mean, data.std, k, todo, seed=seed)
+        ensure_ray(address)
+        samples = RaySamples(read_samples(data, "train", materialize=False), ids, train.y, data.image_shape)
+        keeps = run_on_worker(baseline_masks_task, (scored, samples, data.mean, data.std, k, todo, seed),
+                              name="idtl-baselines", say=lambda m: print(f"baselines: {m}", flush=True),
+                              what=f"ranking {len(ids)} training samples for {', '.join(todo)} (dropping {k} each)")
         for name, keep in keeps.items():
             write_mask(paths[name], ids, train.y, mask.scores[pos], keep,
                        {**mask.meta, "baseline": name, "baseline_source": source, "n_dropped": k,
@@ -154,7 +163,8 @@ def run_compare(dataset: str, model: str, weights: str, epochs: int, *, out: str
     if not split.is_file():
         raise MaskError(f"no split.json beside the mask {mask_path}; the comparison needs the split the mask was scored on")
     extra = _baseline_mask_files(root, mask_path, split, names, dataset, finetune_kw.get("data_dir"),
-                                 finetune_kw.get("image_size"), int(finetune_kw.get("seed", 0))) if names else []  # fmt: skip
+                                 finetune_kw.get("image_size"), int(finetune_kw.get("seed", 0)),
+                                 finetune_kw.get("address")) if names else []  # fmt: skip
     rows = []
     runs = len(STRATEGIES) + len(extra)
 

@@ -140,8 +140,10 @@ def _source(path: Path) -> Path:
     return path
 
 
-def test_compare_writes_baseline_masks_that_finetune_accepts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Orchestration without Ray: each baseline mask drops the instance mask's k and passes make_plan."""
+def test_compare_writes_baseline_masks_that_finetune_accepts(ray_session, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Orchestration without Train runs: each baseline mask drops the instance mask's k, passes make_plan,
+    and equals the in-process selection (the ranking ran in a Ray worker that read the images itself)."""
     import idtl_ray.finetune as F
 
     mask, k = _score_dir(tmp_path / "score", _source(tmp_path / "src.pt"))
@@ -163,6 +165,13 @@ def test_compare_writes_baseline_masks_that_finetune_accepts(tmp_path: Path, mon
         m = read_mask(out / f"mask-{name}.parquet")
         assert (~m.keep).sum() == k and m.meta["baseline"] == name
         assert m.meta["split_fingerprint"] == read_mask(mask).meta["split_fingerprint"]
+    data = D.load_dataset("digits")
+    train, _, ids = D.apply_split(data, D.Split.load(tmp_path / "score" / "split.json"))
+    scored, _ = M.load_checkpoint(tmp_path / "score" / "model.pt")
+    local = baseline_masks(scored, train.x, train.y, data.mean, data.std, k, ["loss", "cleanlab"], seed=0)
+    for name in ("loss", "cleanlab"):
+        m = read_mask(out / f"mask-{name}.parquet")
+        assert np.array_equal(m.kept_ids, np.sort(ids[local[name]])), name
     assert [r["n_train_samples"] for r in res["rows"][3:]] == [inst, inst]
     md = (out / "compare.md").read_text()
     assert f"| Baseline: drop {k} highest-loss | sample-cnn | 1.00 | {inst} | 1 |" in md
