@@ -25,9 +25,11 @@ def ray_session():
     """
     import ray
 
+    from idtl_ray.scoring.session import local_ray_options
+
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(address="local", num_cpus=2, object_store_memory=400 * 1024**2, log_to_driver=False,
-             include_dashboard=True, logging_level="ERROR")
+    ray.init(**local_ray_options(2), object_store_memory=400 * 1024**2, log_to_driver=False, include_dashboard=True,
+             logging_level="ERROR")
     yield ray
     ray.shutdown()

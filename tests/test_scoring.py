@@ -203,8 +203,11 @@ def test_interrupted_run_resumes_without_rescoring(reference_run, tmp_path):
     ref, _ = reference_run
     parts = tmp_path / "resume" / "parts"
 
-    def interrupt(rows: int) -> None:  # Ctrl-C once some score files are complete
-        if rows >= 400:
+    pressed = []
+
+    def interrupt(rows: int) -> None:  # one Ctrl-C once some score files are complete
+        if rows >= 400 and not pressed:
+            pressed.append(rows)
             _thread.interrupt_main()
 
     with pytest.raises(KeyboardInterrupt):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,23 @@ class RunParts:
 
     def _paths(self) -> list[Path]:
         return sorted(self.scores_dir.glob("*.parquet"))
+
+    def settle(self, quiet_s: float = 1.0, limit_s: float = 20.0) -> None:
+        """After an interruption: wait until no score file changes for ``quiet_s`` (writers that were in
+        flight finish or die; at most ``limit_s``), then remove the damaged ones, so that what the user
+        finds, and a resume counts, is complete files only."""
+        def state() -> set[tuple[str, int, int]]:
+            try:
+                return {(f.name, (st := f.stat()).st_size, st.st_mtime_ns) for f in self.scores_dir.rglob("*") if f.is_file()}
+            except FileNotFoundError:  # a file renamed or removed while listed: look again
+                return set()
+
+        deadline, last, since = time.monotonic() + limit_s, state(), time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - since < quiet_s:
+            time.sleep(0.1)
+            if (now := state()) != last:
+                last, since = now, time.monotonic()
+        self.read_scores(drop_damaged=True)
 
     def files(self) -> int:
         """How many score files there are."""

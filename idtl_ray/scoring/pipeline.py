@@ -217,6 +217,26 @@ def _score_rows(model_ref: Any, train: ArraySet | RaySamples, todo: np.ndarray, 
                          ray_remote_args={"num_cpus": 0, "scheduling_strategy": here})
 
 
+def _wind_down(parts: RunParts, pool: Pool, limit_s: float = 30.0) -> None:
+    """After an interruption: let the writers in flight finish (only complete files stay) and wait until
+    the scoring actors have given their resources back, so that a resume in the same Ray session (a
+    notebook, a test) finds the CPUs or GPUs free instead of waiting for them forever."""
+    import gc
+
+    import ray
+
+    from .session import joined_cluster
+
+    parts.settle()
+    gc.collect()  # the interrupted pipeline's objects hold the actor handles
+    if joined_cluster():  # other work may hold the cluster's resources: nothing to wait for
+        return
+    key, need = ("GPU", float(pool.actors)) if pool.gpu else ("CPU", pool.actors * pool.cpus)
+    deadline = time.monotonic() + limit_s
+    while ray.available_resources().get(key, 0.0) + 1e-6 < need and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def _ctrl_c_noted() -> Iterator[threading.Event]:
     """Note a Ctrl-C (SIGINT) while Ray Data runs: its executor can catch the KeyboardInterrupt and fail
@@ -356,12 +376,18 @@ def _score_todo(model_ref: Any, train: ArraySet | RaySamples, todo: np.ndarray, 
                     raise waiter.error from None  # the actors stopped because pre-scoring failed: say why
                 if waiter is not None:
                     waiter.cancel()
-                if interrupted.is_set() or isinstance(e, KeyboardInterrupt):
-                    raise KeyboardInterrupt from None  # Ray Data turned the Ctrl-C into an error of its own
-                raise unwrap_ray_error(e) from None
-            if interrupted.is_set():  # ... or swallowed it
+                if not (interrupted.is_set() or isinstance(e, KeyboardInterrupt)):
+                    raise unwrap_ray_error(e) from None
+                # Ray Data may turn the Ctrl-C into an error of its own; either way it is an interruption,
+                # raised below, outside this block, so that it does not keep this error (and with its
+                # traceback the pipeline and its actors) alive as its context
+            else:
+                if not interrupted.is_set():  # ... or Ray Data swallowed the Ctrl-C
+                    return
                 if waiter is not None and waiter.failed():
                     raise waiter.error from None
-                raise KeyboardInterrupt
+        bar.close()  # no more progress lines (nor test hooks) while the pipeline winds down
+        _wind_down(parts, pool)
+        raise KeyboardInterrupt
     finally:
         bar.close()

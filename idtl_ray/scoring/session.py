@@ -31,14 +31,30 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         kwargs["address"] = address
     elif not os.environ.get("RAY_ADDRESS"):
-        kwargs["address"] = "local"
-        if num_cpus:
-            kwargs["num_cpus"] = num_cpus
+        kwargs.update(local_ray_options(num_cpus))
     ray.init(**kwargs)
     _JOINED = kwargs.get("address") != "local"
 
 
 _JOINED = False
+
+
+def local_ray_options(num_cpus: int | None = None) -> dict[str, Any]:
+    """``ray.init`` arguments of an embedded local Ray (the tests' sessions use them too).
+
+    Ray keeps one idle worker process per CPU. While the scoring actors hold every CPU, each short
+    Ray Data task (a Parquet writer takes no CPU, a decode task a quarter) would then start a fresh
+    Python worker that exits a second later: ~90 starts for 45,000 images, eating half the CPU the
+    actors need (docs/benchmarks.md). Keeping as many idle workers as such tasks can run at once ends that.
+    """
+    from ..data.samples import READ_CPUS
+
+    cpus = num_cpus or os.cpu_count() or 1
+    options: dict[str, Any] = {"address": "local",
+                               "_system_config": {"num_workers_soft_limit": int(cpus / READ_CPUS) + 4}}
+    if num_cpus:
+        options["num_cpus"] = num_cpus
+    return options
 
 
 def joined_cluster() -> bool:
