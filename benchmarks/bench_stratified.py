@@ -1,0 +1,82 @@
+"""Does dropping the same share of every given label close the default's test-error gap? (issue 10)
+
+On bench_selection's CIFAR-10 target (same source, flips, adapted model and fine-tuning recipe), the
+default score (self-influence) and the loss each drop 20% of the training samples, either globally
+(the most harmful first, as `--drop budget` does) or stratified (20% of each given label, the most
+harmful first within it). Prints precision of flipped labels and the test error of each kept set.
+
+    python benchmarks/bench_stratified.py --seeds 0 1 2 [--epochs 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import TensorDataset  # noqa: E402
+
+from bench_selection import adapted_model, precision_recall  # noqa: E402
+from noisy_targets import TARGETS  # noqa: E402
+
+from idtl_ray import baselines as B  # noqa: E402
+from idtl_ray.budget import TrainRecipe, error_rate, fine_tune  # noqa: E402
+from idtl_ray.influence import InfluenceConfig, compute_influence  # noqa: E402
+from idtl_ray.scoring import Preprocess  # noqa: E402
+from idtl_ray.selection import keep_least_harmful  # noqa: E402
+
+
+def stratified_keep(harm: np.ndarray, fraction: float, labels: np.ndarray) -> np.ndarray:
+    """Drop ``fraction`` of each given label's samples, the most harmful first within it."""
+    keep = np.ones(len(labels), bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        keep[idx[np.argsort(-harm[idx], kind="stable")[:int(round(fraction * len(idx)))]]] = False
+    return keep
+
+
+def run_seed(target: str, seed: int, work: Path, recipe: TrainRecipe) -> dict[str, list[float]]:
+    t = TARGETS[target](work, seed)
+    model = adapted_model(t)
+    pre = Preprocess(t.mean, t.std)
+    harm = {"self": compute_influence(model, TensorDataset(pre(t.x_train), torch.as_tensor(t.y_train)), None,
+                                      InfluenceConfig(seed=seed)).harm}
+    _, logits = B.features_and_logits(model, t.x_train, t.mean, t.std)
+    harm["loss"] = torch.nn.functional.cross_entropy(torch.as_tensor(logits), torch.as_tensor(t.y_train),
+                                                     reduction="none").numpy()
+    row = {}
+    for name, h in harm.items():
+        for how, keep in (("global", keep_least_harmful(h, int(0.2 * len(h)))), ("stratified", stratified_keep(h, 0.2, t.y_train))):
+            m = fine_tune(copy.deepcopy(model), t.x_train[keep], t.y_train[keep], recipe, t.mean, t.std, None, seed)
+            row[f"{name} {how}"] = [precision_recall(keep, t.flipped)[0], 100 * error_rate(m, t.x_test, t.y_test, t.mean, t.std)]
+            print(f"{target} seed {seed}: {name} {how}: precision {row[f'{name} {how}'][0]:.3f}, "
+                  f"test error {row[f'{name} {how}'][1]:.2f}%", flush=True)
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", default="cifar10", choices=sorted(TARGETS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--work", default=str(Path.home() / ".cache" / "idtl-ray" / "bench_selection"))
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    rows = [run_seed(args.target, s, Path(args.work), TrainRecipe(epochs=args.epochs)) for s in args.seeds]
+    for key in rows[0]:
+        v = np.array([r[key] for r in rows])
+        print(f"{key:<18} precision {v[:, 0].mean():.3f}  test error {v[:, 1].mean():.2f} ± {v[:, 1].std(ddof=1) if len(v) > 1 else 0:.2f}")
+    print(json.dumps({"target": args.target, "epochs": args.epochs, "seeds": args.seeds, "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
