@@ -73,28 +73,6 @@ def flip_labels(y: np.ndarray, fraction: float, num_classes: int, rng: np.random
     return y
 
 
-def train_source(x: np.ndarray, y: np.ndarray, num_classes: int, epochs: int, path: Path, seed: int = 0) -> Path:
-    """A sample-cnn trained in-process (Xavier, Adam 1e-3, batch 128), saved as an idtl-ray checkpoint."""
-    if path.is_file():
-        return path
-    mean, std = D.channel_stats(x)
-    torch.manual_seed(seed)
-    model = M.build_model("sample-cnn", num_classes, x.shape[-1], x.shape[1])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    rng = np.random.default_rng(seed)
-    model.train()
-    for _ in range(epochs):
-        order = rng.permutation(len(y))
-        for i in range(0, len(order), 128):
-            idx = order[i:i + 128]
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(D.to_tensor(x[idx], mean, std)), torch.as_tensor(y[idx]))
-            loss.backward()
-            opt.step()
-    M.save_checkpoint(path, model, {"dataset": path.stem, "epochs": epochs})
-    return path
-
-
 def _flip_and_crop(b: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
     """Random horizontal flips, and one random crop of the reflect-padded batch (uint8 NHWC)."""
     b = b.copy()
@@ -105,35 +83,39 @@ def _flip_and_crop(b: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.
     return np.ascontiguousarray(p[:, oy:oy + b.shape[1], ox:ox + b.shape[2]])
 
 
-def train_augmented_source(x: np.ndarray, y: np.ndarray, num_classes: int, epochs: int, path: Path,
-                           held_out: int = 2000, seed: int = 0) -> Path:
-    """A stronger sample-cnn source: flip-and-crop augmentation, Adam 1e-3 (x0.1 for the last quarter),
-    batch 128, ``held_out`` images kept aside to report its accuracy. Cached at ``path``."""
+def train_source(x: np.ndarray, y: np.ndarray, num_classes: int, epochs: int, path: Path, seed: int = 0,
+                 augment: bool = False, held_out: int = 0) -> Path:
+    """A sample-cnn trained in-process (Xavier, Adam 1e-3, batch 128), saved as an idtl-ray checkpoint
+    (cached at ``path``). ``augment``: flip-and-crop, and the learning rate x0.1 for the last quarter;
+    ``held_out``: images kept out of training to report the source's accuracy after each epoch."""
     if path.is_file():
         return path
     mean, std = D.channel_stats(x)
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
     model = M.build_model("sample-cnn", num_classes, x.shape[-1], x.shape[1])
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    order = rng.permutation(len(y))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(y)) if held_out else np.arange(len(y))
     test, train = order[:held_out], order[held_out:]
+    meta: dict[str, float] = {}
     for epoch in range(epochs):
-        for g in opt.param_groups:
-            g["lr"] = 1e-3 * (0.1 if epoch >= int(0.75 * epochs) else 1.0)
+        if augment:
+            for g in opt.param_groups:
+                g["lr"] = 1e-3 * (0.1 if epoch >= int(0.75 * epochs) else 1.0)
         model.train()
         batches = rng.permutation(train)
         for i in range(0, len(batches), 128):
             idx = batches[i:i + 128]
             opt.zero_grad()
-            xb = D.to_tensor(_flip_and_crop(x[idx], rng), mean, std)
+            xb = D.to_tensor(_flip_and_crop(x[idx], rng) if augment else x[idx], mean, std)
             torch.nn.functional.cross_entropy(model(xb), torch.as_tensor(y[idx])).backward()
             opt.step()
-        model.eval()
-        with torch.no_grad():
-            acc = float((model(D.to_tensor(x[test], mean, std)).argmax(1).numpy() == y[test]).mean())
-        print(f"  source epoch {epoch + 1}/{epochs}: held-out accuracy {acc:.3f}", flush=True)
-    M.save_checkpoint(path, model, {"dataset": path.stem, "epochs": epochs, "held_out_accuracy": acc})
+        if held_out:
+            model.eval()
+            with torch.no_grad():
+                meta["held_out_accuracy"] = float((model(D.to_tensor(x[test], mean, std)).argmax(1).numpy() == y[test]).mean())
+            print(f"  source epoch {epoch + 1}/{epochs}: held-out accuracy {meta['held_out_accuracy']:.3f}", flush=True)
+    M.save_checkpoint(path, model, {"dataset": path.stem, "epochs": epochs, **meta})
     return path
 
 
@@ -174,8 +156,8 @@ def cifar_target(work: Path, seed: int, flip: float = 0.2, n_target: int = 4000,
         source = train_source(x[src_idx], np.array([remap[c] for c in y[src_idx]]), len(ANIMALS), 4,
                               work / "source-cifar10-animals-10k.pt")
     else:
-        source = train_augmented_source(x[src_idx], np.array([remap[c] for c in y[src_idx]]), len(ANIMALS), 16,
-                                        work / "source-cifar10-animals-all-aug16.pt")
+        source = train_source(x[src_idx], np.array([remap[c] for c in y[src_idx]]), len(ANIMALS), 16,
+                              work / "source-cifar10-animals-all-aug16.pt", augment=True, held_out=2000)
     name = "cifar10-weak" if weak else "cifar10"
     return _assemble(name, x[:n_target], y[:n_target], xt[:n_test], yt[:n_test], 10, source, seed, flip)
 
