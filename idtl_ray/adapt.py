@@ -33,6 +33,23 @@ def prepare_model(cfg: ScoreConfig, data: Any, train_x: np.ndarray, train_y: np.
     ``fit`` fits a new head (default :func:`fit_head`, in this process; ``run_score`` passes
     :func:`fit_head_on_worker`).
     """
+    model, info = adapt_model(cfg, data)
+    fit_new_head(model, info, train_x, train_y, preprocess, cfg, fit)
+    return model, info
+
+
+def fit_new_head(model: nn.Module, info: dict[str, Any], train_x: Any, train_y: np.ndarray, preprocess: Preprocess,
+                 cfg: ScoreConfig, fit: Callable[..., dict[str, float]] | None = None) -> None:
+    """Fit the head :func:`adapt_model` decided is new (nothing when it kept the weights' head)."""
+    if not info["head"]["new_head"]:
+        return
+    _log(f"fitting a new {info['head']['num_classes']}-class head on {len(train_y)} target samples (backbone frozen)")
+    info["head"].update((fit or fit_head)(model, train_x, train_y, preprocess, steps=cfg.head_steps, seed=cfg.seed))
+
+
+def adapt_model(cfg: ScoreConfig, data: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """The model with its weights loaded and the head decided (a new one is still to be fitted when
+    ``info["head"]["new_head"]``); every weights error surfaces here, before Ray starts."""
     from .models import build_model, head_module, load_weights, replace_head
 
     h, _, c = data.image_shape
@@ -104,11 +121,8 @@ def prepare_model(cfg: ScoreConfig, data: Any, train_x: np.ndarray, train_y: np.
         head_info["warning"] = (f"--weights none: {cfg.model} is randomly initialised, so the scores describe an "
                                 "untrained model; pass --weights (a pre-trained checkpoint, or imagenet) for transfer learning")
         _log(f"warning: {head_info['warning']}")
-    if new_head:
-        if head_out != data.num_classes:
-            replace_head(model, data.num_classes)
-        _log(f"fitting a new {data.num_classes}-class head on {len(train_y)} target samples (backbone frozen)")
-        head_info.update((fit or fit_head)(model, train_x, train_y, preprocess, steps=cfg.head_steps, seed=cfg.seed))
+    if new_head and head_out != data.num_classes:
+        replace_head(model, data.num_classes)
     head_info.update(new_head=bool(new_head), source_classes=int(source_classes), num_classes=int(n),
                      source_dataset=source["dataset"], classes_match=same)
     if reason:

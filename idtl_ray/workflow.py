@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
-from .adapt import prepare_model
+from .adapt import adapt_model, fit_new_head, prepare_model
 from .config import ScoreConfig
 from .errors import IdtlError, InputError
 from .head import fit_head
@@ -145,12 +145,18 @@ def _run_score(cfg: ScoreConfig, out: Path, progress: bool, on_progress: Any) ->
     t = time.perf_counter()
     data, split, train, val, train_ids = _load_target(cfg, out)
     preprocess = Preprocess(data.mean, data.std)
+    t_model = time.perf_counter()
+    model, model_info, fitted = _adapted_model(cfg, out, split, data)  # weights errors surface before Ray starts
+    t_model = time.perf_counter() - t_model
     ensure_ray(cfg.address)  # from here on every stage runs on Ray workers, reading the images from Ray Data
     train, val = _ray_samples(cfg, data, split, train, val, train_ids)
-    timings["load_data_s"] = time.perf_counter() - t
+    timings["load_data_s"] = time.perf_counter() - t - t_model
     t = time.perf_counter()
-    model, model_info = _scored_model(cfg, out, data, split, train, preprocess)
-    timings["prepare_model_s"] = time.perf_counter() - t
+    if not fitted:  # a new head is fitted on a worker (a GPU one with --gpus, or on a GPU cluster)
+        fit_new_head(model, model_info, train, train.y, preprocess, cfg,
+                     fit=functools.partial(fit_head_on_worker, gpu=True if cfg.gpus else None))
+    _save_scored_model(cfg, out, model, model_info, data, split)
+    timings["prepare_model_s"] = time.perf_counter() - t + t_model
     mfp = model_fingerprint(model)
     fingerprint = run_fingerprint({
         "dataset": data.fingerprint(), "split": split.fingerprint(), "model": mfp,
@@ -227,28 +233,30 @@ def _ray_samples(cfg: ScoreConfig, data: Any, split: Any, train: Any, val: Any, 
     return train_rs, RaySamples(read_samples(data, "val", rows), np.arange(len(val.y)), val.y, data.image_shape)
 
 
-def _scored_model(cfg: ScoreConfig, out: Path, data: Any, split: Any, train: Any,
-                  preprocess: Preprocess) -> tuple[nn.Module, dict[str, Any]]:
-    """The adapted model to score (reused from ``model.pt`` by a resumed run with the same settings),
-    saved with the split before the long part, so that a resumed run reuses both."""
-    from .models import load_checkpoint, save_checkpoint
+def _adapted_model(cfg: ScoreConfig, out: Path, split: Any, data: Any) -> tuple[nn.Module, dict[str, Any], bool]:
+    """(model, model_info, fitted): the model a resumed run saved in ``model.pt`` with the same
+    settings (fitted), else the weights loaded and the head decided, a new head still to be fitted."""
+    from .models import load_checkpoint
 
     model_path = out / "model.pt"
-    model, model_info = None, {}
     if cfg.resume and model_path.exists():
         model, meta = load_checkpoint(model_path)
-        model_info = meta.get("model_info", {})
-        if (meta.get("split_fingerprint"), meta.get("weights_arg"), meta.get("model_args")) != (
-                split.fingerprint(), cfg.weights, _model_args(cfg)):  # another model, weights or head: rebuild
-            model = None
-    if model is None:  # a new head is fitted on a worker (a GPU one with --gpus, or on a GPU cluster)
-        fit = functools.partial(fit_head_on_worker, gpu=True if cfg.gpus else None)
-        model, model_info = prepare_model(cfg, data, train, train.y, preprocess, fit=fit)
+        if (meta.get("split_fingerprint"), meta.get("weights_arg"), meta.get("model_args")) == (
+                split.fingerprint(), cfg.weights, _model_args(cfg)):  # else another model, weights or head: rebuild
+            return model, meta.get("model_info", {}), True
+    model, model_info = adapt_model(cfg, data)
+    return model, model_info, False
+
+
+def _save_scored_model(cfg: ScoreConfig, out: Path, model: nn.Module, model_info: dict[str, Any], data: Any,
+                       split: Any) -> None:
+    """The scored model and the split, saved before the long part so that a resumed run reuses both."""
+    from .models import save_checkpoint
+
     split.save(out / "split.json")
-    save_checkpoint(model_path, model, {"dataset": data.name, "classes": list(data.classes), "dataset_fingerprint": data.fingerprint(),
-                                        "split_fingerprint": split.fingerprint(), "weights_arg": cfg.weights,
-                                        "model_args": _model_args(cfg), "model_info": model_info})
-    return model, model_info
+    save_checkpoint(out / "model.pt", model, {"dataset": data.name, "classes": list(data.classes), "dataset_fingerprint": data.fingerprint(),
+                                              "split_fingerprint": split.fingerprint(), "weights_arg": cfg.weights,
+                                              "model_args": _model_args(cfg), "model_info": model_info})
 
 
 def _mask_meta(cfg: ScoreConfig, data: Any, split: Any, sizes: tuple[int, int], mfp: str, model_info: dict[str, Any],
@@ -445,4 +453,4 @@ def _finish_user_score(result: PipelineResult, model: nn.Module, ty: np.ndarray,
     return ScoreOutput(result.scores, keep, result.solve, result.timings, mask_path)
 
 
-__all__ = ["IdtlError", "fit_head", "format_summary", "inspect_mask", "run_score", "score"]
+__all__ = ["IdtlError", "fit_head", "format_summary", "inspect_mask", "prepare_model", "run_score", "score"]

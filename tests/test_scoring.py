@@ -266,8 +266,9 @@ def test_run_score_budget_one_means_one_sample_and_auto_records_its_trials(ray_s
 # ── CLI errors: one line, exit code 2, no partial mask ───────────────────────────────────────────
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+def _cli(*args: str, cwd: Path, ray_tmp: Path | None = None) -> subprocess.CompletedProcess:
+    """``idtl-ray ARGS``; with ``ray_tmp``, a Ray started by the run would put its session files there."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **({"RAY_TMPDIR": str(ray_tmp)} if ray_tmp else {})}
     return subprocess.run([sys.executable, "-m", "idtl_ray.cli", *args], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=300)
 
@@ -295,12 +296,15 @@ def test_cli_errors_are_one_line_and_leave_no_mask(case, tmp_path):
     elif case == "class-count":
         m = build_model("sample-cnn", 26, in_channels=1, image_size=8)
         save_checkpoint(tmp_path / "letters.pt", m, {"dataset": "letters"})
-        r = _cli(*args, "--dataset", "digits", "--weights", str(tmp_path / "letters.pt"), "--head", "keep", cwd=tmp_path)
+        r = _cli(*args, "--dataset", "digits", "--weights", str(tmp_path / "letters.pt"), "--head", "keep", cwd=tmp_path,
+                 ray_tmp=tmp_path / "ray")
         _one_line_error(r, "26 classes", "digits has 10", "drop --head keep")
+        assert not (tmp_path / "ray").exists()  # the weights are checked before Ray starts
     elif case == "corrupt-weights":
         (tmp_path / "bad.pt").write_bytes(b"not a torch file at all")
-        r = _cli(*args, "--dataset", "digits", "--weights", str(tmp_path / "bad.pt"), cwd=tmp_path)
+        r = _cli(*args, "--dataset", "digits", "--weights", str(tmp_path / "bad.pt"), cwd=tmp_path, ray_tmp=tmp_path / "ray")
         _one_line_error(r, str(tmp_path / "bad.pt"))
+        assert not (tmp_path / "ray").exists()
     elif case == "paper-rule-needs-paper-score":
         r = _cli(*args, "--dataset", "digits", "--drop", "paper", cwd=tmp_path)
         _one_line_error(r, "--drop paper", "--score paper")
@@ -308,9 +312,10 @@ def test_cli_errors_are_one_line_and_leave_no_mask(case, tmp_path):
         r = _cli(*args, "--dataset", "digits", "--drop", "budget", "--drop-budget", "2.5", cwd=tmp_path)
         _one_line_error(r, "whole number", "fraction")
     elif case == "budget-drops-all":  # needs the data's size: checked right after loading, before Ray starts
-        r = _cli(*args, "--dataset", "digits", "--drop", "budget", "--drop-budget", "5000", cwd=tmp_path)
+        r = _cli(*args, "--dataset", "digits", "--drop", "budget", "--drop-budget", "5000", cwd=tmp_path,
+                 ray_tmp=tmp_path / "ray")
         _one_line_error(r, "--drop-budget 5000", "all 1294 training samples")
-        assert "Started a local Ray" not in r.stderr
+        assert not (tmp_path / "ray").exists()
     else:
         out.mkdir()
         out.chmod(0o500)
@@ -351,9 +356,10 @@ def test_single_class_dataset_is_refused_before_ray_starts(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 255, (60, 8, 8, 1), dtype=np.uint8)
     np.savez(tmp_path / "one.npz", x_train=x, y_train=np.zeros(60, np.int64), x_test=x[:10], y_test=np.zeros(10, np.int64))
-    r = _cli("score", "--out", str(tmp_path / "o"), "--dataset", f"npz:{tmp_path / 'one.npz'}", cwd=tmp_path)
+    r = _cli("score", "--out", str(tmp_path / "o"), "--dataset", f"npz:{tmp_path / 'one.npz'}", cwd=tmp_path,
+             ray_tmp=tmp_path / "ray")
     _one_line_error(r, "single class", "at least two")
-    assert "Started a local Ray" not in r.stderr and not (tmp_path / "o").exists()
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "o").exists()
 
 
 def test_resume_returns_a_finished_run_only_for_its_own_settings(reference_run):
