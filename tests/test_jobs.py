@@ -45,13 +45,13 @@ def _pids_using(marker: str) -> list[int]:
 
 def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` shuts its node down on SIGTERM
+        proc.send_signal(signal.SIGTERM)  # `ray start --block` shuts its node down on SIGTERM ...
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # ... in ~30 s: nothing of this throwaway head needs keeping
             os.killpg(proc.pid, signal.SIGKILL)  # our own session: only processes this head started
             proc.wait(timeout=10)
-    deadline = time.time() + 20
+    deadline = time.time() + 5
     while _pids_using(temp_dir) and time.time() < deadline:
         time.sleep(1)
     for pid in _pids_using(temp_dir):
