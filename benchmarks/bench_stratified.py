@@ -1,11 +1,13 @@
 """Does dropping the same share of every given label close the default's test-error gap? (issue 10)
 
-On bench_selection's CIFAR-10 target (same source, flips, adapted model and fine-tuning recipe), the
-default score (self-influence) and the loss each drop 20% of the training samples, either globally
-(the most harmful first, as `--drop budget` does) or stratified (20% of each given label, the most
-harmful first within it). Prints precision of flipped labels and the test error of each kept set.
+On a bench_selection target (same source, flips, adapted model and fine-tuning recipe), the default
+score (self-influence), the loss and the mean of their ranks ("mix") each drop 20% of the training
+samples, either globally (the most harmful first, as `--drop budget` does) or stratified (20% of each
+given label, the most harmful first within it). Prints precision of flipped labels and the test error
+of each kept set.
 
-    python benchmarks/bench_stratified.py --seeds 0 1 2 [--epochs 10]
+    python benchmarks/bench_stratified.py --seeds 0 1 2 [--epochs 10] [--target digits] [--clean]
+        [--arms "mix global" "self stratified"]
 """
 
 from __future__ import annotations
@@ -43,8 +45,15 @@ def stratified_keep(harm: np.ndarray, fraction: float, labels: np.ndarray) -> np
     return keep
 
 
-def run_seed(target: str, seed: int, work: Path, recipe: TrainRecipe) -> dict[str, list[float]]:
+def rank_mix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The mean of two rankings' ranks (0 = least harmful): a sample ranks high only if both rank it high."""
+    return (np.argsort(np.argsort(a, kind="stable")) + np.argsort(np.argsort(b, kind="stable"))) / 2.0
+
+
+def run_seed(target: str, seed: int, work: Path, recipe: TrainRecipe, arms: list[str] | None = None,
+             clean: bool = False) -> dict[str, list[float]]:
     t = TARGETS[target](work, seed)
+    t = t.clean() if clean else t
     model = adapted_model(t)
     pre = Preprocess(t.mean, t.std)
     harm = {"self": compute_influence(model, TensorDataset(pre(t.x_train), torch.as_tensor(t.y_train)), None,
@@ -52,9 +61,12 @@ def run_seed(target: str, seed: int, work: Path, recipe: TrainRecipe) -> dict[st
     _, logits = B.features_and_logits(model, t.x_train, t.mean, t.std)
     harm["loss"] = torch.nn.functional.cross_entropy(torch.as_tensor(logits), torch.as_tensor(t.y_train),
                                                      reduction="none").numpy()
+    harm["mix"] = rank_mix(harm["self"], harm["loss"])
     row = {}
     for name, h in harm.items():
         for how, keep in (("global", keep_least_harmful(h, int(0.2 * len(h)))), ("stratified", stratified_keep(h, 0.2, t.y_train))):
+            if arms and f"{name} {how}" not in arms:
+                continue
             m = fine_tune(copy.deepcopy(model), t.x_train[keep], t.y_train[keep], recipe, t.mean, t.std, None, seed)
             row[f"{name} {how}"] = [precision_recall(keep, t.flipped)[0], 100 * error_rate(m, t.x_test, t.y_test, t.mean, t.std)]
             print(f"{target} seed {seed}: {name} {how}: precision {row[f'{name} {how}'][0]:.3f}, "
@@ -67,14 +79,17 @@ def main() -> int:
     ap.add_argument("--target", default="cifar10", choices=sorted(TARGETS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--arms", nargs="*", help='only these arms, e.g. "mix global" "self stratified" (default: all)')
+    ap.add_argument("--clean", action="store_true", help="the clean control: the same target with its true labels")
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "idtl-ray" / "bench_selection"))
     args = ap.parse_args()
     torch.set_num_threads(2)
-    rows = [run_seed(args.target, s, Path(args.work), TrainRecipe(epochs=args.epochs)) for s in args.seeds]
+    rows = [run_seed(args.target, s, Path(args.work), TrainRecipe(epochs=args.epochs), args.arms, args.clean)
+            for s in args.seeds]
     for key in rows[0]:
         v = np.array([r[key] for r in rows])
         print(f"{key:<18} precision {v[:, 0].mean():.3f}  test error {v[:, 1].mean():.2f} ± {v[:, 1].std(ddof=1) if len(v) > 1 else 0:.2f}")
-    print(json.dumps({"target": args.target, "epochs": args.epochs, "seeds": args.seeds, "rows": rows}))
+    print(json.dumps({"target": args.target + ("-clean" if args.clean else ""), "epochs": args.epochs, "seeds": args.seeds, "rows": rows}))
     return 0
 
 
