@@ -1017,7 +1017,10 @@ def job_main(table: int, doc: str | None, init: Callable[[], Any], argv: list[st
     ``init`` is the job script's plain ``ray.init`` (inside ``ray job submit`` it joins the cluster through
     RAY_ADDRESS, else it starts a local Ray); it runs only after the preflight found every file.
     """
+    from .scoring.session import filter_ray_noise
+
     args = job_parser(table, doc).parse_args(argv)
+    filter_ray_noise()  # as the CLI: Ray's known-harmless error lines stay out of the job's log
     try:
         resources = resources_from_args(args)
         preflight(table, args.smoke, args.data_dir)  # missing data or weights fail here, before Ray starts

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -118,6 +119,9 @@ def test_table5_smoke_runs_as_a_ray_job(ray_head, tmp_path: Path) -> None:
         time.sleep(3)
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    # a normal run logs no error-level line (Ray's known-harmless ones are filtered, as in the CLI)
+    errors = [ln for ln in logs.splitlines() if re.search(r"\[[^]]* E \d+ \d+\]|\bERROR\b|Traceback", ln)]
+    assert not errors, errors
 
     # the uploaded working dir has the package but not the virtualenv (.gitignore / .rayignore)
     pkgs = {p.resolve() for p in Path(temp_dir).glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*")

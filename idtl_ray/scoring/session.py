@@ -66,7 +66,10 @@ def joined_cluster() -> bool:
 # Lines Ray's C++ core prints at error level for conditions that are not errors in our use. Ray Data
 # passes every pool actor's constructor arguments by reference, so each run logs this one once
 # (ray-project/ray#57733); our actors' arguments stay referenced by the pipeline for its whole life.
-KNOWN_RAY_NOISE = (b"has constructor arguments in the object store and max_restarts > 0",)
+# Ray Train's PreemptionWatcher logs it too. The GCS logs a failed kill when it ends an actor whose
+# worker has already exited (a finished Train worker group, a drained pool): nothing is left to kill.
+KNOWN_RAY_NOISE = (b"has constructor arguments in the object store and max_restarts > 0",
+                   b"KillActor RPC failed for actor")
 _filtering = False
 
 
@@ -92,7 +95,9 @@ def filter_ray_noise(patterns: tuple[bytes, ...] = KNOWN_RAY_NOISE) -> None:
         while chunk := os.read(r, 65536):
             *lines, rest = (rest + chunk).split(b"\n")
             out = b"".join(ln + b"\n" for ln in lines if not any(p in ln for p in patterns))
-            if rest and not rest.startswith(b"["):  # a partial line that is no Ray log line: pass it on now
+            # a partial line that is no Ray log line (nor one relayed from a worker, which starts with a
+            # colour code) is passed on now: progress lines end in \r, not \n
+            if rest and not rest.startswith((b"[", b"\x1b[")):
                 out, rest = out + rest, b""
             try:
                 if out:
