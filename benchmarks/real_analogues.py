@@ -49,6 +49,7 @@ import numpy as np  # noqa: E402
 from common import CIFAR_NPZ, load_cifar_jpeg  # noqa: E402
 
 from idtl_ray import experiments as E  # noqa: E402
+from idtl_ray.storage import save_npz_atomic  # noqa: E402
 
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 ANIMALS = (2, 3, 4, 5, 6, 7)
@@ -59,7 +60,7 @@ PLUS = E.PlusSpec(rounds=30, per_round=40, per_other=12)  # 1,200 class-A copies
 
 def _save(path: Path, **arrays: np.ndarray) -> str:
     if not path.is_file():
-        E._npz_atomic(path, **arrays)  # the jobs' own temp-file-then-rename writer
+        save_npz_atomic(path, **arrays)  # temp file, then rename: never a partial file
     return f"npz:{path}"
 
 
