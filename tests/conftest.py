@@ -12,6 +12,17 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
+# Datasets given by name are prepared into a cache (idtl_ray.data.cache): the suite's own, removed at the
+# end, so that it neither fills the user's ~/.cache/idtl-ray with its throwaway files nor depends on
+# what is there. Set IDTL_CACHE_DIR to keep one across runs.
+if "IDTL_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["IDTL_CACHE_DIR"] = tempfile.mkdtemp(prefix="idtl-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["IDTL_CACHE_DIR"], ignore_errors=True)
+
 import pytest  # noqa: E402
 
 
