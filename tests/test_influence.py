@@ -176,7 +176,7 @@ def test_ggn_product_equals_dense_jacobian_form():
     engine = InfluenceEngine(model, device="cpu")
     op = engine.curvature(data, "ggn", 0.0, samples=None, batch_size=8)
     x, y = data.tensors
-    names, params = engine.space.names, engine.space.params
+    params = engine.space.params
     # Dense reference: per-sample Jacobian of the logits w.r.t. the flat parameters, then Jᵀ H_out J.
     flat0 = engine.space.flatten(params)
 
@@ -232,6 +232,42 @@ def test_jvp_scores_equal_per_sample_gradient_scores_resnet18():
     print(f"\nresnet18 jvp vs grad relative error {rel_err(fast, slow):.2e}")
     assert rel_err(fast, slow) < 1e-5
 
+
+
+def test_channels_last_layout_changes_speed_not_scores(monkeypatch):
+    """layout.py runs conv models on channels-last batches, weights and tangents: the paper's JVP scores
+    and self-influence must stay those of the NCHW float64 computation (float32 rounding only)."""
+    from idtl_ray import layout
+    from idtl_ray.models import build_model
+    from idtl_ray.self_influence import fit_head_factors, self_influence_batch
+
+    torch.manual_seed(0)
+    model = build_model("sample-cnn", num_classes=10, in_channels=3, image_size=32).eval()
+    x = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(48) % 10
+    s64 = torch.randn(sum(p.numel() for p in model.parameters()), generator=torch.Generator().manual_seed(2),
+                      dtype=torch.float64) * 1e-2
+    factors = fit_head_factors(model, [(x, y)])
+
+    def scores(channels_last: bool, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray, InfluenceEngine]:
+        monkeypatch.setattr(layout, "CHANNELS_LAST", channels_last)
+        net = copy.deepcopy(model).to(dtype)
+        engine = InfluenceEngine(net, device="cpu")
+        paper = engine.score_batch(x.to(dtype), y, s64.to(dtype), n_train=48).numpy()
+        return paper, self_influence_batch(net, factors, x.to(dtype), y, 48), engine
+
+    ref_paper, ref_self, _ = scores(False, torch.float64)
+    nchw_paper, nchw_self, _ = scores(False, torch.float32)
+    cl_paper, cl_self, engine = scores(True, torch.float32)
+    # the layout was applied (else this test compares NCHW with itself) and the model left as it was
+    assert engine.space.params["conv2.weight"].is_contiguous(memory_format=torch.channels_last)
+    assert engine.space.unflatten(s64.float())["conv2.weight"].is_contiguous(memory_format=torch.channels_last)
+    assert engine.model.conv2.weight.is_contiguous()
+    assert layout.model_layout(x).is_contiguous(memory_format=torch.channels_last)
+    assert layout.model_layout(x[0]).is_contiguous() and layout.model_layout(y) is y
+    print(f"\npaper vs float64: NCHW {rel_err(nchw_paper, ref_paper):.1e}, channels-last {rel_err(cl_paper, ref_paper):.1e}")
+    assert rel_err(nchw_paper, ref_paper) < 1e-4 and rel_err(cl_paper, ref_paper) < 1e-4
+    assert rel_err(cl_self, ref_self) < 1e-5 and rel_err(nchw_self, ref_self) < 1e-5
 
 def test_dropping_negative_scores_removes_flipped_labels_and_lowers_val_loss():
     torch.manual_seed(0)
