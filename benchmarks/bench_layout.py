@@ -70,7 +70,7 @@ def arms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, n_train: int)
 
     def train_step(rows: slice, cl: bool) -> np.ndarray:
         opts[cl].zero_grad()
-        loss = torch.nn.functional.cross_entropy(nets[cl](layout.model_layout(x[rows])), y[rows])
+        loss = torch.nn.functional.cross_entropy(nets[cl](layout.model_layout(x[rows], cl)), y[rows])
         loss.backward()
         opts[cl].step()
         return np.array([float(loss.detach())])

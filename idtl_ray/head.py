@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .layout import model_layout
+from .layout import model_layout, runs_channels_last
 from .scoring.common import Preprocess, setup_worker
 
 
@@ -32,11 +32,12 @@ def fit_head(model: nn.Module, x: np.ndarray, y: np.ndarray, preprocess: Preproc
     feats: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda _m, inp, _out: feats.append(inp[0].detach().flatten(1)))
     was_training = model.training
+    laid_out = runs_channels_last(model)  # channels-last batches (layout.py)
     model.eval()
     try:
         with torch.inference_mode():
             for i in range(0, len(y), batch_size):
-                model(model_layout(preprocess(x[i:i + batch_size], device)))  # channels-last: layout.py
+                model(model_layout(preprocess(x[i:i + batch_size], device), laid_out))
     finally:
         hook.remove()
         model.train(was_training)

@@ -33,7 +33,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .errors import InputError, SolverDivergedError
-from .layout import model_layout
+from .layout import model_layout, runs_channels_last
 from .self_influence import (LossFn, check_finite_model, cross_entropy, fit_head_factors, nonfinite_error,
                              self_influence_batch)
 
@@ -227,24 +227,27 @@ def select_parameters(model: nn.Module, params: ParamSpec = None) -> list[str]:
 class ParamSpace:
     """The selected parameters as a dict (for torch.func) and as one flat vector (for solvers)."""
 
-    def __init__(self, model: nn.Module, names: list[str], device: torch.device):
+    def __init__(self, model: nn.Module, names: list[str], device: torch.device, channels_last: bool = False):
         named = dict(model.named_parameters())
+        self.channels_last = channels_last  # layout.py: conv weights and tangents NHWC-strided, same values
         self.names = names
         self.shapes = [named[n].shape for n in names]
         self.sizes = [named[n].numel() for n in names]
         self.dim = sum(self.sizes)
-        # channels-last copies of convolution weights (layout.py); other tensors still share the model's memory
-        self.params = {n: model_layout(named[n].detach().to(device)) for n in names}
+        # channels-last copies of convolution weights; other tensors still share the model's memory
+        self.params = {n: model_layout(named[n].detach().to(device), channels_last) for n in names}
         # Everything else (frozen/unselected parameters and buffers) is held fixed.
         chosen = set(names)
-        self.fixed = {n: model_layout(p.detach().to(device)) for n, p in model.named_parameters() if n not in chosen}
+        self.fixed = {n: model_layout(p.detach().to(device), channels_last)
+                      for n, p in model.named_parameters() if n not in chosen}
         self.fixed.update({n: b.to(device) for n, b in model.named_buffers()})
         self.dtype = next(iter(self.params.values())).dtype
 
     def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
         """``v`` as a dict of parameter-shaped tensors, in the parameters' layout (a tangent's convolution
-        parts are copied to channels-last: the JVP is ~12% faster than with NCHW views)."""
-        return {n: model_layout(t.view(shape)) for n, t, shape in zip(self.names, v.split(self.sizes), self.shapes)}
+        parts are copied to channels-last, where the JVP is faster than with NCHW views)."""
+        return {n: model_layout(t.view(shape), self.channels_last)
+                for n, t, shape in zip(self.names, v.split(self.sizes), self.shapes)}
 
     def flatten(self, d: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([d[n].reshape(-1) for n in self.names])
@@ -326,10 +329,14 @@ class CurvatureOperator:
                 "use solver='cg' or 'lissa', or restrict params to fewer layers"
             )
         eye = torch.eye(dim, dtype=self.engine.space.dtype, device=self.engine.device)
+        space = self.engine.space
+        laid_out, space.channels_last = space.channels_last, False  # vmap cannot change a tensor's layout
         try:
             cols = vmap(self.matvec, chunk_size=min(dim, 256))(eye)
         except Exception:  # some modules do not vmap; fall back to one product per column
             cols = torch.stack([self.matvec(e) for e in eye])
+        finally:
+            space.channels_last = laid_out
         return 0.5 * (cols + cols.T)  # symmetric up to rounding
 
 
@@ -489,7 +496,8 @@ class InfluenceEngine:
         self.model = model.to(self.device)
         # NaN weights would surface as a "diverged" solver, which no damping can fix: name the tensor now
         check_finite_model(self.model)
-        self.space = ParamSpace(model, select_parameters(model, params), self.device)
+        self.channels_last = runs_channels_last(model)  # layout.py: idtl-ray's own architectures only
+        self.space = ParamSpace(model, select_parameters(model, params), self.device, self.channels_last)
         self.num_outputs: int | None = None
 
     # the model as a pure function of the selected parameters
@@ -500,7 +508,7 @@ class InfluenceEngine:
         return out
 
     def _prepare(self, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        x = model_layout(torch.as_tensor(x).to(self.device, dtype=self.space.dtype))
+        x = model_layout(torch.as_tensor(x).to(self.device, dtype=self.space.dtype), self.channels_last)
         # a custom loss may take any targets (regression values, soft labels); cross-entropy needs class indices
         y = torch.as_tensor(y).to(self.device) if self.custom_loss else _labels(y).to(self.device)
         return x, y
@@ -549,7 +557,7 @@ class InfluenceEngine:
         A non-finite sum raises :class:`InputError` naming the validation samples (``positions``: their
         places in the validation set, else their rows in the batch) and whether inputs or outputs are at fault.
         """
-        x = model_layout(x)
+        x = model_layout(x, self.channels_last)
 
         def loss_fn(q: dict[str, torch.Tensor]) -> torch.Tensor:
             logits = self.logits(q, x)

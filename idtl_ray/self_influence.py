@@ -35,7 +35,7 @@ from torch import nn
 from torch.func import grad, hessian, vmap
 
 from .errors import InputError
-from .layout import model_layout
+from .layout import model_layout, runs_channels_last
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """A per-sample loss: ``loss_fn(logits (B, K), labels (B,)) -> losses (B,)``."""
@@ -125,7 +125,7 @@ def head_module(model: nn.Module) -> nn.Linear:
 def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The head's input (flattened) and the logits, in eval mode without gradients."""
     head = head_module(model)
-    x = model_layout(x)  # channels-last image batches: convolutions run up to 2x faster (layout.py)
+    x = model_layout(x, runs_channels_last(model))  # convolutions run up to 2x faster (layout.py)
     got: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda _m, inp, _out: got.append(inp[0].detach().flatten(1)))
     try:

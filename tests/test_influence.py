@@ -263,11 +263,60 @@ def test_channels_last_layout_changes_speed_not_scores(monkeypatch):
     assert engine.space.params["conv2.weight"].is_contiguous(memory_format=torch.channels_last)
     assert engine.space.unflatten(s64.float())["conv2.weight"].is_contiguous(memory_format=torch.channels_last)
     assert engine.model.conv2.weight.is_contiguous()
-    assert layout.model_layout(x).is_contiguous(memory_format=torch.channels_last)
-    assert layout.model_layout(x[0]).is_contiguous() and layout.model_layout(y) is y
+    assert engine.channels_last and layout.model_layout(x, True).is_contiguous(memory_format=torch.channels_last)
+    assert layout.model_layout(x[0], True).is_contiguous() and layout.model_layout(y, True) is y
     print(f"\npaper vs float64: NCHW {rel_err(nchw_paper, ref_paper):.1e}, channels-last {rel_err(cl_paper, ref_paper):.1e}")
     assert rel_err(nchw_paper, ref_paper) < 1e-4 and rel_err(cl_paper, ref_paper) < 1e-4
     assert rel_err(cl_self, ref_self) < 1e-5 and rel_err(nchw_self, ref_self) < 1e-5
+
+
+class ViewCNN(nn.Module):
+    """A user's module that flattens with .view, which channels-last strides do not allow."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x))
+        return self.fc(h.view(h.size(0), -1))
+
+
+@pytest.mark.parametrize("score", ["self", "paper"])
+def test_a_users_module_that_flattens_with_view_is_scored_in_nchw(score):
+    torch.manual_seed(0)
+    model = ViewCNN()
+    # three channels: with one, NCHW and channels-last strides coincide and nothing would fail
+    train, val = (TensorDataset(d.tensors[0].repeat(1, 3, 1, 1), d.tensors[1])
+                  for d in (digit_images(64, offset=600), digit_images(32, offset=900)))
+    with pytest.raises(RuntimeError, match="view"):  # what channels-last would do to it
+        model(train.tensors[0].contiguous(memory_format=torch.channels_last))
+    assert not InfluenceEngine(model, device="cpu").channels_last
+    cfg = InfluenceConfig(score=score, curvature_samples=32, max_iter=5, solver="cg", tol=1e-3)
+    result = compute_influence(model, train, val, cfg, device="cpu")
+    assert result.scores.shape == (64,) and np.isfinite(result.scores).all()
+
+
+def test_exact_solver_keeps_its_batched_products_with_channels_last():
+    """dense() builds (H + λI) column by column under vmap, where a layout change is not allowed: it
+    must not fall back to one product per column (or fail) because the engine lays out tangents."""
+    from idtl_ray.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("sample-cnn", num_classes=10, in_channels=1, image_size=8).double()
+    data = digit_images(16, offset=600, dtype=torch.float64)
+    engine = InfluenceEngine(model, params=["conv1"], device="cpu")  # a 4-D weight: its tangent is laid out
+    assert engine.channels_last and engine.space.channels_last
+    op = engine.curvature(data, "ggn", 0.1, samples=None, batch_size=16)
+    calls, matvec = [], op.matvec
+    op.matvec = lambda v: calls.append(1) or matvec(v)  # dense() calls it once per chunk of 256 columns under vmap
+    dense = op.dense()
+    op.matvec = matvec
+    assert len(calls) <= -(-engine.space.dim // 256) < engine.space.dim  # not one product per column
+    assert engine.space.channels_last  # the layout is back on after dense()
+    eye = torch.eye(engine.space.dim, dtype=torch.float64)
+    assert rel_err(dense, torch.stack([op.matvec(e) for e in eye])) < 1e-10
 
 def test_dropping_negative_scores_removes_flipped_labels_and_lowers_val_loss():
     torch.manual_seed(0)
