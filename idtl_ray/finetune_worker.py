@@ -80,9 +80,9 @@ def _accuracy(run: _Run, samples: Any) -> float | None:
     """Accuracy on a Ray Data iterator of ``x``/``label`` batches (None when it is empty)."""
     run.net.eval()
     correct = torch.zeros((), dtype=torch.int64, device=run.device)  # read once at the end: no sync per batch
-    n = 0
+    n, laid_out = 0, runs_channels_last(run.net)
     for batch in samples.iter_batches(batch_size=EVAL_BATCH, batch_format="numpy"):
-        xb = model_layout(run.prep(batch["x"], run.device), runs_channels_last(run.net))  # data.to_tensor's values
+        xb = model_layout(run.prep(batch["x"], run.device), laid_out)  # data.to_tensor's values
         with _autocast(run.device, run.amp):
             logits = run.net(xb)
         correct += (logits.argmax(1) == _labels(batch, run.device)).sum()

@@ -496,9 +496,14 @@ class InfluenceEngine:
         self.model = model.to(self.device)
         # NaN weights would surface as a "diverged" solver, which no damping can fix: name the tensor now
         check_finite_model(self.model)
-        self.channels_last = runs_channels_last(model)  # layout.py: idtl-ray's own architectures only
-        self.space = ParamSpace(model, select_parameters(model, params), self.device, self.channels_last)
+        # layout.py: channels-last for idtl-ray's own architectures only
+        self.space = ParamSpace(model, select_parameters(model, params), self.device, runs_channels_last(model))
         self.num_outputs: int | None = None
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether batches (and the weight copies and tangents) are laid out channels-last (layout.py)."""
+        return self.space.channels_last
 
     # the model as a pure function of the selected parameters
     def logits(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
