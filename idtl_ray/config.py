@@ -52,7 +52,7 @@ def _deep_example(names: list[str]) -> str:
 class ScoreConfig:
     """Settings of `idtl-ray score`: which data and model, how to score, where to write."""
 
-    dataset: str = field(default="digits", metadata={"help": "Target dataset: a registry name, npz:PATH or folder:PATH."})
+    dataset: str = field(default="digits", metadata={"help": "Target dataset: a registry name, npz:PATH, folder:PATH, or a directory written by `idtl-ray prepare`."})
     model: str = field(default="sample-cnn", metadata={"help": "Model architecture (sample-cnn, vgg16, resnet50, densenet121, resnet18)."})
     weights: str = field(default="none", metadata={"help": "Pre-trained weights: imagenet, a checkpoint/state-dict PATH, or none."})
     data_dir: str | None = field(default=None, metadata={"help": "Where datasets live (default $IDTL_DATA_DIR or ~/.cache/idtl-ray/data)."})
@@ -105,17 +105,17 @@ class ScoreConfig:
                              "add --drop paper --score paper, or leave --drop-threshold out")
         if self.drop == "auto":
             if not self.auto_budgets:
-                raise InputError("--drop auto needs at least one candidate budget (--auto-budgets 0 0.05 0.1 0.2)")
+                raise InputError("--drop auto needs at least one candidate budget, e.g. --auto-budget 0.1 --auto-budget 0.2")
             for b in self.auto_budgets:
                 budget_count(b, 1_000_000)
             if self.auto_epochs < 1:
-                raise InputError(f"auto_epochs must be >= 1, got {self.auto_epochs}")
+                raise InputError(f"--auto-epochs must be >= 1 (fine-tuning epochs per --drop auto trial), got {self.auto_epochs}")
         if self.head not in ("auto", "new", "keep"):
-            raise InputError(f"head must be auto, new or keep, got {self.head!r}")
+            raise InputError(f"--head must be auto, new or keep, got {self.head!r}")
         if not 0.0 < self.val_fraction < 1.0:
-            raise InputError(f"val_fraction must be in (0, 1), got {self.val_fraction}: the paper uses 0.1")
+            raise InputError(f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}; the paper uses 0.1")
         if self.actors is not None and self.actors < 1:
-            raise InputError(f"actors must be >= 1, got {self.actors}")
+            raise InputError(f"--actors must be >= 1, got {self.actors}")
         if self.gpus < 0 or (self.cpus is not None and self.cpus < 1):
             raise InputError(f"--gpus must be >= 0 and --cpus >= 1 (got --gpus {self.gpus}, --cpus {self.cpus})")
         if self.gpus and self.actors and self.actors > self.gpus:

@@ -74,23 +74,23 @@ class InfluenceConfig:
         if self.score not in ("self", "paper"):
             raise InputError(f"unknown score {self.score!r}: use self (self-influence, the default) or paper (delta_val_loss)")
         if self.head_params not in ("bias", "head"):
-            raise InputError(f"unknown head_params {self.head_params!r}: use bias or head")
+            raise InputError(f"unknown --head-params {self.head_params!r}: use bias or head")
         if not (self.head_damping > 0 and math.isfinite(self.head_damping)):
-            raise InputError(f"head_damping must be a finite number > 0, got {self.head_damping}")
+            raise InputError(f"--head-damping must be a finite number > 0, got {self.head_damping}")
         if self.solver not in ("cg", "lissa", "exact"):
             raise InputError(f"unknown solver {self.solver!r}: use one of cg, lissa, exact")
         if self.curvature not in ("ggn", "exact"):
             raise InputError(f"unknown curvature {self.curvature!r}: use ggn or exact")
         if not (self.damping >= 0 and math.isfinite(self.damping)):
-            raise InputError(f"damping must be a finite number >= 0, got {self.damping}")
+            raise InputError(f"--damping must be a finite number >= 0, got {self.damping}")
         if self.batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.max_iter < 1:
-            raise InputError(f"max_iter must be >= 1, got {self.max_iter}")
+            raise InputError(f"--max-iter must be >= 1, got {self.max_iter}")
         if self.curvature_samples is not None and self.curvature_samples < 1:
-            raise InputError(f"curvature_samples must be >= 1 or None (all), got {self.curvature_samples}")
+            raise InputError(f"--curvature-samples must be >= 1, or 0 for all of them (None in the API), got {self.curvature_samples}")
         if self.lissa_scale <= 0:
-            raise InputError(f"lissa_scale must be > 0, got {self.lissa_scale}")
+            raise InputError(f"--lissa-scale must be > 0, got {self.lissa_scale}")
 
 
 @dataclass

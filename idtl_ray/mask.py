@@ -134,7 +134,7 @@ def read_mask(path: str | Path) -> Mask:
     if p.is_dir():
         p = p / "mask.parquet"
     if not p.exists():
-        raise MaskError(f"mask {p} not found: run `idtl-ray score` first or pass the right --mask path")
+        raise MaskError(f"mask {p} not found: run `idtl-ray score` first, or give the path of the mask.parquet it wrote")
     try:
         table = pq.read_table(p)
     except Exception as e:  # pyarrow raises several types for a corrupt file

@@ -330,7 +330,8 @@ def prepare_dataset(
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"--val-fraction must be in (0, 1), got {val_fraction}; e.g. 0.1 for the paper's 10%")
     if shard_bytes < MIN_SHARD_BYTES:
-        raise DataError(f"the shard size {shard_bytes} bytes is below 1 MiB; use 128-256 MiB for large datasets")
+        raise DataError(f"--shard-mb must be >= 1 (MiB per Parquet shard), got {shard_bytes / 2**20:g}; "
+                        "use 128-256 for large datasets")
     fs, base = open_location(out)  # a bad URI fails before the (possibly long) load
     if fs.get_file_info(base).type == pafs.FileType.File:
         raise DataError(f"--out {out} is a file; give a directory (it is created if missing)")
