@@ -71,6 +71,7 @@ def datasets() -> None:
         typer.echo(f"{name:<16} {info.description}")
     typer.echo(f"{'npz:PATH':<16} arrays x_train, y_train, x_test, y_test [, x_val, y_val] (uint8 images)")
     typer.echo(f"{'folder:PATH':<16} images in train/<class>/*, test/<class>/* [, val/<class>/*]")
+    typer.echo(f"{'DIR':<16} a directory written by `idtl-ray prepare` (Parquet shards + manifest.json; local, a mount or s3://)")
 
 
 @app.command()

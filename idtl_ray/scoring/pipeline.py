@@ -4,7 +4,7 @@
   2. broadcast   ``ray.put`` once; every scoring actor reads that one object
   3. score       training rows not yet scored → ``map_batches`` over an actor pool (one actor per GPU
                  with ``num_gpus=1``, CPU actors otherwise), each holding the model and s
-  4. write       ``write_parquet`` into ``parts/scores``: a resumed run skips the sample_ids written
+  4. write       ``write_parquet`` into ``parts/scores-<fingerprint>``: a resumed run skips the sample_ids written
   5. merge       the files → one array in the training order (parts.py); the caller writes the mask
 
 Ray Data retries the work of an actor that dies; the merge drops the duplicates that can leave.
