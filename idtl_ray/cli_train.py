@@ -2,8 +2,9 @@
 
 ``register(app)`` adds them to the project's Typer app. Their options are generated from
 :class:`~idtl_ray.finetune.FinetuneConfig` (:mod:`idtl_ray.cli_options`): names, help, defaults and
-choices live in its fields, and each command says here only where it differs. Every command
-starts Ray with :func:`idtl_ray.scoring.ensure_ray` (embedded local Ray unless ``--address``); a user
+choices live in its fields, and each command says here only where it differs. Ray starts
+(:func:`idtl_ray.scoring.ensure_ray`: embedded local Ray unless ``--address``) only after the checks
+that need none (options, dataset, weights, mask), so a typo costs no Ray start-up; a user
 error (:class:`~idtl_ray.errors.IdtlError`) prints one line ``error: <message>`` and exits with 2.
 
 Examples::
@@ -12,7 +13,7 @@ Examples::
     idtl-ray finetune --strategy instance --mask runs/score/mask.parquet --weights runs/emnist.pt --dataset mnist
     idtl-ray compare --dataset mnist --weights runs/emnist.pt --epochs 1 --out runs/table1
     idtl-ray compare --dataset digits --weights runs/src.pt --out runs/cmp --baselines random,loss,cleanlab
-    idtl-ray sweep --dataset cifar10 --model resnet50 --weights imagenet --strategy model --frozen 20 30 40
+    idtl-ray sweep --dataset cifar10 --model resnet50 --weights imagenet --strategy model --frozen 20 30 40 --out runs/sweep
 """
 
 from __future__ import annotations
@@ -99,7 +100,6 @@ def pretrain_cmd(kw: dict[str, Any]) -> None:
     """Train a source model from Xavier init on every training sample (paper Table 1 recipe)."""
     from .finetune import pretrain as _pretrain  # looked up now (tests replace it)
 
-    ensure_ray(kw["address"])
     res = _pretrain(kw.pop("dataset"), kw.pop("model"), kw.pop("epochs"), kw.pop("out"), **kw)
     typer.echo(json.dumps(res, indent=2))
 
@@ -117,8 +117,7 @@ def finetune_cmd(
     if dry_run:
         typer.echo(_dry_run(cfg))
         return
-    ensure_ray(cfg.address)
-    final = run_finetune(cfg, progress=True)  # a line per epoch on stderr
+    final = run_finetune(cfg, progress=True)  # starts Ray once the data and the mask are checked  # a line per epoch on stderr
     typer.echo(json.dumps(final, indent=2))
     typer.echo(f"test error {final['test_error']:.2f}% after {final['epochs']} epochs on "
                f"{final['n_train_samples']} samples; outputs in {cfg.out_dir}")  # fmt: skip
@@ -137,8 +136,7 @@ def compare_cmd(
     from .baselines import parse_methods
     from .finetune import run_compare
 
-    names = parse_methods(baselines)  # a typo fails here, before Ray starts
-    ensure_ray(kw["address"])
+    names = parse_methods(baselines)  # a typo fails here; run_compare starts Ray after its own checks
     dataset, model, weights, epochs = (kw.pop(k) for k in ("dataset", "model", "weights", "epochs"))
     score = _score_fn(dataset, model, weights, kw["data_dir"], kw["image_size"], kw["val_fraction"], kw["seed"],
                       kw["address"], epochs, kw["gpus"])  # fmt: skip

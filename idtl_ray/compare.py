@@ -158,6 +158,9 @@ def run_compare(dataset: str, model: str, weights: str, epochs: int, *, out: str
     bad = {"dataset", "model", "weights", "epochs", "strategy", "mask", "split", "out"} & set(finetune_kw)
     if bad:
         raise InputError(f"run_compare sets {', '.join(sorted(bad))} itself; pass them as its own arguments")
+    for strategy in ("scratch", "model"):  # every option checked now, not after the scoring and the first runs
+        FinetuneConfig(dataset=dataset, model=model, weights=weights, strategy=strategy, out=str(root / strategy),
+                       epochs=(scratch_epochs or epochs) if strategy == "scratch" else epochs, **finetune_kw)
     mask_path = _resolve_mask(root, mask, score_fn)
     split = mask_path.parent / "split.json"
     if not split.is_file():

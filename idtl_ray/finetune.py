@@ -63,13 +63,13 @@ class TrainingError(IdtlError, RuntimeError):
 class FinetuneConfig:
     """Settings of `idtl-ray finetune`: data, strategy, recipe, Ray resources and output directory."""
 
-    dataset: str = field(default="digits", metadata={"help": "Target dataset: a registry name, npz:PATH or folder:PATH."})
+    dataset: str = field(default="digits", metadata={"help": "Target dataset: a registry name, npz:PATH, folder:PATH, or a directory written by `idtl-ray prepare`."})
     model: str = field(default="sample-cnn", metadata={"help": "Model architecture (sample-cnn, vgg16, resnet50, densenet121, resnet18)."})
     strategy: str = field(default="instance", metadata={"help": "scratch (Xavier init), model (all training samples) or instance (the samples the mask keeps)."})
     mask: str | None = field(default=None, metadata={"help": "Mask Parquet file (or its directory) from `idtl-ray score`; required for --strategy instance."})
     weights: str = field(default="none", metadata={"help": "Pre-trained weights for model/instance: imagenet, a checkpoint/state-dict PATH, or none."})
     data_dir: str | None = field(default=None, metadata={"help": "Where datasets live (default $IDTL_DATA_DIR or ~/.cache/idtl-ray/data)."})
-    image_size: int | None = field(default=None, metadata={"help": "Resize folder datasets to this size (default 64)."})
+    image_size: int | None = field(default=None, metadata={"help": "Resize the images to this size in pixels (default: as the dataset ships them; 64 for folder datasets)."})
     val_fraction: float = field(default=0.1, metadata={"help": "Validation share carved from train when no split is given (paper: 10%)."})
     split: str | None = field(default=None, metadata={"help": "split.json to use (default: beside the mask for instance, else a new seeded split); 'none' trains on every training sample."})
     epochs: int = field(default=1, metadata={"help": "Training epochs."})
@@ -88,7 +88,7 @@ class FinetuneConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the split (when one is made), the init and the shuffling."})
     out: str | None = field(default=None, metadata={"help": "Run directory (default runs/finetune-<dataset>-<model>-<strategy>); rerunning resumes."})
     augment: bool = field(default=True, metadata={"help": "Use the dataset's training augmentation (flip/translate for CIFAR, none for digits)."})
-    max_failures: int = field(default=1, metadata={"help": "Worker failures to recover from (restart from the last checkpoint)."})
+    max_failures: int = field(default=1, metadata={"help": "Worker failures to recover from (restart from the last checkpoint); -1: any number."})
     address: str | None = field(default=None, metadata={"help": "Ray cluster to join (default: start an embedded local Ray)."})
     fault_inject_kill_epoch: int | None = field(default=None, metadata={"help": "TEST ONLY: rank 0 kills its own process once in this epoch (marker file in --out)."})
 
@@ -107,16 +107,19 @@ class FinetuneConfig:
         if self.freeze is not None and self.freeze_conv:
             raise InputError("pass either --freeze N or --freeze-conv, not both")
         if not 0.0 < self.val_fraction < 1.0:
-            raise InputError(f"val_fraction must be in (0, 1), got {self.val_fraction}: the paper uses 0.1")
+            raise InputError(f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}; the paper uses 0.1")
         if not 0.0 < self.lr_drop_at <= 1.0:
-            raise InputError(f"lr_drop_at must be in (0, 1], got {self.lr_drop_at}: the paper uses 0.5, 1 means never")
+            raise InputError(f"--lr-drop-at must be in (0, 1], got {self.lr_drop_at}: the paper uses 0.5, 1 means never")
         for name in ("epochs", "batch_size", "workers", "eval_every"):
             if getattr(self, name) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_failures < -1:
+            raise InputError(f"--max-failures must be >= 0, or -1 to recover from any number of failures, got {self.max_failures}")
         if self.lr <= 0:
-            raise InputError(f"lr must be positive, got {self.lr}")
+            raise InputError(f"--lr must be positive, got {self.lr}")
         if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
-            raise InputError("cpus_per_worker must be > 0 and gpus_per_worker >= 0")
+            raise InputError(f"--cpus-per-worker must be > 0 and --gpus-per-worker >= 0, got {self.cpus_per_worker:g} and "
+                             f"{self.gpus_per_worker:g}")
         self._declare_gpus()
         if self.precision not in PRECISIONS:
             raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
@@ -189,8 +192,10 @@ def make_plan(cfg: FinetuneConfig, *, say: Progress | None = None) -> Plan:
     from .data.cache import ensure_prepared
     from .data.samples import open_target
 
-    data = open_target(ensure_prepared(cfg.dataset, cfg.data_dir, cfg.image_size, say=say))
     mask_path = _mask_file(cfg.mask) if cfg.mask and cfg.strategy == "instance" else None
+    if mask_path is not None and not mask_path.is_file():  # before the data: a typo must cost nothing
+        raise MaskError(f"mask {mask_path} not found: pass the mask.parquet (or the directory) that `idtl-ray score` wrote")
+    data = open_target(ensure_prepared(cfg.dataset, cfg.data_dir, cfg.image_size, say=say))
     shipped = Rows("val", np.arange(len(data.val), dtype=np.int64)) if data.val is not None else None
     if cfg.split == "none":
         if cfg.strategy == "instance":
@@ -286,8 +291,8 @@ def build_finetune_model(
     torch.manual_seed(cfg.seed)  # same Xavier draw on every call: driver, tests and reruns agree
     try:
         model = M.build_model(cfg.model, num_classes, in_channels, image_size)
-    except ValueError as e:
-        raise InputError(f"{cfg.model}: {e}") from e
+    except ValueError as e:  # the message names the model
+        raise InputError(str(e)) from e
     info: dict[str, Any] = {"weights": "none", "head": "xavier", "hybrid_copied": 0, "frozen": []}
     if cfg.strategy != "scratch":
         source = model if cfg.hybrid_init is None else M.build_model(cfg.model, num_classes, in_channels, image_size)

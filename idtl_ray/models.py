@@ -140,12 +140,23 @@ def _flat_dim(body: nn.Module, in_channels: int, image_size: int, name: str) -> 
     body.eval()
     try:
         with torch.no_grad():
-            out = body(torch.zeros(1, in_channels, image_size, image_size))
-    except RuntimeError as e:
-        raise ValueError(f"{name}: image_size {image_size} is too small for this network ({e})") from e
+            return int(body(torch.zeros(1, in_channels, image_size, image_size)).shape[1])
+    except RuntimeError:  # a feature map shrank to nothing: name the smallest size that works
+        fits = next((s for s in (16, 32, 64, 128, 224) if s > image_size and _forward_ok(body, in_channels, s)), None)
+        need = f"--image-size {fits} or more" if fits else "larger images"
+        raise ValueError(f"{name} cannot take {image_size}px images (a feature map shrinks to nothing): "
+                         f"pass {need}") from None
     finally:
         body.train(was_training)
-    return int(out.shape[1])
+
+
+def _forward_ok(body: nn.Module, in_channels: int, image_size: int) -> bool:
+    try:
+        with torch.no_grad():
+            body(torch.zeros(1, in_channels, image_size, image_size))
+        return True
+    except RuntimeError:
+        return False
 
 
 def xavier_init_(module: nn.Module) -> nn.Module:

@@ -70,6 +70,40 @@ def test_cli_refuses_bad_settings_before_ray_starts(tmp_path, monkeypatch) -> No
     assert not started and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("args, match", [
+    (["pretrain", "--dataset", "nosuch", "--out", "{tmp}/src.pt"], "unknown dataset 'nosuch'; valid names"),
+    (["pretrain", "--epochs", "0", "--out", "{tmp}/src.pt"], "--epochs must be >= 1, got 0"),
+    (["finetune", "--strategy", "scratch", "--dataset", "npz:{tmp}/none.npz", "--out", "{tmp}/o"], "file not found"),
+    (["finetune", "--strategy", "instance", "--weights", "imagenet", "--mask", "{tmp}/none", "--out", "{tmp}/o"],
+     "mask {tmp}/none not found"),
+    (["finetune", "--strategy", "scratch", "--max-failures", "-3", "--dry-run"], "--max-failures must be >= 0, or -1"),
+    (["finetune", "--strategy", "scratch", "--model", "densenet121", "--dry-run"],
+     "densenet121 cannot take 8px images (a feature map shrinks to nothing): pass --image-size 16 or more"),
+    (["compare", "--weights", "imagenet", "--epochs", "0", "--out", "{tmp}/c"], "--epochs must be >= 1, got 0"),
+    (["compare", "--dataset", "nosuch", "--weights", "imagenet", "--out", "{tmp}/c"], "unknown dataset 'nosuch'"),
+    (["prepare", "--dataset", "digits", "--shard-mb", "-1", "--out", "{tmp}/p"], "--shard-mb must be >= 1"),
+    (["score", "--curvature-samples", "-5"], "--curvature-samples must be >= 1, or 0 for all"),
+])
+def test_training_commands_refuse_bad_input_before_ray_starts(args, match, tmp_path, monkeypatch) -> None:
+    """pretrain, finetune, compare and prepare check options, dataset and mask first: one line, exit 2, no Ray,
+    and no lock file or "preparing" line for a dataset that cannot be prepared."""
+    import ray
+    from typer.testing import CliRunner
+
+    from idtl_ray import cli
+    from idtl_ray.data.cache import cache_root
+
+    started: list[str] = []
+    monkeypatch.setattr(ray, "init", lambda *a, **k: started.append("ray"))
+    locks = set(cache_root().rglob("*.lock"))
+    res = CliRunner().invoke(cli.app, [a.format(tmp=tmp_path) for a in args])
+    assert res.exit_code == 2, res.output
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and match.format(tmp=tmp_path) in errors[0] and "Traceback" not in res.stderr, res.stderr
+    assert not re.search(r"preparing (nosuch|npz:)", res.stderr)  # (digits, a real dataset, may be prepared first)
+    assert not started and set(cache_root().rglob("*.lock")) <= locks | set(cache_root().rglob(".digits-*.lock"))
+
+
 def test_every_param_name_must_select_something() -> None:
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
     assert InfluenceEngine(model, params=["2"], device="cpu").space.names == ["2.weight", "2.bias"]

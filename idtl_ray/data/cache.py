@@ -110,6 +110,7 @@ def ensure_prepared(name: str, data_dir: str | Path | None = None, image_size: i
             raise DataError(f"{name} holds {m.image_shape[0]}px images, not --image-size {image_size}: prepare it "
                             f"again with idtl-ray prepare --image-size {image_size}, or drop --image-size")
         return name
+    check_source(name)
     out = cached_location(name, data_dir, image_size)
     if not (out / "manifest.json").exists():
         with _waiting_lock(out.parent / f".{out.name}.lock"):  # one preparer at a time; the others wait here
@@ -121,6 +122,20 @@ def ensure_prepared(name: str, data_dir: str | Path | None = None, image_size: i
                 if say is not None:
                     say(f"prepared {name} in {time.perf_counter() - t0:.1f} s")
     return str(out)
+
+
+def check_source(name: str) -> None:
+    """Fail at once on a ``--dataset`` that cannot be prepared: an unknown name, or an ``npz:``/``folder:``
+    path that does not exist. The loader raises its own one-line :class:`DataError` (with the expected
+    layout), before any lock file, "preparing" line or Ray start."""
+    from .registry import DATASETS, load_dataset, unknown_dataset
+
+    if name.startswith(("npz:", "folder:")):
+        if not Path(name.split(":", 1)[1]).expanduser().exists():
+            load_dataset(name)  # raises the loader's message, which names the files it expects
+            raise DataError(f"--dataset {name}: {name.split(':', 1)[1]} does not exist")  # should it not
+    elif name not in DATASETS:  # nor a prepared directory (the caller checked)
+        raise unknown_dataset(name)
 
 
 @contextmanager

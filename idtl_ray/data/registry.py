@@ -289,6 +289,13 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
+def unknown_dataset(name: str) -> DataError:
+    """The error for a ``--dataset`` that is no registry name, ``npz:``/``folder:`` path or prepared directory."""
+    return DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}, or npz:PATH "
+                     f"(x_train,y_train,x_test,y_test[,x_val,y_val]) or folder:PATH (train/<class>/*, test/<class>/*), "
+                     f"or a directory written by idtl-ray prepare")
+
+
 def load_dataset(
     name: str,
     data_dir: str | Path | None = None,
@@ -317,11 +324,7 @@ def load_dataset(
     if info is None and is_prepared_location(name):
         return load_prepared(name, image_size=image_size)
     if info is None:
-        raise DataError(
-            f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}, or npz:PATH "
-            f"(x_train,y_train,x_test,y_test[,x_val,y_val]) or folder:PATH (train/<class>/*, test/<class>/*), "
-            f"or a directory written by idtl-ray prepare"
-        )
+        raise unknown_dataset(name)
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     data = info.loader(root, download, image_size)
     if image_size is not None and data.image_shape[0] != image_size:
