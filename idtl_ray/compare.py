@@ -158,7 +158,8 @@ def run_compare(dataset: str, model: str, weights: str, epochs: int, *, out: str
     bad = {"dataset", "model", "weights", "epochs", "strategy", "mask", "split", "out"} & set(finetune_kw)
     if bad:
         raise InputError(f"run_compare sets {', '.join(sorted(bad))} itself; pass them as its own arguments")
-    for strategy in ("scratch", "model"):  # every option checked now, not after the scoring and the first runs
+    M.check_weights_file(weights)  # every option checked now, not after the scoring and the scratch run
+    for strategy in ("scratch", "model"):
         FinetuneConfig(dataset=dataset, model=model, weights=weights, strategy=strategy, out=str(root / strategy),
                        epochs=(scratch_epochs or epochs) if strategy == "scratch" else epochs, **finetune_kw)
     mask_path = _resolve_mask(root, mask, score_fn)

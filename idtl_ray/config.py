@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
-from .errors import InputError, WeightsError
+from .errors import InputError
 from .influence import InfluenceConfig
 from .selection import DROP_RULES, budget_count
 
@@ -130,15 +129,12 @@ class ScoreConfig:
             raise InputError(f"--image-size must be a positive number of pixels, got {self.image_size}")
         if self.target_classes is not None and any(c < 0 for c in self.target_classes):
             raise InputError(f"--target-class takes class indices >= 0, got {self.target_classes}")
-        from .models import MODELS
+        from .models import MODELS, check_weights_file
 
         if self.model not in MODELS:
             raise InputError(f"unknown model {self.model!r}: use one of {', '.join(MODELS)}")
-        if self.weights not in (None, "none", "imagenet") and not self.resume:
-            path = Path(self.weights).expanduser()
-            if not path.is_file():  # a resumed run reuses its saved model.pt and needs no weights file
-                raise WeightsError(f"weights file {path} not found: pass an existing checkpoint or state-dict file, "
-                                   "or --weights imagenet|none")
+        if not self.resume:  # a resumed run reuses its saved model.pt and needs no weights file
+            check_weights_file(self.weights)
         if self.params:
             check_params(self.model, self.params, self.influence.score)
 

@@ -508,6 +508,13 @@ def _load_state(
     }
 
 
+def check_weights_file(weights: str | None) -> None:
+    """Refuse a ``--weights`` PATH that does not exist, at once (imagenet and none need no file)."""
+    if weights not in (None, "none", "imagenet") and not Path(weights).expanduser().is_file():
+        raise WeightsError(f"weights file {Path(weights).expanduser()} not found: pass an existing checkpoint or "
+                           "state-dict file, or --weights imagenet|none")
+
+
 def load_weights(model: nn.Module, name: str, weights: str | None) -> dict[str, Any]:
     """Load ``weights`` (None/"none", "imagenet", or a file path) into an adapted ``model``.
 
