@@ -16,12 +16,17 @@ scores and writes Parquet files, which are merged. Each Ray path starts a fresh 
 workers start cold (a first `idtl-ray score`, the worst case).
 
     python benchmarks/bench_ray.py [--n-train 45000] [--n-val 5000] [--model sample-cnn]
-                                   [--scores self paper] [--actors 2] [--repeat 3]
+                                   [--scores self paper] [--actors 2] [--repeat 3] [--cpu-accounting]
+
+--cpu-accounting (Linux) also prints, for every path, the CPU-seconds each kind of process spent
+(scoring actors, task workers, Ray Data's helper actors, the dashboard, Ray's daemons, the driver):
+on 2 CPUs, what Ray adds is CPU taken from the scoring, so this is where its overhead goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -36,7 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
-from common import CIFAR_NPZ, load_cifar_jpeg  # noqa: E402
+from common import CIFAR_NPZ, CpuAccount, load_cifar_jpeg  # noqa: E402
 
 from idtl_ray.data import channel_stats, to_tensor  # noqa: E402
 from idtl_ray.influence import InfluenceConfig, compute_influence  # noqa: E402
@@ -54,6 +59,7 @@ def main() -> None:
     ap.add_argument("--actors", type=int, nargs="+", default=[2], help="scoring actors per Ray path (default: one per CPU)")
     ap.add_argument("--repeat", type=int, default=1, help="run every path this many times, alternating; report medians "
                     "(this machine's speed drifts by up to 2x between minutes)")
+    ap.add_argument("--cpu-accounting", action="store_true", help="print the CPU-seconds of every kind of process per path")
     args = ap.parse_args()
     got = load_cifar_jpeg(args.n_train + args.n_val)
     if got is None:
@@ -75,7 +81,7 @@ def main() -> None:
             passes.append(inference_pass(model, xt, args.batch_size))
             passes_cl.append(inference_pass(model, xt.contiguous(memory_format=torch.channels_last), args.batch_size))
             del xt
-            runs.append(run_paths(model, train, val, cfg, pre, mean, std, args.actors))
+            runs.append(run_paths(model, train, val, cfg, pre, mean, std, args.actors, args.cpu_accounting))
         rows = [(r[0][0], *np.median([[*run[i][1:]] for run in runs], axis=0)) for i, r in enumerate(zip(*runs))]
         t_inf, t_cl = float(np.median(passes)), float(np.median(passes_cl))
         print(f"\nplain inference over the training set: {t_inf:.1f} s NCHW, {t_cl:.1f} s channels-last"
@@ -102,29 +108,51 @@ def inference_pass(model: torch.nn.Module, xt: torch.Tensor, batch_size: int) ->
 
 
 def run_paths(model: torch.nn.Module, train: ArraySet, val: ArraySet, cfg: InfluenceConfig, pre: Preprocess,
-              mean: tuple, std: tuple, actor_counts: list[int]) -> list[tuple]:
+              mean: tuple, std: tuple, actor_counts: list[int], accounting: bool = False) -> list[tuple]:
     """(path, total, g_val, solve, scores, rel. error against in-process) for in-process and each Ray path."""
     import ray
 
+    c = time.process_time()
     t = time.perf_counter()  # the in-process path normalises its uint8 images too, as the actors do
     xt, xv = to_tensor(train.x, mean, std), to_tensor(val.x, mean, std)
     ref = compute_influence(model, TensorDataset(xt, torch.from_numpy(train.y)),
                             TensorDataset(xv, torch.from_numpy(val.y)), cfg, device="cpu")
     t_in = time.perf_counter() - t
+    if accounting:
+        print(f"  cpu-s, in-process ({t_in:.1f} s): this process {time.process_time() - c:.1f}", flush=True)
     del xt, xv
     tm = ref.timings
     rows = [("in-process", t_in, tm.get("validation_gradient", 0.0), tm.get("solve", tm.get("curvature", 0.0)),
              tm["scores"], 0.0)]
     for actors in actor_counts:
         ensure_ray(num_cpus=2)  # the embedded local Ray as `idtl-ray score` starts it
-        t = time.perf_counter()
-        r = run_pipeline(model, train, val, cfg, preprocess=pre, actors=actors, progress=False)
-        total = time.perf_counter() - t
+        with CpuAccount(process_kind) if accounting else contextlib.nullcontext() as acc:
+            t = time.perf_counter()
+            r = run_pipeline(model, train, val, cfg, preprocess=pre, actors=actors, progress=False)
+            total = time.perf_counter() - t
+        if acc is not None:
+            print(f"  cpu-s, Ray with {actors} actors ({total:.1f} s): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in acc.seconds.items()), flush=True)
         ray.shutdown()
         err = float(np.linalg.norm(r.scores - ref.scores) / np.linalg.norm(ref.scores))
         rows.append((f"ray, {actors} actor{'s' if actors > 1 else ''}", total, r.timings["validation_gradient_s"],
                      r.timings["solve_s"], r.timings["scores_s"], err))
     return rows
+
+
+def process_kind(cmdline: str) -> str:
+    """The group a process's CPU time is counted in (``--cpu-accounting``), by its command line."""
+    if "ray::MapWorker" in cmdline:
+        return "scoring actors"
+    if "ray::IDLE" in cmdline or "ray::idtl-prescore" in cmdline:
+        return "task workers (pre-scoring, writers)"
+    if "ray::" in cmdline:  # Ray Data's _StatsActor, ActorLocationTracker, _AutoscalingCoordinatorActor
+        return "Ray Data's helper actors"
+    if "dashboard" in cmdline or "process_api" in cmdline:
+        return "dashboard"
+    if "/ray/" in cmdline or "raylet" in cmdline or "gcs_server" in cmdline:
+        return "Ray's daemons (raylet, GCS, agents)"
+    return "other processes on the machine"
 
 
 if __name__ == "__main__":
