@@ -156,7 +156,9 @@ def test_compare_writes_baseline_masks_that_finetune_accepts(ray_session, tmp_pa
 
     monkeypatch.setattr(F, "run_finetune", fake_run)
     out = tmp_path / "cmp"
-    res = run_compare("digits", "sample-cnn", "w.pt", 1, out=out, mask=str(mask), baselines="loss,cleanlab")
+    weights = tmp_path / "w.pt"
+    weights.touch()  # compare checks that a --weights PATH exists before any work; fake_run never loads it
+    res = run_compare("digits", "sample-cnn", str(weights), 1, out=out, mask=str(mask), baselines="loss,cleanlab")
     assert [c.strategy for c in seen] == ["scratch", "model", "instance", "instance", "instance"]
     assert [c.out for c in seen[3:]] == [str(out / "baseline-loss"), str(out / "baseline-cleanlab")]
     assert {c.split for c in seen} == {str(tmp_path / "score" / "split.json")}
@@ -179,12 +181,12 @@ def test_compare_writes_baseline_masks_that_finetune_accepts(ray_session, tmp_pa
     assert json.loads((out / "compare.json").read_text())["rows"][3]["baseline"] == "loss"
 
     before = (out / "mask-loss.parquet").stat().st_mtime_ns
-    run_compare("digits", "sample-cnn", "w.pt", 1, out=out, mask=str(mask), baselines=["loss"])
+    run_compare("digits", "sample-cnn", str(weights), 1, out=out, mask=str(mask), baselines=["loss"])
     assert (out / "mask-loss.parquet").stat().st_mtime_ns == before  # a rerun reuses the same selection
 
     (tmp_path / "score" / "model.pt").unlink()
     with pytest.raises(MaskError, match="no .*model.pt; re-run `idtl-ray score`"):
-        run_compare("digits", "sample-cnn", "w.pt", 1, out=tmp_path / "cmp2", mask=str(mask), baselines=["random"])
+        run_compare("digits", "sample-cnn", str(weights), 1, out=tmp_path / "cmp2", mask=str(mask), baselines=["random"])
 
 
 def test_cli_unknown_baseline_is_one_line_before_any_work(tmp_path: Path) -> None:

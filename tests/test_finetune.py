@@ -229,7 +229,9 @@ def test_compare_scores_when_no_mask_and_uses_one_split(tmp_path: Path, monkeypa
         return str(_mask_dir(Path(out_dir))[0])
 
     monkeypatch.setattr(F, "run_finetune", fake_run)
-    res = run_compare("digits", "sample-cnn", "w.pt", 1, out=tmp_path, score_fn=score_fn, scratch_epochs=2)
+    weights = tmp_path / "w.pt"
+    weights.touch()  # compare checks that a --weights PATH exists before any work; fake_run never loads it
+    res = run_compare("digits", "sample-cnn", str(weights), 1, out=tmp_path, score_fn=score_fn, scratch_epochs=2)
     assert calls == [str(tmp_path / "score")]
     assert [c.strategy for c in seen] == ["scratch", "model", "instance"]
     assert {c.split for c in seen} == {str(tmp_path / "score" / "split.json")}
