@@ -38,6 +38,7 @@ import pytest
 from fake_cluster import BIN, FakeCluster, JobRun
 
 from idtl_ray import experiments as E
+from idtl_ray.experiments import runner
 from idtl_ray.errors import InputError
 
 SCORE_JOB_S = 900
@@ -119,8 +120,8 @@ def test_jobs_gpus_declares_train_workers_scoring_actors_and_the_request(tmp_pat
 
     monkeypatch.setattr("idtl_ray.workflow.run_score", run_score)
     table = E.table_spec(5, smoke=True)
-    ctx = E._Context(table, tmp_path, None, res, tmp_path / "_data")
-    E._score(ctx, table.settings[0], "digits", "none", 0, None)
+    ctx = runner._Context(table, tmp_path, None, res, tmp_path / "_data")
+    runner._score(ctx, table.settings[0], "digits", "none", 0, None)
     assert (seen["cfg"].gpus, seen["cfg"].actors) == (2, None)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from idtl_ray import experiments as E
+from idtl_ray.experiments import report
 from idtl_ray.errors import DataError, IdtlError
 
 
@@ -190,7 +191,7 @@ def test_results_report_mean_std_and_paper_numbers(tmp_path: Path) -> None:
             runs.append({"setting": s.key, "seed": seed, "strategy": strategy, "row": "", "epochs": 1, "test_error": err,
                          "val_acc": 90.0, "n_train_samples": 100, "n_dropped_by_mask": 5, "n_scored": 105,
                          "run_dir": str(tmp_path / "none"), "mask": "m"})  # fmt: skip
-    doc = E._document(table, [0, 1], runs, 1.0, E.Resources.default(True))
+    doc = report._document(table, [0, 1], runs, 1.0, E.Resources.default(True))
     files = E.write_results(doc, tmp_path)
     saved = json.loads(Path(files["json"]).read_text())
     row = next(r for r in saved["summary"] if r["strategy"] == "instance")

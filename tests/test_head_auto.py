@@ -154,7 +154,8 @@ def test_pretrain_checkpoint_records_dataset_and_classes(tmp_path, monkeypatch):
 
 
 def test_experiments_in_process_source_records_classes(tmp_path):
-    from idtl_ray.experiments import SourceSpec, _train_in_process
+    from idtl_ray.experiments import SourceSpec
+    from idtl_ray.experiments.runner import _train_in_process
 
     src = SourceSpec("digits", "sample-cnn", epochs=1, batch_size=512)
     _train_in_process("digits", src, 0, tmp_path / "s.pt", None)

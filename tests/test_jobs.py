@@ -126,7 +126,7 @@ def test_table5_smoke_runs_as_a_ray_job(ray_head, tmp_path: Path) -> None:
     # the uploaded working dir has the package but not the virtualenv (.gitignore / .rayignore)
     pkgs = {p.resolve() for p in Path(temp_dir).glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*")
             if p.is_dir()}  # fmt: skip
-    assert pkgs and all((p / "idtl_ray" / "experiments.py").is_file() for p in pkgs)
+    assert pkgs and all((p / "idtl_ray" / "experiments" / "runner.py").is_file() for p in pkgs)
     assert not any((p / ".venv").exists() for p in pkgs)
 
     doc = json.loads((out / "table5.json").read_text())
