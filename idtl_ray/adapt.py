@@ -150,12 +150,12 @@ def _checkpoint_classes(path: Path, head_name: str | None = None) -> dict[str, A
     ``finetune``), the source dataset and class names. A plain state dict gives only the count,
     read from the head's weight (``head_name``); its names are unknown (None).
     """
-    from .models import _extract_state, _normalise_keys, _read_torch_file
+    from .models import extract_state, normalise_keys, read_torch_file
 
-    state, header = _extract_state(_read_torch_file(path), path)
+    state, header = extract_state(read_torch_file(path), path)
     out: dict[str, Any] = {"num_classes": None, "classes": None, "dataset": None, "kind": "state_dict"}
     if header is None:
-        w = _normalise_keys(state).get(f"{head_name}.weight") if head_name else None
+        w = normalise_keys(state).get(f"{head_name}.weight") if head_name else None
         if torch.is_tensor(w) and w.ndim == 2:
             out["num_classes"] = int(w.shape[0])
         return out

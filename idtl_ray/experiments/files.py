@@ -65,9 +65,9 @@ def _check_imagenet(model: str) -> None:
 
     import torch
 
-    from ..models import _imagenet_enum
+    from ..models import imagenet_enum
 
-    url = _imagenet_enum(model).url
+    url = imagenet_enum(model).url
     fname = os.path.basename(urlparse(url).path)
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     if not (cache / fname).is_file():
