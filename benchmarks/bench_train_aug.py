@@ -40,7 +40,7 @@ def _timed_worker(config: dict[str, Any]) -> None:
     """The library's Train worker loop with each ``_train_epoch`` timed inside the worker (both arms have
     it): the driver sees epochs only through Ray Train's report polling, seconds late. Defined in
     ``__main__``, so Ray ships it by value and the worker runs it against its own tree."""
-    import idtl_ray.finetune_worker as W
+    import idtl_ray.finetune.worker as W
 
     train_epoch, times = W._train_epoch, []
 
@@ -61,7 +61,7 @@ def _arm(tree: str, dataset: str, out: str, seed: int, epochs: int) -> None:
     import ray
 
     import idtl_ray
-    import idtl_ray.finetune_worker as W
+    import idtl_ray.finetune.worker as W
     from idtl_ray.finetune import FinetuneConfig, run_finetune
     from idtl_ray.scoring import ensure_ray
 
@@ -69,7 +69,7 @@ def _arm(tree: str, dataset: str, out: str, seed: int, epochs: int) -> None:
     # the workers must import the same tree as this driver (they inherit PYTHONPATH, set by the parent)
     worker_file = ray.get(ray.remote(lambda: __import__("idtl_ray").__file__).remote())
     assert worker_file == idtl_ray.__file__, (worker_file, idtl_ray.__file__)
-    W.train_worker = _timed_worker  # what finetune._trainer hands to the TorchTrainer
+    W.train_worker = _timed_worker  # what finetune.run._trainer hands to the TorchTrainer
     t0 = time.monotonic()
     final = run_finetune(FinetuneConfig(dataset=dataset, strategy="scratch", model="sample-cnn", epochs=epochs,
                                         eval_every=epochs, seed=seed, out=out))  # fmt: skip

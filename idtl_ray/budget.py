@@ -48,7 +48,7 @@ def fine_tune(model: nn.Module, x: np.ndarray, y: np.ndarray, recipe: TrainRecip
               augment: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
               device: torch.device | str = "cpu") -> nn.Module:
     """Fine-tune ``model`` in place on uint8 NHWC images ``x`` and labels ``y``; returns it."""
-    from .finetune import _images
+    from .finetune.worker import _images
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

@@ -19,8 +19,8 @@ from . import data as D
 from . import finetune as F
 from . import models as M
 from .errors import InputError, MaskError, WeightsError
-from .finetune import STRATEGIES, STRATEGY_TITLES, FinetuneConfig, _mask_file, make_plan
-from .finetune_progress import Progress, emitter
+from .finetune import STRATEGIES, STRATEGY_TITLES, FinetuneConfig, make_plan, mask_file
+from .finetune.progress import Progress, emitter
 from .mask import check_mask, read_mask, write_mask
 from .storage import digest, write_json_atomic, write_text_atomic
 
@@ -55,7 +55,7 @@ def pretrain(dataset: str, model: str, epochs: int, out: str | Path, batch_size:
 
 def _resolve_mask(out: Path, mask: str | None, score_fn: Callable[[str], str] | None) -> Path:
     if mask:
-        p = _mask_file(mask)
+        p = mask_file(mask)
         if not p.is_file():
             raise MaskError(f"mask {p} not found; run `idtl-ray score` first or leave --mask out to score now")
         return p
@@ -64,7 +64,7 @@ def _resolve_mask(out: Path, mask: str | None, score_fn: Callable[[str], str] | 
         return p
     if score_fn is None:
         raise MaskError(f"no mask given and none at {p}; pass --mask or a score_fn that writes one")
-    return _mask_file(str(score_fn(str(out / "score"))))
+    return mask_file(str(score_fn(str(out / "score"))))
 
 
 def compare_table(rows: list[dict[str, Any]], dataset: str) -> str:

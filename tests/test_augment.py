@@ -16,7 +16,7 @@ import torchvision.transforms.functional as TF
 from idtl_ray import data as D
 from idtl_ray.data.augment import BatchAugment, warp
 from idtl_ray.errors import DataError
-from idtl_ray.finetune_worker import _autocast, resolve_precision
+from idtl_ray.finetune.worker import _autocast, resolve_precision
 
 
 def _images(n: int = 8, c: int = 3, h: int = 32, w: int = 32, seed: int = 0) -> torch.Tensor:

@@ -313,7 +313,7 @@ def test_train_datasets_hold_exactly_the_planned_rows(ray_session, tmp_path: Pat
                                                       shipped: bool) -> None:  # fmt: skip
     """What each Train worker reads: the training ids (any subset), the validation rows (carved from the
     training split, or the shipped split) and the whole test split, with the images of those ids."""
-    from idtl_ray.finetune_data import train_datasets
+    from idtl_ray.finetune.data import train_datasets
 
     monkeypatch.setenv("IDTL_CACHE_DIR", str(tmp_path / "cache"))
     name, x = _npz(tmp_path / "d.npz", val=shipped)

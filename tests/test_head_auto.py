@@ -130,18 +130,20 @@ def test_head_keep_and_new(digits, source_model, tmp_path, monkeypatch):
 def test_pretrain_checkpoint_records_dataset_and_classes(tmp_path, monkeypatch):
     """pretrain's checkpoint (and the finetune run's model.pt under it) carry dataset and class names.
 
-    run_finetune is replaced by the same final write (``_write_outputs``) without the Ray Train loop.
+    run_finetune is replaced by the same final write (``write_outputs``) without the Ray Train loop.
     """
     import idtl_ray.finetune as F
+    from idtl_ray.finetune.outputs import write_outputs
+    from idtl_ray.finetune.plan import arch_of
 
     def fake_run_finetune(cfg, **_kw):  # progress= as run_finetune takes it
         plan = F.make_plan(cfg)
-        model, info = F.build_finetune_model(cfg, *F._arch(plan.data), data=plan.data)
+        model, info = F.build_finetune_model(cfg, *arch_of(plan.data), data=plan.data)
         out = cfg.out_dir.expanduser().resolve()
         out.mkdir(parents=True, exist_ok=True)
         state = {"history": [{"epoch": 0, "lr": 1e-3, "train_loss": 1.0, "val_acc": None, "test_error": 50.0}],
                  "attempts": [0]}
-        return F._write_outputs(cfg, plan, out, model, state, np.asarray(plan.train_ids), info, "fake")
+        return write_outputs(cfg, plan, out, model, state, np.asarray(plan.train_ids), info, "fake")
 
     monkeypatch.setattr(F, "run_finetune", fake_run_finetune)
     meta = F.pretrain("digits", "sample-cnn", 1, tmp_path / "src.pt")

@@ -99,10 +99,11 @@ def fake_cluster_calls(monkeypatch):
 def test_finetune_on_a_cluster_checks_shared_storage_first_and_asks_for_its_workers(fake_cluster_calls, monkeypatch,
                                                                                   tmp_path):  # fmt: skip
     import idtl_ray.finetune as F
+    import idtl_ray.finetune.run as run_module
 
     shared = tmp_path / "shared"
     monkeypatch.setenv(R.SHARED_ENV, str(shared))
-    monkeypatch.setattr(F, "_run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("trained")))
+    monkeypatch.setattr(run_module, "_run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("trained")))
     local = F.FinetuneConfig(strategy="scratch", dataset=str(shared / "prepared"), gpus=2, out=str(tmp_path / "run"))
     with pytest.raises(InputError, match="--out .* not on shared storage"):
         F.run_finetune(local)
@@ -132,21 +133,23 @@ def test_training_on_a_cluster_is_never_refused_for_what_it_has_now(monkeypatch)
     import ray
 
     import idtl_ray.finetune as F
+    from idtl_ray.finetune.run import _check_resources
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 0.0})  # a head with no CPU, scaled to zero
     cfg = F.FinetuneConfig(strategy="scratch", gpus=2)
     monkeypatch.setattr(R, "joined_cluster", lambda: True)
-    F._check_resources(cfg)  # Train's placement group makes the cluster scale up
+    _check_resources(cfg)  # Train's placement group makes the cluster scale up
     monkeypatch.setattr(R, "joined_cluster", lambda: False)
     with pytest.raises(InputError, match="local Ray has 0"):
-        F._check_resources(cfg)
+        _check_resources(cfg)
 
 
 def test_a_job_on_a_cluster_refuses_out_off_shared_storage_before_any_work(fake_cluster_calls, monkeypatch, tmp_path):
     from idtl_ray import experiments as E
+    from idtl_ray.experiments import runner
 
     monkeypatch.setenv(R.SHARED_ENV, str(tmp_path / "shared"))
-    monkeypatch.setattr(E, "_run_setting", lambda *a, **k: pytest.fail("no work may start"))
+    monkeypatch.setattr(runner, "_run_setting", lambda *a, **k: pytest.fail("no work may start"))
     with pytest.raises(InputError, match="--out .* not on shared storage"):
         E.run_table(5, smoke=True, out=tmp_path / "local")
     assert fake_cluster_calls == []

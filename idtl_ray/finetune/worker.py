@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import data as D
-from .data.augment import BatchAugment
-from .layout import model_layout, runs_channels_last
-from .scoring.common import Preprocess, fast_cuda_math, to_device
-from .storage import ids_digest
+from .. import data as D
+from ..data.augment import BatchAugment
+from ..layout import model_layout, runs_channels_last
+from ..scoring.common import Preprocess, fast_cuda_math, to_device
+from ..storage import ids_digest
 
 FAULT_MARKER = ".fault_injected"
 EVAL_BATCH = 512
@@ -127,7 +127,8 @@ def _setup(config: dict[str, Any]) -> _Run:
     import ray.train
     import ray.train.torch
 
-    from .finetune import FinetuneConfig, apply_freeze  # here: finetune imports this module
+    from .config import FinetuneConfig  # here, not at the top: the package imports this module
+    from .plan import apply_freeze
 
     cfg = FinetuneConfig(**config["cfg"])
     ctx = ray.train.get_context()

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from .data.samples import READ_CPUS, PreparedTarget, read_samples
-from .errors import DataError
+from ..data.samples import READ_CPUS, PreparedTarget, read_samples
+from ..errors import DataError
 
 # Rows per decoded block: at most this many (a 224 px RGB block stays near 150 MB) ...
 MAX_BLOCK_ROWS = 1024
