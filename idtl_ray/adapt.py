@@ -50,7 +50,33 @@ def fit_new_head(model: nn.Module, info: dict[str, Any], train_x: Any, train_y: 
 def adapt_model(cfg: ScoreConfig, data: Any) -> tuple[nn.Module, dict[str, Any]]:
     """The model with its weights loaded and the head decided (a new one is still to be fitted when
     ``info["head"]["new_head"]``); every weights error surfaces here, before Ray starts."""
-    from .models import build_model, head_module, load_weights, replace_head
+    from .models import head_module, replace_head
+
+    model, report, source, source_classes = _load_source(cfg, data)
+    n = data.num_classes
+    head_out = head_module(model).out_features
+    fits = head_out == n and not report["head_replaced"] and source_classes == n
+    same, why = _head_match(cfg, data, source, source_classes, fits)
+    head_info: dict[str, Any] = {"mode": cfg.head}
+    new_head, reason = _head_decision(cfg, data, same, why, fits, source["num_classes"] is None, source_classes,
+                                      head_info)
+    if cfg.weights in (None, "none"):
+        head_info["warning"] = (f"--weights none: {cfg.model} is randomly initialised, so the scores describe an "
+                                "untrained model; pass --weights (a pre-trained checkpoint, or imagenet) for transfer learning")
+        _log(f"warning: {head_info['warning']}")
+    if new_head and head_out != n:
+        replace_head(model, n)
+    head_info.update(new_head=bool(new_head), source_classes=int(source_classes), num_classes=int(n),
+                     source_dataset=source["dataset"], classes_match=same)
+    if reason:
+        head_info.update(reason=reason, why=why)
+    return model, {"weights": report["source"], "loaded_tensors": len(report["loaded"]), "head": head_info}
+
+
+def _load_source(cfg: ScoreConfig, data: Any) -> tuple[nn.Module, dict[str, Any], dict[str, Any], int]:
+    """The model built at the weights' class count (so their head loads when it fits) with the weights loaded:
+    (model, load report, what the weights say of their classes, their class count)."""
+    from .models import build_model, load_weights
 
     h, _, c = data.image_shape
     torch.manual_seed(cfg.seed)  # layers not loaded from weights are Xavier-initialised: make that reproducible
@@ -60,10 +86,8 @@ def adapt_model(cfg: ScoreConfig, data: Any) -> tuple[nn.Module, dict[str, Any]]
         raise InputError(str(e)) from e
     source_classes = data.num_classes
     source: dict[str, Any] = {"num_classes": None, "classes": None, "dataset": None, "kind": "none"}
-    head_info: dict[str, Any] = {"mode": cfg.head}
     weights_path = Path(cfg.weights).expanduser() if cfg.weights not in (None, "none", "imagenet") else None
     if weights_path is not None:
-        # Build at the checkpoint's class count so its head loads when it fits.
         source = _checkpoint_classes(weights_path, model.head_name)
         source_classes = source["num_classes"] or data.num_classes
         if source["kind"] == "checkpoint" and source_classes != data.num_classes:
@@ -71,32 +95,39 @@ def adapt_model(cfg: ScoreConfig, data: Any) -> tuple[nn.Module, dict[str, Any]]
     report = load_weights(model, cfg.model, cfg.weights)
     if cfg.weights == "imagenet":
         source_classes = 1000
-    head_out = head_module(model).out_features
-    fits = head_out == data.num_classes and not report["head_replaced"] and source_classes == data.num_classes
+    return model, report, source, source_classes
+
+
+def _head_match(cfg: ScoreConfig, data: Any, source: dict[str, Any], source_classes: int,
+                fits: bool) -> tuple[bool | None, str]:
+    """Whether the weights' head predicts the target's classes (same names, same order: a count is not
+    enough), None when unknown, and why in words."""
     n = data.num_classes
-    # keep the weights' head only when it predicts the target's classes: same names, same order (a count is not enough)
     if cfg.weights in (None, "none"):
-        same, why = None, ""
-    elif cfg.weights == "imagenet":
-        same, why = False, f"ImageNet weights have 1000 classes, {data.name} has {n}"
-    elif not fits and source["num_classes"] is None:
-        same, why = False, f"the weights hold no {cfg.model} head"
-    elif not fits:
-        same, why = False, f"the weights' head has {source_classes} classes, {data.name} has {n}"
-    elif source["classes"] is None:
-        same = None
-        why = ("the weights' classes are unknown (" + ("a plain state dict" if source["kind"] == "state_dict"
-               else "the checkpoint records no class names") + ")")
-    elif list(source["classes"]) == list(data.classes):
-        same, why = True, f"the weights' classes are {_poss(data.name)} ({_class_names(data.classes)})"
-    elif sorted(source["classes"]) == sorted(data.classes):
-        same, why = False, f"the weights' classes are {_poss(data.name)} in another order"
-    else:
-        same = False
-        why = (f"the weights' classes differ: {_poss(source['dataset'] or 'the weights')} "
-               f"{_class_names(source['classes'])} vs {_poss(data.name)} {_class_names(data.classes)}")
+        return None, ""
+    if cfg.weights == "imagenet":
+        return False, f"ImageNet weights have 1000 classes, {data.name} has {n}"
+    if not fits and source["num_classes"] is None:
+        return False, f"the weights hold no {cfg.model} head"
+    if not fits:
+        return False, f"the weights' head has {source_classes} classes, {data.name} has {n}"
+    if source["classes"] is None:
+        return None, ("the weights' classes are unknown (" + ("a plain state dict" if source["kind"] == "state_dict"
+                      else "the checkpoint records no class names") + ")")
+    if list(source["classes"]) == list(data.classes):
+        return True, f"the weights' classes are {_poss(data.name)} ({_class_names(data.classes)})"
+    if sorted(source["classes"]) == sorted(data.classes):
+        return False, f"the weights' classes are {_poss(data.name)} in another order"
+    return False, (f"the weights' classes differ: {_poss(source['dataset'] or 'the weights')} "
+                   f"{_class_names(source['classes'])} vs {_poss(data.name)} {_class_names(data.classes)}")
+
+
+def _head_decision(cfg: ScoreConfig, data: Any, same: bool | None, why: str, fits: bool, no_source_head: bool,
+                   source_classes: int, head_info: dict[str, Any]) -> tuple[bool, str]:
+    """(fit a new head?, the reason the summary prints) under ``--head``; refuses ``keep`` of a head that
+    cannot fit, and records a warning in ``head_info`` when ``keep`` keeps a head of other classes."""
     if cfg.head == "keep" and not fits:
-        no_head = source["num_classes"] is None and cfg.weights != "imagenet"
+        no_head = no_source_head and cfg.weights != "imagenet"
         what = why if no_head else f"the weights' head has {source_classes} classes"
         raise WeightsError(
             f"{what} but {data.name} has {data.num_classes}: "
@@ -104,30 +135,18 @@ def adapt_model(cfg: ScoreConfig, data: Any) -> tuple[nn.Module, dict[str, Any]]
         )
     if cfg.weights in (None, "none"):
         new_head = cfg.head == "new"
-        reason = "--head new: a new head was fitted" if new_head else ""
-    elif cfg.head == "new":
-        new_head, reason = True, f"--head new: a new head was fitted ({why})"
-    elif cfg.head == "keep":
-        new_head, reason = False, f"--head keep: the weights' head was kept ({why})"
+        return new_head, ("--head new: a new head was fitted" if new_head else "")
+    if cfg.head == "new":
+        return True, f"--head new: a new head was fitted ({why})"
+    if cfg.head == "keep":
         if not same:
             head_info["warning"] = (f"{why}, yet --head keep kept the weights' head: its outputs may not mean "
                                     f"{data.name}'s classes; use --head auto to fit a new head")
             _log(f"warning: {head_info['warning']}")
-    elif same:
-        new_head, reason = False, f"{why}: the weights' head was kept"
-    else:
-        new_head, reason = True, f"{why}: a new head was fitted"
-    if cfg.weights in (None, "none"):
-        head_info["warning"] = (f"--weights none: {cfg.model} is randomly initialised, so the scores describe an "
-                                "untrained model; pass --weights (a pre-trained checkpoint, or imagenet) for transfer learning")
-        _log(f"warning: {head_info['warning']}")
-    if new_head and head_out != data.num_classes:
-        replace_head(model, data.num_classes)
-    head_info.update(new_head=bool(new_head), source_classes=int(source_classes), num_classes=int(n),
-                     source_dataset=source["dataset"], classes_match=same)
-    if reason:
-        head_info.update(reason=reason, why=why)
-    return model, {"weights": report["source"], "loaded_tensors": len(report["loaded"]), "head": head_info}
+        return False, f"--head keep: the weights' head was kept ({why})"
+    if same:
+        return False, f"{why}: the weights' head was kept"
+    return True, f"{why}: a new head was fitted"
 
 
 def _poss(name: str) -> str:
