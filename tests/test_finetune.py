@@ -245,6 +245,7 @@ def test_compare_scores_when_no_mask_and_uses_one_split(tmp_path: Path, monkeypa
                    "compare: run 3 of 3, instance (Instance-based TL, 1 epoch)",
                    "compare instance: epoch 1/1: train loss 0.5000 (1 s)"]
     assert json.loads((tmp_path / "compare.json").read_text())["rows"][0]["test_error"] == 3.0
+    assert [r["test_error"] for r in res["rows"]] == [3.0, 2.0, 1.5] and res["table"] in md
 
 
 def test_pretrain_writes_a_project_checkpoint_with_its_meta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

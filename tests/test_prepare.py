@@ -140,7 +140,7 @@ def test_damaged_directory_gives_one_line_naming_the_file_and_the_fix(prepared: 
     with pytest.raises(DataError) as e:
         load_dataset(str(d))
     needle = "manifest.json" if damage == "manifest" else "train-00000.parquet"
-    _one_line(e, needle, f"re-run idtl-ray prepare --dataset", str(d))
+    _one_line(e, needle, "re-run idtl-ray prepare --dataset", str(d))
 
 
 def test_directory_without_manifest_is_incomplete(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 from idtl_ray import score_samples
 from idtl_ray.config import ScoreConfig
 from idtl_ray.data import apply_split, load_dataset, make_split, to_tensor
-from idtl_ray.errors import MaskError, SolverDivergedError
+from idtl_ray.errors import MaskError
 from idtl_ray.influence import InfluenceConfig
 from idtl_ray.mask import check_mask, read_mask
 from idtl_ray.models import build_model, save_checkpoint
