@@ -85,6 +85,36 @@ def _module_of(key: str) -> str:
     return key.rpartition(".")[0]
 
 
+def _fitted(key: str, src: torch.Tensor, target: torch.Tensor, source: str, *, imagenet: bool,
+            first_conv: bool) -> torch.Tensor | None:
+    """``src`` as it loads into ``target``: as is when the shapes agree; ImageNet's RGB first convolution
+    summed for a grey model; None for any other ImageNet mismatch; else a WeightsError naming the fix."""
+    if src.shape == target.shape:
+        return src
+    if (imagenet and first_conv and src.ndim == 4 and src.shape[1] == 3 and target.shape[1] == 1
+            and src.shape[0] == target.shape[0] and src.shape[2:] == target.shape[2:]):  # fmt: skip
+        return src.sum(dim=1, keepdim=True)  # grey input = R = G = B: summing keeps responses
+    if imagenet:
+        return None
+    raise WeightsError(
+        f"{source}: tensor {key} has shape {tuple(src.shape)} but the model needs "
+        f"{tuple(target.shape)}; the weights belong to another architecture, channel count or "
+        f"image size; pass matching --model/--image-size or another weights file"
+    )
+
+
+def _refuse_partial(source: str, missing: list[str], unexpected: list[str]) -> None:
+    """A user's file must fit the model whole: partial loads hide architecture mix-ups (old files may
+    lack BatchNorm's num_batches_tracked, which is allowed)."""
+    real_missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if real_missing or unexpected:
+        first = f"missing {real_missing[0]}" if real_missing else f"unexpected {unexpected[0]}"
+        raise WeightsError(
+            f"{source}: the weights do not fit this model ({first}; {len(real_missing)} missing, "
+            f"{len(unexpected)} unexpected keys); pass the --model they were trained with or another file"
+        )
+
+
 def _load_state(
     model: nn.Module, state: dict[str, torch.Tensor], *, source: str, imagenet: bool
 ) -> dict[str, Any]:
@@ -110,32 +140,15 @@ def _load_state(
         if key not in state:
             missing.append(key)
             continue
-        src = state[key]
-        if src.shape != t.shape:
-            if (imagenet and key == first_conv and src.ndim == 4 and src.shape[1] == 3 and t.shape[1] == 1
-                    and src.shape[0] == t.shape[0] and src.shape[2:] == t.shape[2:]):  # fmt: skip
-                src = src.sum(dim=1, keepdim=True)  # grey input = R = G = B: summing keeps responses
-            elif imagenet:
-                skipped.append(key)
-                reinit.add(_module_of(key))
-                continue
-            else:
-                raise WeightsError(
-                    f"{source}: tensor {key} has shape {tuple(src.shape)} but the model needs "
-                    f"{tuple(t.shape)}; the weights belong to another architecture, channel count or "
-                    f"image size; pass matching --model/--image-size or another weights file"
-                )
-        copies.append((key, src))
+        src = _fitted(key, state[key], t, source, imagenet=imagenet, first_conv=key == first_conv)
+        if src is None:  # an ImageNet tensor of another shape: its module is re-initialised
+            skipped.append(key)
+            reinit.add(_module_of(key))
+        else:
+            copies.append((key, src))
     unexpected = [k for k in state if k not in target and not k.startswith(head)]
     if not imagenet:
-        # partial loads hide architecture mix-ups; old files may lack BN's num_batches_tracked
-        real_missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-        if real_missing or unexpected:
-            first = f"missing {real_missing[0]}" if real_missing else f"unexpected {unexpected[0]}"
-            raise WeightsError(
-                f"{source}: the weights do not fit this model ({first}; {len(real_missing)} missing, "
-                f"{len(unexpected)} unexpected keys); pass the --model they were trained with or another file"
-            )
+        _refuse_partial(source, missing, unexpected)
     with torch.no_grad():
         for key, src in copies:
             target[key].copy_(src)
