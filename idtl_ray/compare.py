@@ -135,6 +135,18 @@ def _baseline_mask_files(root: Path, mask_path: Path, split_path: Path, names: t
     return [(name, paths[name], k) for name in names]
 
 
+def _check_options(root: Path, dataset: str, model: str, weights: str, epochs: int, scratch_epochs: int | None,
+                   finetune_kw: dict[str, Any]) -> None:
+    """Every option checked now, not after the scoring and the scratch run have taken their time."""
+    bad = {"dataset", "model", "weights", "epochs", "strategy", "mask", "split", "out"} & set(finetune_kw)
+    if bad:
+        raise InputError(f"run_compare sets {', '.join(sorted(bad))} itself; pass them as its own arguments")
+    M.check_weights_file(weights)
+    for strategy in ("scratch", "model"):
+        FinetuneConfig(dataset=dataset, model=model, weights=weights, strategy=strategy, out=str(root / strategy),
+                       epochs=(scratch_epochs or epochs) if strategy == "scratch" else epochs, **finetune_kw)
+
+
 def run_compare(dataset: str, model: str, weights: str, epochs: int, *, out: str | Path, mask: str | None = None,
                 score_fn: Callable[[str], str] | None = None, scratch_epochs: int | None = None,
                 baselines: Sequence[str] | str | None = None, progress: bool | Progress = True,
@@ -155,13 +167,7 @@ def run_compare(dataset: str, model: str, weights: str, epochs: int, *, out: str
 
     names = parse_methods(baselines)  # before any work
     root = Path(out).expanduser().resolve()
-    bad = {"dataset", "model", "weights", "epochs", "strategy", "mask", "split", "out"} & set(finetune_kw)
-    if bad:
-        raise InputError(f"run_compare sets {', '.join(sorted(bad))} itself; pass them as its own arguments")
-    M.check_weights_file(weights)  # every option checked now, not after the scoring and the scratch run
-    for strategy in ("scratch", "model"):
-        FinetuneConfig(dataset=dataset, model=model, weights=weights, strategy=strategy, out=str(root / strategy),
-                       epochs=(scratch_epochs or epochs) if strategy == "scratch" else epochs, **finetune_kw)
+    _check_options(root, dataset, model, weights, epochs, scratch_epochs, finetune_kw)
     mask_path = _resolve_mask(root, mask, score_fn)
     split = mask_path.parent / "split.json"
     if not split.is_file():
