@@ -19,7 +19,7 @@ __all__ = ["IdtlError", "InfluenceConfig", "InfluenceResult", "__version__", "ke
 
 def __getattr__(name: str):  # the Ray path is imported on first use: `import idtl_ray` stays light
     if name == "score":
-        from .workflow import score
+        from .user_score import score
 
         return score
     raise AttributeError(f"module 'idtl_ray' has no attribute {name!r}")
