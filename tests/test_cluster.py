@@ -8,6 +8,7 @@ private Ray APIs, which is one more reason to pin Ray to the version this test r
 from __future__ import annotations
 
 import copy
+import fnmatch
 import re
 from pathlib import Path
 
@@ -89,12 +90,33 @@ def test_a_multi_gpu_node_type_beside_the_one_gpu_type(raw: dict) -> None:
         assert types[it]["min_workers"] == 0 and types[it]["max_workers"] >= 1
 
 
+def _start_env(raw: dict, key: str) -> dict[str, str]:
+    """The variables exported before `ray start` in a start command (every Ray process inherits them)."""
+    [start] = [c for c in raw[key] if "ray start" in c]
+    env, _, _ = start.partition("ray start")
+    exports = re.findall(r"export ([^;]+);", env)
+    assert exports, start
+    return dict(kv.split("=", 1) for line in exports for kv in line.split())
+
+
 def test_every_node_starts_ray_with_the_shared_storage_declared(raw: dict) -> None:
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
-        [start] = [c for c in raw[key] if "ray start" in c]
-        env, _, _ = start.partition("ray start")  # set before `ray start`, so every Ray process inherits it
-        assert "export IDTL_SHARED_STORAGE=/mnt/cluster_storage" in env, start
-        assert "TORCH_HOME=/mnt/cluster_storage/" in env, start
+        env = _start_env(raw, key)
+        assert env["IDTL_SHARED_STORAGE"] == "/mnt/cluster_storage", env
+        assert env["TORCH_HOME"].startswith("/mnt/cluster_storage/"), env
+        assert env["IDTL_CACHE_DIR"].startswith("/mnt/cluster_storage/"), env
+
+
+def test_a_dataset_given_by_name_is_prepared_on_shared_storage(raw: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a node's environment, where `--dataset cifar100` (and the jobs' npz: smoke files) are prepared
+    counts as shared: without IDTL_CACHE_DIR it was ~/.cache on each node, and every job was refused."""
+    from idtl_ray.resources import dataset_location, is_shared
+
+    for name, value in _start_env(raw, "head_start_ray_commands").items():
+        monkeypatch.setenv(name, value)
+    for dataset in ("cifar100", "npz:/mnt/cluster_storage/results/smoke/x.npz"):
+        _, where = dataset_location(dataset)
+        assert is_shared(where), (dataset, where)
 
 
 def test_validation_catches_a_typo_in_a_node_type(raw: dict) -> None:
@@ -105,6 +127,40 @@ def test_validation_catches_a_typo_in_a_node_type(raw: dict) -> None:
         _prepared(bad)
 
 
-def test_rayignore_keeps_the_venv_and_outputs_out_of_job_uploads() -> None:
-    lines = {ln.strip() for ln in (ROOT / ".rayignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")}
-    assert {".venv/", "runs/", "results/", "data/"} <= lines
+def _package_files() -> set[str]:
+    return {p.relative_to(ROOT).as_posix() for p in (ROOT / "idtl_ray").rglob("*.py") if "__pycache__" not in p.parts}
+
+
+def test_a_job_upload_holds_the_whole_package_but_not_the_venv_or_outputs(tmp_path: Path) -> None:
+    """Built with Ray's own packager (what `ray job submit --working-dir .` uploads, .gitignore and
+    .rayignore applied): an unanchored "data/" in .rayignore dropped the package idtl_ray/data/."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    create_package(str(ROOT), tmp_path / "upload.zip", include_gitignore=True)
+    names = set(zipfile.ZipFile(tmp_path / "upload.zip").namelist())
+    assert _package_files() <= names, sorted(_package_files() - names)
+    assert "jobs/table5.py" in names and "pyproject.toml" in names
+    assert not any(n.split("/")[0] in {".venv", "runs", "results", "data", ".git"} for n in names)
+
+
+def _rsync_excludes(pattern: str, path: str) -> bool:
+    """Whether rsync's ``--exclude pattern`` drops ``path`` (relative to the transfer root) or a folder above
+    it: a leading "/" anchors the pattern at the root, "**/" and a bare name match at any depth."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    if pattern.startswith("/"):
+        return any(fnmatch.fnmatch(p, pattern[1:]) for p in prefixes)
+    name = pattern[3:] if pattern.startswith("**/") else pattern
+    return any(fnmatch.fnmatch(p.rsplit("/", 1)[-1], name) for p in prefixes)
+
+
+def test_the_node_sync_keeps_the_whole_package(raw: dict) -> None:
+    """cluster.yaml's rsync_exclude: "**/data" also dropped idtl_ray/data/, so `pip install -e .` failed on
+    every node; the top-level data and output folders stay out."""
+    excludes = raw["rsync_exclude"]
+    dropped = {f for f in _package_files() | {"pyproject.toml", "jobs/table5.py"} if any(_rsync_excludes(p, f) for p in excludes)}
+    assert not dropped, sorted(dropped)
+    for folder in ("data/cifar-100-python", "runs/score", "results/table5.md", ".venv/bin/python"):
+        assert any(_rsync_excludes(p, folder) for p in excludes), folder
