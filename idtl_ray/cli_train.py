@@ -29,7 +29,6 @@ import typer
 
 from .cli_common import user_errors
 from .cli_options import Options, with_options
-from .scoring import ensure_ray
 from .errors import IdtlError
 from .finetune import STRATEGIES, FinetuneConfig, pretrain
 
@@ -57,6 +56,8 @@ COMPARE_OPTIONS = Options(FinetuneConfig, build=False, skip=(*_TEST_ONLY, "strat
 SWEEP_OPTIONS = Options(FinetuneConfig, skip=(*_TEST_ONLY, "freeze", "freeze_conv", "out"), override={
     "strategy": {**_STRATEGY, "default": "model"},
     "cpus_per_worker": {"default": 0.5},
+    "gpus": {"help": "GPUs to sweep on: N trials at once, each on one GPU worker, asked of the autoscaler at start "
+                     "on a cluster (instead of --max-concurrent; 0: CPU)."},
 })  # fmt: skip
 
 
@@ -157,9 +158,8 @@ def sweep_cmd(
     from .sweep import check_frozen, run_sweep
 
     counts = _frozen_list(frozen, list(ctx.args))
-    check_frozen(base, counts)  # before Ray starts
-    ensure_ray(base.address)
-    df = run_sweep(base, counts, out, max_concurrent=max_concurrent)
+    check_frozen(base, counts)
+    df = run_sweep(base, counts, out, max_concurrent=max_concurrent)  # starts Ray once its own checks pass
     if (df["status"] == "error").any():
         sys.exit(1)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from .errors import InputError
 from .influence import InfluenceConfig
+from .storage import check_local_out
 from .selection import DROP_RULES, budget_count
 
 
@@ -77,6 +78,7 @@ class ScoreConfig:
     address: str | None = field(default=None, metadata={"help": "Ray cluster to join (default: start an embedded local Ray)."})
 
     def __post_init__(self) -> None:
+        check_local_out(self.out)
         if isinstance(self.influence, dict):
             self.influence = InfluenceConfig(**self.influence)
         # One seed: the curvature subsample follows ScoreConfig.seed (a second, silent seed made every

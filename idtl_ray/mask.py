@@ -140,8 +140,10 @@ def read_mask(path: str | Path) -> Mask:
     except Exception as e:  # pyarrow raises several types for a corrupt file
         raise MaskError(f"mask {p} is not a readable Parquet file ({e}); re-run `idtl-ray score`") from e
     raw = (table.schema.metadata or {}).get(META_KEY)
-    score_name = next((c for c in SCORE_COLUMNS if c in table.column_names), "delta_val_loss")
-    missing = [c for c in schema(score_name).names if c not in table.column_names]
+    score_name = next((c for c in SCORE_COLUMNS if c in table.column_names), None)
+    missing = [c for c in schema(score_name or SCORE_COLUMNS[0]).names if c not in table.column_names]
+    if score_name is None:  # either score column makes a mask: name both, not the one it was guessed to lack
+        missing = [" or ".join(SCORE_COLUMNS) if c == SCORE_COLUMNS[0] else c for c in missing]
     if raw is None or missing:
         raise MaskError(f"{p} is not an idtl-ray mask (missing {missing or 'metadata'}); re-run `idtl-ray score`")
     meta = json.loads(raw)

@@ -77,8 +77,9 @@ def check_shared_storage(paths: Mapping[str, str | os.PathLike[str] | None]) -> 
             continue
         where = (f"under {SHARED_ENV} ({os.pathsep.join(map(str, roots))})" if roots
                  else f"declared shared with {SHARED_ENV}=/mnt/cluster_storage (cluster.yaml sets it)")
+        uri = "" if option == "--out" else "s3://... or "  # outputs are written as files: a mount only
         raise InputError(f"{option} {path} is not on shared storage, and this cluster runs the work on other nodes: "
-                         f"use s3://... or a path on a mount every node has, {where}")
+                         f"use {uri}a path on a mount every node has, {where}")
 
 
 def gpu_workers(gpus: int, workers: int | None, gpus_per_worker: float | None) -> tuple[int, float]:

@@ -44,6 +44,15 @@ def _not_writable(p: Path, e: OSError) -> MaskError:
     return MaskError(f"cannot write to {p.parent} ({e.strerror or e}): pass --out to a writable directory")
 
 
+def check_local_out(out: str | os.PathLike[str] | None, option: str = "--out") -> None:
+    """Refuse a URI as an output path at once: outputs (masks, checkpoints, Train and Tune state) are written
+    as local files, so ``s3://b/x`` would become a folder ``s3:/b/x`` here."""
+    if out is not None and "://" in str(out):
+        raise InputError(f"{option} {out}: outputs are written as files, so {option} must be a local path (on a "
+                         f"cluster, one under IDTL_SHARED_STORAGE); s3:// URIs work for --dataset and for "
+                         f"`idtl-ray prepare --out`")
+
+
 def ensure_writable(path: str | Path) -> Path:
     """Create the parent directory and check we can write there, before any expensive work."""
     p = Path(path)

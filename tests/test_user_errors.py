@@ -84,6 +84,12 @@ def test_cli_refuses_bad_settings_before_ray_starts(tmp_path, monkeypatch) -> No
     (["compare", "--weights", "{tmp}/none.pt", "--mask", "{tmp}/m", "--out", "{tmp}/c"], "weights file {tmp}/none.pt not found"),
     (["prepare", "--dataset", "digits", "--shard-mb", "-1", "--out", "{tmp}/p"], "--shard-mb must be >= 1"),
     (["score", "--curvature-samples", "-5"], "--curvature-samples must be >= 1, or 0 for all"),
+    # outputs are files: an s3:// --out would become a local folder s3:/...; refused, and not advised by the refusal
+    (["score", "--out", "s3://b/run"], "--out s3://b/run: outputs are written as files, so --out must be a local path"),
+    (["finetune", "--strategy", "scratch", "--out", "s3://b/run"], "--out must be a local path"),
+    (["compare", "--weights", "imagenet", "--out", "s3://b/run"], "--out must be a local path"),
+    (["sweep", "--weights", "imagenet", "--frozen", "1", "--out", "s3://b/run"], "--out must be a local path"),
+    (["pretrain", "--out", "s3://b/src.pt"], "--out must be a local path"),
 ])
 def test_training_commands_refuse_bad_input_before_ray_starts(args, match, tmp_path, monkeypatch) -> None:
     """pretrain, finetune, compare and prepare check options, dataset and mask first: one line, exit 2, no Ray,
@@ -352,3 +358,17 @@ def test_documentation_links_resolve_in_the_repository() -> None:
     from pathlib import Path
 
     assert doc_link_problems(Path(__file__).resolve().parents[1]) == []
+
+
+def test_a_parquet_file_that_is_not_a_mask_names_either_score_column(tmp_path) -> None:
+    """A mask holds delta_val_loss or self_influence (the default): the message must not ask for the one kind."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from idtl_ray.errors import MaskError
+    from idtl_ray.mask import read_mask
+
+    pq.write_table(pa.table({"a": [1]}), tmp_path / "plain.parquet")
+    with pytest.raises(MaskError, match=re.escape("missing ['sample_id', 'label', 'delta_val_loss or self_influence', "
+                                                  "'keep']")):  # fmt: skip
+        read_mask(tmp_path / "plain.parquet")

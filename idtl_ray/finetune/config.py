@@ -8,7 +8,7 @@ from typing import Any
 
 from .. import models as M
 from ..errors import IdtlError, InputError
-from ..storage import json_digest
+from ..storage import check_local_out, json_digest
 
 
 STRATEGIES = ("scratch", "model", "instance")
@@ -59,6 +59,7 @@ class FinetuneConfig:
     fault_inject_kill_epoch: int | None = field(default=None, metadata={"help": "TEST ONLY: rank 0 kills its own process once in this epoch (marker file in --out)."})
 
     def __post_init__(self) -> None:
+        check_local_out(self.out)
         if self.strategy not in STRATEGIES:
             raise InputError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.model not in M.MODELS:
