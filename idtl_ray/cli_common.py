@@ -161,7 +161,17 @@ def usage_message(e: UsageError, command: str | None = None) -> str:
         maybe = f"; did you mean {' or '.join(sorted(e.possibilities))}?" if e.possibilities else ""
         return f"{command} has no option {e.option_name}{maybe}{see}"
     msg = e.format_message().strip()
-    return (msg[:1].lower() + msg[1:]).rstrip(".") + see
+    return (msg[:1].lower() + msg[1:]).rstrip(".") + _repeat_hint(e, msg) + see
+
+
+def _repeat_hint(e: UsageError, msg: str) -> str:
+    """``--auto-budget 0.1 0.2`` leaves ``0.2`` as an extra argument: say that such options are repeated."""
+    params = e.ctx.command.params if e.ctx is not None else []
+    several = [p.opts[0] for p in params if getattr(p, "multiple", False) and getattr(p, "opts", None)]
+    if not several or not msg.startswith("Got unexpected extra argument"):
+        return ""
+    which = several[0] if len(several) == 1 else f"{', '.join(several[:-1])} and {several[-1]}"
+    return f"; {which} take{'s' if len(several) == 1 else ''} one value each time, e.g. {several[-1]} A {several[-1]} B"
 
 
 def _bad_input(e: BadParameter) -> Any:

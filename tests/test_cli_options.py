@@ -80,6 +80,9 @@ def test_help_matches_golden(command: str, monkeypatch: pytest.MonkeyPatch) -> N
     (["score", "--no-such-flag"], "error: idtl-ray score has no option --no-such-flag"),
     (["score", "--dataset"], "error: option '--dataset' requires an argument (see `idtl-ray score --help`)"),
     (["scroe"], "error: no such command 'scroe'. Did you mean 'score'?"),
+    (["score", "--auto-budget", "0.1", "0.2"], "error: got unexpected extra argument(s) (0.2); --target-class, --param "
+     "and --auto-budget take one value each time, e.g. --auto-budget A --auto-budget B"),
+    (["inspect", "a", "b"], "error: got unexpected extra argument(s) (b) (see"),  # no option to repeat: no hint
 ])  # fmt: skip
 def test_bad_command_line_is_one_error_line(args: list[str], line: str, tmp_path: Path) -> None:
     res = CliRunner().invoke(cli.app, args, prog_name="idtl-ray")
