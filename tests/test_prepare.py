@@ -230,3 +230,26 @@ def test_cli_prepare(tmp_path: Path, digits: TargetData) -> None:
     lines = [ln for ln in bad.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: unknown dataset 'no-such-set'"), bad.stderr[-2000:]
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_failed_download_leaves_no_empty_data_dir_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`prepare --data-dir NEW` without the files used to leave NEW behind, made by the download attempt;
+    a --data-dir that existed before stays."""
+    import urllib.error
+
+    import torchvision
+
+    def offline(self) -> None:  # what torchvision's download does first, then the network fails
+        os.makedirs(os.path.join(self.root, "cifar-10-batches-py"), exist_ok=True)
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)
+    new = tmp_path / "new" / "data"
+    with pytest.raises(DataError, match="cifar10: dataset files not found"):
+        load_dataset("cifar10", data_dir=new)
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(DataError, match="cifar10: dataset files not found"):
+        load_dataset("cifar10", data_dir=kept)
+    assert kept.is_dir() and list(kept.iterdir()) == []

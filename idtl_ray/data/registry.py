@@ -135,12 +135,32 @@ def _tv_error(name: str, root: Path, cause: BaseException | None) -> DataError:
 def _tv_open(name: str, factory: Callable[..., Any], root: Path, download: bool) -> tuple[Any, Any]:
     """Open train and test torchvision datasets: first from disk, then (if allowed) downloading."""
     last: BaseException | None = None
+    before = _dirs_under(root)
     for dl in (False, True) if download else (False,):
         try:
             return factory(root, True, dl), factory(root, False, dl)
         except Exception as e:  # torchvision raises RuntimeError, URLError, OSError, ...
             last = e
+    _remove_new_empty_dirs(root, before)  # a failed download attempt leaves no empty --data-dir behind
     raise _tv_error(name, root, last)
+
+
+def _dirs_under(root: Path) -> set[Path]:
+    """``root`` and its ancestors that exist, and every directory under it."""
+    found = {p for p in (root, *root.parents) if p.is_dir()}
+    for top, dirs, _ in os.walk(root):
+        found.update(Path(top) / d for d in dirs)
+    return found
+
+
+def _remove_new_empty_dirs(root: Path, before: set[Path]) -> None:
+    """Remove the directories that appeared since ``before`` was taken and hold nothing, deepest first."""
+    new = [p for p in _dirs_under(root) if p not in before]
+    for p in sorted(new, key=lambda q: len(q.parts), reverse=True):
+        try:
+            p.rmdir()  # only an empty directory goes
+        except OSError:
+            pass
 
 
 def _mnist_like(
