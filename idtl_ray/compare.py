@@ -22,7 +22,7 @@ from .errors import InputError, MaskError, WeightsError
 from .finetune import STRATEGIES, STRATEGY_TITLES, FinetuneConfig, make_plan, mask_file
 from .finetune.progress import Progress, emitter
 from .mask import check_mask, read_mask, write_mask
-from .storage import check_local_out, digest, write_json_atomic, write_text_atomic
+from .storage import digest, local_out_path, write_json_atomic, write_text_atomic
 
 
 def pretrain(dataset: str, model: str, epochs: int, out: str | Path, batch_size: int = 128, lr: float = 1e-3,
@@ -37,8 +37,7 @@ def pretrain(dataset: str, model: str, epochs: int, out: str | Path, batch_size:
     ``score --head auto`` compares with the target's). Returns that meta plus ``path``.
     ``progress``: lines ``pretrain: epoch k/n: ...`` on stderr (a callable receives them; False: silent).
     """
-    check_local_out(out)
-    path = Path(out).expanduser().resolve()
+    path = local_out_path(out)
     cfg = FinetuneConfig(dataset=dataset, model=model, strategy="scratch", split="none", epochs=epochs,
                          batch_size=batch_size, lr=lr, lr_drop_at=1.0, seed=seed, data_dir=data_dir,
                          image_size=image_size, workers=workers, cpus_per_worker=cpus_per_worker,
@@ -167,8 +166,7 @@ def run_compare(dataset: str, model: str, weights: str, epochs: int, *, out: str
     from .baselines import parse_methods, row_label
 
     names = parse_methods(baselines)  # before any work
-    check_local_out(out)
-    root = Path(out).expanduser().resolve()
+    root = local_out_path(out)
     _check_options(root, dataset, model, weights, epochs, scratch_epochs, finetune_kw)
     mask_path = _resolve_mask(root, mask, score_fn)
     split = mask_path.parent / "split.json"

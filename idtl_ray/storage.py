@@ -53,6 +53,12 @@ def check_local_out(out: str | os.PathLike[str] | None, option: str = "--out") -
                          f"`idtl-ray prepare --out`")
 
 
+def local_out_path(out: str | os.PathLike[str], option: str = "--out") -> Path:
+    """``out`` checked by :func:`check_local_out`, as an absolute path (what Train, Tune and run directories need)."""
+    check_local_out(out, option)
+    return Path(out).expanduser().resolve()
+
+
 def ensure_writable(path: str | Path) -> Path:
     """Create the parent directory and check we can write there, before any expensive work."""
     p = Path(path)

@@ -29,7 +29,7 @@ import pandas as pd
 from . import models as M
 from .errors import InputError
 from .finetune import FinetuneConfig, run_finetune
-from .storage import check_local_out, json_digest, write_text_atomic
+from .storage import json_digest, local_out_path, write_text_atomic
 
 COLUMNS = ["frozen", "test_error", "val_acc", "status", "error"]
 
@@ -125,13 +125,12 @@ def run_sweep(base: FinetuneConfig, frozen: list[int], out: str | Path, max_conc
     A rerun into the same ``out`` restores the experiment: finished trials are kept, the others resume.
     Writes ``sweep.md`` and ``sweep.csv`` in ``out``; returns the table.
     """
-    check_local_out(out)
+    root = local_out_path(out)  # absolute: Tune and Train storage, and every trial's run directory
     frozen = check_frozen(base, frozen)
     if max_concurrent < 1:
         raise InputError(f"max_concurrent must be >= 1, got {max_concurrent}")
     if trial_failures < 0:
         raise InputError(f"trial_failures must be >= 0, got {trial_failures}")
-    root = Path(out).expanduser().resolve()  # absolute: Tune and Train storage, and every trial's run directory
     from .resources import claim_cluster, release
     from .scoring import ensure_ray
 

@@ -7,6 +7,7 @@ Dataset names: ``mnist``, ``emnist-letters``, ``fashion-mnist``, ``cifar10``, ``
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -135,32 +136,36 @@ def _tv_error(name: str, root: Path, cause: BaseException | None) -> DataError:
 def _tv_open(name: str, factory: Callable[..., Any], root: Path, download: bool) -> tuple[Any, Any]:
     """Open train and test torchvision datasets: first from disk, then (if allowed) downloading."""
     last: BaseException | None = None
-    before = _dirs_under(root)
+    before: tuple[set[Path], set[str]] | None = None
     for dl in (False, True) if download else (False,):
+        if dl:
+            before = _dirs_before_download(root)
         try:
             return factory(root, True, dl), factory(root, False, dl)
         except Exception as e:  # torchvision raises RuntimeError, URLError, OSError, ...
             last = e
-    _remove_new_empty_dirs(root, before)  # a failed download attempt leaves no empty --data-dir behind
+    if before is not None:
+        _remove_empty_dirs_since(root, *before)  # a failed download leaves no empty --data-dir behind
     raise _tv_error(name, root, last)
 
 
-def _dirs_under(root: Path) -> set[Path]:
-    """``root`` and its ancestors that exist, and every directory under it."""
-    found = {p for p in (root, *root.parents) if p.is_dir()}
-    for top, dirs, _ in os.walk(root):
-        found.update(Path(top) / d for d in dirs)
-    return found
+def _dirs_before_download(root: Path) -> tuple[set[Path], set[str]]:
+    """What a download attempt may add to: the existing ``root`` and ancestors, and the names in ``root``
+    (one listing, not a walk: ``root`` may be a large data folder)."""
+    existing = {p for p in (root, *root.parents) if p.is_dir()}
+    return existing, set(os.listdir(root)) if root in existing else set()
 
 
-def _remove_new_empty_dirs(root: Path, before: set[Path]) -> None:
-    """Remove the directories that appeared since ``before`` was taken and hold nothing, deepest first."""
-    new = [p for p in _dirs_under(root) if p not in before]
-    for p in sorted(new, key=lambda q: len(q.parts), reverse=True):
-        try:
-            p.rmdir()  # only an empty directory goes
-        except OSError:
-            pass
+def _remove_empty_dirs_since(root: Path, existing: set[Path], names: set[str]) -> None:
+    """Remove the empty directories made since :func:`_dirs_before_download`, deepest first."""
+    new = [root / n for n in os.listdir(root) if n not in names] if root.is_dir() else []
+    for top in (p for p in new if p.is_dir() and not p.is_symlink()):
+        for d, _, _ in os.walk(top, topdown=False):  # new, so small
+            with contextlib.suppress(OSError):
+                os.rmdir(d)  # only an empty directory goes
+    for p in (q for q in (root, *root.parents) if q not in existing):
+        with contextlib.suppress(OSError):
+            p.rmdir()
 
 
 def _mnist_like(

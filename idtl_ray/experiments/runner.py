@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..storage import check_local_out
+from ..storage import local_out_path
 from .cifar_plus import build_cifar_plus, pick_class_a
 from .files import check_files, preflight, resolve_dataset, source_npz
 from .report import _document, write_results
@@ -265,8 +265,7 @@ def run_table(n: int, smoke: bool = False, data_dir: str | None = None, out: str
     """
     if not seeds or len(set(seeds)) != len(seeds):
         raise ExperimentError(f"seeds must be distinct and at least one, got {list(seeds)}; e.g. --seeds 0 1 2")
-    check_local_out(out)
-    root = Path(out).expanduser().resolve()
+    root = local_out_path(out)
     if _cluster_address() is not None:  # before any work: paths the workers on other nodes could not see
         from ..resources import check_shared_storage
 
