@@ -14,8 +14,8 @@ from typing import Any
 
 from .errors import InputError
 from .influence import InfluenceConfig
-from .storage import check_local_out
 from .selection import DROP_RULES, budget_count
+from .storage import check_local_out
 
 
 def check_params(model: str, params: list[str], score: str = "paper") -> None:
