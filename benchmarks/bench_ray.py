@@ -13,10 +13,13 @@ default, and the paper's delta_val_loss), the time of each stage and the ratios 
 Same settings in every path. In-process, one process (2 torch threads) does everything; through Ray,
 one pre-scoring task computes g_val and the solve (or the head factors), then a Ray Data actor pool
 scores and writes Parquet files, which are merged. Each Ray path starts a fresh local Ray, so its
-workers start cold (a first `idtl-ray score`, the worst case).
+workers start cold (a first `idtl-ray score`, the worst case). With --warm, one local Ray serves every
+Ray path and a small untimed run (2,048 samples) goes first, as on a cluster that has already run a
+job: Ray's daemons, dashboard and Ray Data's helper actors are up; the scoring actors and the
+pre-scoring worker are new processes either way (Ray does not reuse an actor's process).
 
     python benchmarks/bench_ray.py [--n-train 45000] [--n-val 5000] [--model sample-cnn]
-                                   [--scores self paper] [--actors 2] [--repeat 3] [--cpu-accounting]
+                                   [--scores self paper] [--actors 2] [--repeat 3] [--cpu-accounting] [--warm]
 
 --cpu-accounting (Linux) also prints, for every path, the CPU-seconds each kind of process spent
 (scoring actors, task workers, Ray Data's helper actors, the dashboard, Ray's daemons, the driver):
@@ -60,6 +63,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="run every path this many times, alternating; report medians "
                     "(this machine's speed drifts by up to 2x between minutes)")
     ap.add_argument("--cpu-accounting", action="store_true", help="print the CPU-seconds of every kind of process per path")
+    ap.add_argument("--warm", action="store_true", help="one Ray session for every Ray path, warmed by a small untimed run")
     args = ap.parse_args()
     got = load_cifar_jpeg(args.n_train + args.n_val)
     if got is None:
@@ -81,7 +85,7 @@ def main() -> None:
             passes.append(inference_pass(model, xt, args.batch_size))
             passes_cl.append(inference_pass(model, xt.contiguous(memory_format=torch.channels_last), args.batch_size))
             del xt
-            runs.append(run_paths(model, train, val, cfg, pre, mean, std, args.actors, args.cpu_accounting))
+            runs.append(run_paths(model, train, val, cfg, pre, mean, std, args.actors, args.cpu_accounting, args.warm))
         rows = [(r[0][0], *np.median([[*run[i][1:]] for run in runs], axis=0)) for i, r in enumerate(zip(*runs))]
         t_inf, t_cl = float(np.median(passes)), float(np.median(passes_cl))
         print(f"\nplain inference over the training set: {t_inf:.1f} s NCHW, {t_cl:.1f} s channels-last"
@@ -108,8 +112,12 @@ def inference_pass(model: torch.nn.Module, xt: torch.Tensor, batch_size: int) ->
 
 
 def run_paths(model: torch.nn.Module, train: ArraySet, val: ArraySet, cfg: InfluenceConfig, pre: Preprocess,
-              mean: tuple, std: tuple, actor_counts: list[int], accounting: bool = False) -> list[tuple]:
-    """(path, total, g_val, solve, scores, rel. error against in-process) for in-process and each Ray path."""
+              mean: tuple, std: tuple, actor_counts: list[int], accounting: bool = False,
+              warm: bool = False) -> list[tuple]:
+    """(path, total, g_val, solve, scores, rel. error against in-process) for in-process and each Ray path.
+
+    ``warm``: keep one Ray session and run a small untimed pipeline in it before each timed one.
+    """
     import ray
 
     c = time.process_time()
@@ -126,6 +134,10 @@ def run_paths(model: torch.nn.Module, train: ArraySet, val: ArraySet, cfg: Influ
              tm["scores"], 0.0)]
     for actors in actor_counts:
         ensure_ray(num_cpus=2)  # the embedded local Ray as `idtl-ray score` starts it
+        if warm:
+            m = min(2048, len(train.y))
+            run_pipeline(model, ArraySet(train.x[:m], train.y[:m], train.ids[:m]), val, cfg, preprocess=pre,
+                         actors=actors, progress=False)
         with CpuAccount(process_kind) if accounting else contextlib.nullcontext() as acc:
             t = time.perf_counter()
             r = run_pipeline(model, train, val, cfg, preprocess=pre, actors=actors, progress=False)
@@ -133,9 +145,10 @@ def run_paths(model: torch.nn.Module, train: ArraySet, val: ArraySet, cfg: Influ
         if acc is not None:
             print(f"  cpu-s, Ray with {actors} actors ({total:.1f} s): "
                   + ", ".join(f"{k} {v:.1f}" for k, v in acc.seconds.items()), flush=True)
-        ray.shutdown()
+        if not warm:
+            ray.shutdown()
         err = float(np.linalg.norm(r.scores - ref.scores) / np.linalg.norm(ref.scores))
-        rows.append((f"ray, {actors} actor{'s' if actors > 1 else ''}", total, r.timings["validation_gradient_s"],
+        rows.append((f"ray{' warm' if warm else ''}, {actors} actor{'s' if actors > 1 else ''}", total, r.timings["validation_gradient_s"],
                      r.timings["solve_s"], r.timings["scores_s"], err))
     return rows
 

@@ -87,13 +87,19 @@ class ScoreConfig:
             raise InputError(f"two seeds given (seed={self.seed}, influence.seed={self.influence.seed}): "
                              "set ScoreConfig.seed only; it seeds the curvature subsample too")
         self.influence = replace(self.influence, seed=self.seed)
+        # Everything that can be checked without the data is checked here, before any data loads or Ray
+        # starts: a typo must not cost a whole scoring run.
+        self._check_drop()
+        self._check_sizes()
+        self._check_model()
+
+    def _check_drop(self) -> None:
+        """The drop rule and its options agree (--drop, --drop-budget, --drop-threshold, --auto-*)."""
         if self.drop not in DROP_RULES:
             raise InputError(f"unknown drop rule {self.drop!r}: use one of {', '.join(DROP_RULES)}")
         if self.drop == "paper" and self.influence.score != "paper":
             raise InputError("--drop paper reads delta_val_loss, which --score self does not compute: "
                              "add --score paper, or use --drop auto / --drop budget")
-        # Everything that can be checked without the data is checked here, before any data loads or Ray
-        # starts: a typo must not cost a whole scoring run.
         if self.drop_budget is not None:
             if self.drop == "auto":  # auto picks the budget itself; a given one would be silently ignored
                 raise InputError("--drop-budget applies to --drop budget and --drop paper; --drop auto (the default) "
@@ -111,6 +117,9 @@ class ScoreConfig:
                 budget_count(b, 1_000_000)
             if self.auto_epochs < 1:
                 raise InputError(f"--auto-epochs must be >= 1 (fine-tuning epochs per --drop auto trial), got {self.auto_epochs}")
+
+    def _check_sizes(self) -> None:
+        """Counts and fractions are in range: head, split, actors, resources, shards, image size."""
         if self.head not in ("auto", "new", "keep"):
             raise InputError(f"--head must be auto, new or keep, got {self.head!r}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -131,6 +140,9 @@ class ScoreConfig:
             raise InputError(f"--image-size must be a positive number of pixels, got {self.image_size}")
         if self.target_classes is not None and any(c < 0 for c in self.target_classes):
             raise InputError(f"--target-class takes class indices >= 0, got {self.target_classes}")
+
+    def _check_model(self) -> None:
+        """The model is known, its weights file exists, and every --param names a parameter of it."""
         from .models import MODELS, check_weights_file
 
         if self.model not in MODELS:
