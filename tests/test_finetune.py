@@ -22,7 +22,7 @@ import torch
 
 from idtl_ray import data as D
 from idtl_ray import models as M
-from idtl_ray.errors import IdtlError, InputError, MaskError
+from idtl_ray.errors import IdtlError, InputError, MaskError, WeightsError
 from idtl_ray.finetune import (
     FAULT_MARKER,
     FinetuneConfig,
@@ -137,6 +137,31 @@ def test_hybrid_init_copies_first_k_layers_bitwise_and_reinitialises_the_rest(tm
     # without --hybrid-init every layer, head included (same class count), is the source's
     full, info = build_finetune_model(FinetuneConfig(strategy="model", weights=str(tmp_path / "src.pt")), *DIGITS)
     assert all(torch.equal(v, src[k]) for k, v in full.state_dict().items()) and info["head"] == "loaded"
+
+
+def test_the_scored_head_is_used_only_with_the_weights_it_was_fitted_on(tmp_path: Path) -> None:
+    """model.pt beside the split (scoring's adapted model) gives its fitted head only to the same weights.
+
+    Another --weights file must not be silently replaced by the backbone model.pt carries (review, ninth session).
+    """
+    paths = {}
+    for seed, name in ((0, "a"), (1, "b")):  # two 5-class sources: a 10-class target replaces the head
+        torch.manual_seed(seed)
+        paths[name] = tmp_path / f"{name}.pt"
+        M.save_checkpoint(paths[name], M.build_model("sample-cnn", 5, 1, 8), {})
+    adapted = M.build_model("sample-cnn", *DIGITS)
+    assert M.load_weights(adapted, "sample-cnn", str(paths["a"]))["head_replaced"]
+    with torch.no_grad():
+        M.head_module(adapted).weight.fill_(0.5)  # "fitted" by scoring
+    (tmp_path / "score").mkdir()
+    M.save_checkpoint(tmp_path / "score" / "model.pt", adapted, {"weights_arg": str(paths["a"])})
+    split = str(tmp_path / "score" / "split.json")
+
+    model, info = build_finetune_model(FinetuneConfig(strategy="model", weights=str(paths["a"]), split=split), *DIGITS)
+    assert info["head"] == f"adapted:{tmp_path / 'score' / 'model.pt'}"
+    assert torch.equal(M.head_module(model).weight, torch.full_like(M.head_module(model).weight, 0.5))
+    with pytest.raises(WeightsError, match=r"adapted from other weights .*a\.pt.* than --weights .*b\.pt"):
+        build_finetune_model(FinetuneConfig(strategy="model", weights=str(paths["b"]), split=split), *DIGITS)
 
 
 def test_instance_refuses_a_mask_made_for_another_split(tmp_path: Path) -> None:

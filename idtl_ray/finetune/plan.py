@@ -117,7 +117,13 @@ def _adapted_model_path(cfg: FinetuneConfig) -> Path | None:
     return None
 
 
-def _load_adapted(model: nn.Module, path: Path, data: PreparedTarget | D.TargetData | None) -> None:
+def _load_adapted(model: nn.Module, path: Path, data: PreparedTarget | D.TargetData | None,
+                  loaded: list[str], weights: str) -> None:
+    """Start from scoring's adapted model (its fitted head) when it was adapted from these very weights.
+
+    ``loaded``: the tensors ``--weights`` just put into ``model``. Each must equal model.pt's, or the head
+    was fitted on another backbone's features (other weights, or a file re-trained since scoring).
+    """
     adapted, meta = M.load_checkpoint(path)
     want = {k: model.idtl_config[k] for k in ("model_name", "num_classes", "in_channels", "image_size")}
     have = {k: adapted.idtl_config[k] for k in want}
@@ -126,7 +132,15 @@ def _load_adapted(model: nn.Module, path: Path, data: PreparedTarget | D.TargetD
     fp = meta.get("dataset_fingerprint")
     if data is not None and fp is not None and fp != data.fingerprint():
         raise WeightsError(f"{path} was adapted to another dataset (fingerprint {fp}); delete or move it")
-    model.load_state_dict(adapted.state_dict())
+    ours, theirs = model.state_dict(), adapted.state_dict()
+    differ = [k for k in loaded if not torch.equal(ours[k], theirs[k])]
+    if differ:
+        raise WeightsError(
+            f"{path} (the model the mask was scored with, head fitted) was adapted from other weights "
+            f"({meta.get('weights_arg', 'unknown')}) than --weights {weights}: {len(differ)} backbone tensors differ, "
+            f"e.g. {differ[0]}. Pass the --weights the mask was scored with, or move model.pt away to start "
+            "from a Xavier head")
+    model.load_state_dict(theirs)
 
 
 def build_finetune_model(
@@ -156,7 +170,7 @@ def build_finetune_model(
         info["head"] = "xavier" if report["head_replaced"] else "loaded"
         adapted = _adapted_model_path(cfg) if report["head_replaced"] else None
         if adapted is not None:
-            _load_adapted(source, adapted, data)
+            _load_adapted(source, adapted, data, report["loaded"], cfg.weights)
             info["head"] = f"adapted:{adapted}"
         if cfg.hybrid_init is not None:
             try:
