@@ -211,6 +211,17 @@ def test_the_plan_holds_labels_and_ids_not_images(tmp_path: Path) -> None:
     assert plan.val.part == "train" and np.array_equal(plan.val.ids, D.Split.load(tmp_path / "split.json").val_ids)
 
 
+def test_a_split_left_in_out_by_other_settings_is_refused(tmp_path: Path) -> None:
+    """A run that stopped before its config.json left split.json: a rerun with another seed must not train on it."""
+    cfg = FinetuneConfig(strategy="scratch", out=str(tmp_path))
+    first = make_plan(cfg)
+    assert (tmp_path / "split.json").is_file()
+    assert np.array_equal(make_plan(cfg).train_ids, first.train_ids)  # the same settings reuse it
+    with pytest.raises(InputError, match=r"holds another split \(--seed 0 --val-fraction 0.1\) than this run makes "
+                                         r"\(--seed 5 --val-fraction 0.3\): use another --out"):
+        make_plan(replace(cfg, seed=5, val_fraction=0.3))
+
+
 def test_lr_drops_tenfold_at_half_the_epochs() -> None:
     cfg = FinetuneConfig(strategy="scratch", epochs=10)
     assert [lr_at(cfg, e) for e in (0, 4, 5, 9)] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
@@ -228,6 +239,11 @@ def test_cli_dry_run_and_one_line_errors(tmp_path: Path) -> None:
     ok = CliRunner().invoke(app, ["finetune", "--strategy", "scratch", "--freeze", "3", "--dry-run", "--out", str(tmp_path)])
     assert ok.exit_code == 0, ok.output
     assert "trainable parameters:" in ok.output and "training samples: 1,294 of 1,438" in ok.output
+    assert list(tmp_path.iterdir()) == []  # a dry run trains nothing and writes nothing
+    # another seed and share right after: the dry run's split must not be reused (review, ninth session)
+    other = CliRunner().invoke(app, ["finetune", "--strategy", "scratch", "--seed", "5", "--val-fraction", "0.3",
+                                     "--dry-run", "--out", str(tmp_path)])
+    assert other.exit_code == 0 and "training samples: 1,007 of 1,438" in other.output, other.output
     bad = CliRunner().invoke(app, ["finetune", "--strategy", "instance", "--dry-run"])
     assert bad.exit_code == 2
     assert bad.stderr.strip() == "error: --strategy instance needs --mask (the mask.parquet written by `idtl-ray score`)"

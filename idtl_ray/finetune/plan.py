@@ -41,9 +41,12 @@ def mask_file(mask: str) -> Path:
     return p / "mask.parquet" if p.is_dir() else p
 
 
-def make_plan(cfg: FinetuneConfig, *, say: Progress | None = None) -> Plan:
+def make_plan(cfg: FinetuneConfig, *, say: Progress | None = None, write: bool = True) -> Plan:
     """Open the data's labels, load the split and pick the training samples (every training id, or those
-    the mask keeps). A dataset given by name is prepared into the cache first (``say`` hears about it)."""
+    the mask keeps). A dataset given by name is prepared into the cache first (``say`` hears about it).
+
+    ``write=False`` (a dry run) leaves ``--out`` untouched: a split it has to make stays in memory.
+    """
     from ..data.cache import ensure_prepared
     from ..data.samples import open_target
 
@@ -56,6 +59,7 @@ def make_plan(cfg: FinetuneConfig, *, say: Progress | None = None) -> Plan:
         if cfg.strategy == "instance":
             raise InputError("--split none cannot be used with --strategy instance: the mask belongs to a split")
         return Plan(data, None, None, np.arange(len(data.train), dtype=np.int64), shipped)
+    split_path: Path | None = None  # None: this run's own seeded split, in --out
     if cfg.split:
         split_path = Path(cfg.split).expanduser()
     elif mask_path is not None or cfg.mask and (mask_file(cfg.mask).parent / "split.json").is_file():
@@ -63,11 +67,11 @@ def make_plan(cfg: FinetuneConfig, *, say: Progress | None = None) -> Plan:
         split_path = mask_file(str(cfg.mask)).parent / "split.json"
         if not split_path.is_file():
             raise MaskError(f"no split.json beside the mask {mask_path}; pass --split (the split the mask was scored on)")
-    else:
+    if split_path is None:
         split_path = cfg.out_dir / "split.json"
-        if not split_path.is_file():  # a rerun reuses the split it made (it is deterministic anyway)
-            D.make_split(data, cfg.val_fraction, cfg.seed).save(split_path)
-    split = D.Split.load(split_path)
+        split = _own_split(cfg, data, split_path, write)
+    else:
+        split = D.Split.load(split_path)
     _, _, ids = D.apply_split(data, split)  # refuses a split of another dataset
     val = shipped if split.val_source == "shipped" else Rows("train", np.asarray(split.val_ids, dtype=np.int64))
     if mask_path is None:
@@ -82,6 +86,26 @@ def make_plan(cfg: FinetuneConfig, *, say: Progress | None = None) -> Plan:
     if kept.size == 0:
         raise MaskError(f"the mask {mask_path} keeps no samples; lower --drop-threshold or set --drop-budget when scoring")
     return Plan(data, split, split_path, ids[np.isin(ids, kept)], val, mask_path)
+
+
+def _own_split(cfg: FinetuneConfig, data: PreparedTarget, path: Path, write: bool) -> D.Split:
+    """The seeded split of ``--seed``/``--val-fraction``, saved at ``path``; a rerun's saved one must be the same.
+
+    A split left in ``--out`` by a run that stopped before its config.json (or by an older dry run) would
+    otherwise be reused with other settings, and train on another split than config.json records.
+    """
+    split = D.make_split(data, cfg.val_fraction, cfg.seed)
+    if path.is_file():
+        old = D.Split.load(path)
+        if old.fingerprint() != split.fingerprint():
+            other = ", of another dataset" if old.dataset_fingerprint != split.dataset_fingerprint else ""
+            raise InputError(f"{path} holds another split (--seed {old.seed} --val-fraction {old.val_fraction}{other}) "
+                             f"than this run makes (--seed {cfg.seed} --val-fraction {cfg.val_fraction}): use another "
+                             "--out, or delete that directory to start over")
+        return old
+    if write:
+        split.save(path)
+    return split
 
 
 # ── Stage 2: model ────────────────────────────────────────────────────────────────────────────────
@@ -195,7 +219,7 @@ def arch_of(data: PreparedTarget | D.TargetData) -> tuple[int, int, int]:
 
 def dry_run(cfg: FinetuneConfig) -> str:
     """The layer table after hybrid init and freezing, trainable params, and the training sample count."""
-    plan = make_plan(cfg, say=say)
+    plan = make_plan(cfg, say=say, write=False)
     model, info = build_finetune_model(cfg, *arch_of(plan.data), data=plan.data)
     total = sum(p.numel() for p in model.parameters())
     lines = [
