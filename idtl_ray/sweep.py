@@ -126,7 +126,11 @@ def run_sweep(base: FinetuneConfig, frozen: list[int], out: str | Path, max_conc
     Writes ``sweep.md`` and ``sweep.csv`` in ``out``; returns the table.
     """
     root = local_out_path(out)  # absolute: Tune and Train storage, and every trial's run directory
+    # Tune runs each trial in its own directory (RAY_CHDIR_TO_TRIAL_DIR): a relative --mask, --weights,
+    # --split or dataset path would point nowhere there
+    base = base.with_absolute_paths()
     frozen = check_frozen(base, frozen)
+    _check_inputs(base)
     if max_concurrent < 1:
         raise InputError(f"max_concurrent must be >= 1, got {max_concurrent}")
     if trial_failures < 0:
@@ -147,6 +151,17 @@ def run_sweep(base: FinetuneConfig, frozen: list[int], out: str | Path, max_conc
     finally:
         if claimed:
             release()
+
+
+def _check_inputs(base: FinetuneConfig) -> None:
+    """A missing mask or weights file is refused before Ray starts, not in every trial."""
+    from .errors import MaskError
+    from .finetune import mask_file
+
+    M.check_weights_file(base.weights if base.strategy != "scratch" else None)
+    if base.mask and not mask_file(base.mask).is_file():
+        raise MaskError(f"mask {mask_file(base.mask)} not found: pass the mask.parquet (or the directory) that "
+                        "`idtl-ray score` wrote")
 
 
 _TRIAL_DRIVER_CPU = 0.5  # a trial's driver only waits on its TorchTrainer

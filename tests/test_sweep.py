@@ -51,6 +51,35 @@ def test_cli_sweep_takes_space_separated_counts_and_refuses_bad_ones_up_front(tm
     assert res.stderr.startswith("error: sample-cnn has 6 layers: cannot freeze [9]")
 
 
+def test_relative_paths_reach_the_trials_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tune runs each trial in its own directory: every path the trials read is made absolute first."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("m.parquet", "w.pt", "split.json", "x.npz"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "prep").mkdir()
+    cfg = FinetuneConfig(strategy="instance", mask="m.parquet", weights="w.pt", split="split.json", data_dir="data",
+                         dataset="npz:x.npz").with_absolute_paths()
+    assert (cfg.mask, cfg.weights, cfg.split, cfg.data_dir, cfg.dataset) == (
+        str(tmp_path / "m.parquet"), str(tmp_path / "w.pt"), str(tmp_path / "split.json"), str(tmp_path / "data"),
+        f"npz:{tmp_path / 'x.npz'}")
+    assert FinetuneConfig(dataset="prep", strategy="scratch").with_absolute_paths().dataset == str(tmp_path / "prep")
+    kept = FinetuneConfig(dataset="digits", strategy="model", weights="imagenet", split="none").with_absolute_paths()
+    assert (kept.dataset, kept.weights, kept.split) == ("digits", "imagenet", "none")
+
+
+def test_a_missing_mask_or_weights_file_is_refused_before_ray_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import idtl_ray.scoring as scoring
+    from idtl_ray.errors import MaskError, WeightsError
+
+    monkeypatch.setattr(scoring, "ensure_ray", lambda *a, **k: pytest.fail("Ray started"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.pt").write_bytes(b"")
+    with pytest.raises(MaskError, match=f"mask {tmp_path}/runs/score/mask.parquet not found"):
+        run_sweep(FinetuneConfig(strategy="instance", mask="runs/score/mask.parquet", weights="w.pt"), [1], tmp_path / "s")
+    with pytest.raises(WeightsError, match=f"weights file {tmp_path}/nope.pt not found"):
+        run_sweep(FinetuneConfig(strategy="model", weights="nope.pt"), [1], tmp_path / "s")
+
+
 # ── fault tolerance and reruns (issue 12 item 2): the trial's Train worker kills itself once in epoch 1 ──
 
 
@@ -73,8 +102,16 @@ def _trial_reports(root: Path) -> dict[str, int]:
 
 
 @pytest.mark.slow
-def test_a_failed_trial_is_retried_and_its_train_run_continues_from_its_checkpoint(ray_session, tmp_path: Path) -> None:
-    df = run_sweep(_faulty(), [0], tmp_path, trial_failures=1)
+def test_a_failed_trial_is_retried_and_its_train_run_continues_from_its_checkpoint(ray_session, tmp_path: Path,
+                                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from idtl_ray import data as D
+    from idtl_ray.data.cache import ensure_prepared
+    from idtl_ray.data.samples import open_target
+
+    # the split is given by a relative path, as a user types it: the trial runs in Tune's trial directory
+    monkeypatch.chdir(tmp_path)
+    D.make_split(open_target(ensure_prepared("digits", None, None)), 0.1, 3).save(tmp_path / "mine.json")
+    df = run_sweep(_faulty(split="mine.json"), [0], tmp_path, trial_failures=1)
     assert df["status"].tolist() == ["ok"], df.to_string()
     assert (tmp_path / "frozen-0" / ".fault_injected").is_file()  # the fault did happen
     final = _final(tmp_path, 0)

@@ -116,6 +116,32 @@ class FinetuneConfig:
         safe = self.dataset.replace(":", "-").replace("/", "_")
         return Path(self.out or f"runs/finetune-{safe}-{self.model}-{self.strategy}")
 
+    def with_absolute_paths(self) -> FinetuneConfig:
+        """The same run with every relative path made absolute: Ray Tune runs each trial in its own directory.
+
+        Paths: ``mask``, ``split``, ``data_dir``, a ``weights`` file, and a ``dataset`` given as
+        ``npz:``/``folder:`` PATH or as a prepared directory (registry names and URLs stay as they are).
+        """
+        from ..data import DATASETS
+
+        def absolute(p: str) -> str:
+            return str(Path(p).expanduser().resolve())
+
+        changes: dict[str, Any] = {}
+        for name in ("mask", "data_dir"):
+            if getattr(self, name):
+                changes[name] = absolute(getattr(self, name))
+        if self.split and self.split != "none":
+            changes["split"] = absolute(self.split)
+        if self.weights not in (None, "none", "imagenet"):
+            changes["weights"] = absolute(self.weights)
+        prefix = next((p for p in ("npz:", "folder:") if self.dataset.startswith(p)), None)
+        if prefix:
+            changes["dataset"] = prefix + absolute(self.dataset[len(prefix):])
+        elif self.dataset not in DATASETS and "://" not in self.dataset and Path(self.dataset).expanduser().exists():
+            changes["dataset"] = absolute(self.dataset)
+        return replace(self, **changes)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field."""
         return asdict(self)
