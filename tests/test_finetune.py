@@ -222,6 +222,31 @@ def test_a_split_left_in_out_by_other_settings_is_refused(tmp_path: Path) -> Non
         make_plan(replace(cfg, seed=5, val_fraction=0.3))
 
 
+def test_a_rerun_may_not_re_time_the_lr_of_trained_epochs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--epochs moves the x0.1 drop (at lr_drop_at x epochs): continuing 10 trained epochs to 20 would leave
+    epochs 5-9 at the dropped lr, a schedule no fresh 20-epoch run has. Checked before Ray starts."""
+    import idtl_ray.scoring as scoring
+    from idtl_ray.finetune.run import _check_epochs
+
+    monkeypatch.setattr(scoring, "ensure_ray", lambda *a, **k: pytest.fail("Ray started"))
+    cfg = FinetuneConfig(strategy="scratch", epochs=10, out=str(tmp_path))
+
+    def trained(n: int, planned: FinetuneConfig) -> None:
+        d = tmp_path / "ray" / cfg.run_name() / f"checkpoint_epoch={n - 1:05d}"
+        d.mkdir(parents=True)
+        torch.save({"history": [{"epoch": e, "lr": lr_at(planned, e)} for e in range(n)]}, d / "state.pt")
+
+    trained(3, cfg)  # interrupted before the drop: any length whose drop comes later continues it
+    _check_epochs(replace(cfg, epochs=20), tmp_path, cfg.run_name())
+    trained(10, cfg)
+    _check_epochs(cfg, tmp_path, cfg.run_name())
+    with pytest.raises(InputError, match=r"epoch 5 ran at lr 0.0001, and --epochs 20 would run it at 0.001"):
+        run_finetune(replace(cfg, epochs=20))
+    with pytest.raises(InputError, match="trained for 10 epochs; --epochs 8 is fewer: pass --epochs 10"):
+        run_finetune(replace(cfg, epochs=8))
+    assert not (tmp_path / "config.json").exists()
+
+
 def test_lr_drops_tenfold_at_half_the_epochs() -> None:
     cfg = FinetuneConfig(strategy="scratch", epochs=10)
     assert [lr_at(cfg, e) for e in (0, 4, 5, 9)] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
@@ -409,17 +434,19 @@ def test_killed_worker_restarts_from_its_checkpoint(killed_run: dict) -> None:
 
 
 def test_rerunning_resumes_instead_of_starting_over(killed_run: dict) -> None:
-    """Same command again: a finished run returns at once; with more epochs it continues from its checkpoint."""
+    """Same command again: a finished run returns at once; a shorter one, or a longer one that would move the
+    lr drop over epochs already trained, is refused (a run that can be continued is: test_a_rerun_may_not_...)."""
     cfg, out = killed_run["cfg"], killed_run["out"]
     ckpts = sorted(p.name for p in (out / "ray").rglob("checkpoint_epoch=*"))
     t0 = time.monotonic()
     assert run_finetune(cfg) == killed_run["final"] and time.monotonic() - t0 < 15
     assert sorted(p.name for p in (out / "ray").rglob("checkpoint_epoch=*")) == ckpts  # nothing retrained
 
-    final = run_finetune(replace(cfg, epochs=3))
-    assert final["start_epochs"] == [0, 1, 2]  # continued after epoch 1, not from scratch
-    assert [r["epoch"] for r in json.loads((out / "metrics.json").read_text())] == [0, 1, 2]
-    assert final["epochs"] == 3 and final["n_seen_epoch0"] == len(killed_run["kept"])
+    with pytest.raises(IdtlError, match="trained for 2 epochs; --epochs 1 is fewer"):
+        run_finetune(replace(cfg, epochs=1))  # it would have returned epoch 2's model as "after 1 epoch"
+    with pytest.raises(IdtlError, match="epoch 1 ran at lr 0.0001, and --epochs 3 would run it at 0.001"):
+        run_finetune(replace(cfg, epochs=3))
+    assert run_finetune(cfg) == killed_run["final"]  # the refusals changed nothing
 
     with pytest.raises(IdtlError, match="holds a run with another config"):
         run_finetune(replace(cfg, lr=0.01))

@@ -15,7 +15,8 @@ STRATEGIES = ("scratch", "model", "instance")
 STRATEGY_TITLES = {"scratch": "from Scratch", "model": "Model-based TL", "instance": "Instance-based TL"}
 
 # Fields that do not change what is trained: a rerun that differs only in these resumes the same run.
-# ``epochs``/``eval_every`` are left out too, so a rerun with more epochs continues from the checkpoint.
+# ``epochs``/``eval_every`` are left out too, so a rerun with more epochs continues from the checkpoint
+# (unless that moves the lr drop over epochs already trained: run._check_epochs refuses it).
 _NON_IDENTITY = ("out", "address", "max_failures", "cpus_per_worker", "gpus_per_worker", "gpus", "epochs", "eval_every",
                  "fault_inject_kill_epoch")  # fmt: skip
 PRECISIONS = ("auto", "bf16", "fp32")

@@ -76,6 +76,32 @@ def _finished_run(cfg: FinetuneConfig, out: Path, plan: Plan, emit: Progress | N
     return ids_sha, None
 
 
+def _check_epochs(cfg: FinetuneConfig, out: Path, name: str) -> None:
+    """A rerun may continue a run to more epochs; it may not shorten it, nor re-time the learning rate of
+    epochs already trained (the x0.1 drop sits at ``lr_drop_at * epochs``, so ``--epochs`` moves it).
+
+    Reads the last checkpoint's history (every trained epoch with its learning rate).
+    """
+    from .worker import lr_at
+
+    for ckpt in sorted((out / "ray" / name).glob("checkpoint_epoch=*"), reverse=True):
+        try:
+            history = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)["history"]
+        except (OSError, RuntimeError, KeyError, EOFError):  # a checkpoint cut short: Ray Train skips it too
+            continue
+        done = len(history)
+        if done > cfg.epochs:
+            raise InputError(f"{out} holds a run trained for {done} epochs; --epochs {cfg.epochs} is fewer: pass "
+                             f"--epochs {done} (or more, to continue it), or another --out")
+        moved = [row for row in history if not np.isclose(row["lr"], lr_at(cfg, row["epoch"]))]
+        if moved:
+            e = moved[0]["epoch"]
+            raise InputError(f"{out} holds {done} epochs trained on another learning-rate schedule: epoch {e} ran at lr "
+                             f"{moved[0]['lr']:g}, and --epochs {cfg.epochs} would run it at {lr_at(cfg, e):g} (the x0.1 "
+                             "drop comes at --lr-drop-at x --epochs). Train the new length in another --out")
+        return
+
+
 def _trainer(cfg: FinetuneConfig, out: Path, plan: Plan, model: nn.Module, name: str, callbacks: list[Any]) -> Any:
     """The TorchTrainer of a run: the samples as Ray Datasets (read now), the model once in the object store."""
     import ray
@@ -164,14 +190,16 @@ def _run(cfg: FinetuneConfig, out: Path, callbacks: list[Any] | None, run_name: 
     ids_sha, final = _finished_run(cfg, out, plan, emit)
     if final is not None:
         return final
+    name = run_name or cfg.run_name()
+    _check_epochs(cfg, out, name)
     model, info = build_finetune_model(cfg, *arch_of(plan.data), data=plan.data)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic({**cfg.to_dict(), "train_ids_sha": ids_sha}, out / "config.json")
+    (out / "final.json").unlink(missing_ok=True)  # a shorter run's result: it no longer describes this directory
     from ..scoring import ensure_ray
 
     ensure_ray(cfg.address)
     _check_resources(cfg)
-    name = run_name or cfg.run_name()
     relay = Relay(emit, cfg.epochs) if emit else None
     if emit:
         emit(f"training {cfg.model} on {len(plan.train_ids)} samples of {cfg.dataset} for {cfg.epochs} epoch"
