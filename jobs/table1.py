@@ -11,7 +11,8 @@ On a cluster (see cluster.yaml; results and data on the shared EFS mount):
         --out /mnt/cluster_storage/results --seeds 0 1 2
 
 Writes <out>/table1.md (the paper's layout, its numbers beside ours), <out>/table1.json, <out>/table1.png
-and <out>/table1_curves.png; run directories under <out>/table1/. Running it again resumes.
+and <out>/table1_curves.png; run directories under <out>/table1/
+(<out>/table1-smoke/ with --smoke). Running it again resumes.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ On a cluster (see cluster.yaml; results and data on the shared EFS mount):
         --out /mnt/cluster_storage/results --seeds 0 1 2
 
 Writes <out>/table2.md (the paper's layout, its numbers beside ours), <out>/table2.json, <out>/table2.png
-and <out>/table2_curves.png; run directories under <out>/table2/. Running it again resumes.
+and <out>/table2_curves.png; run directories under <out>/table2/
+(<out>/table2-smoke/ with --smoke). Running it again resumes.
 """
 
 from __future__ import annotations

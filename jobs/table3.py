@@ -11,7 +11,8 @@ On a cluster (see cluster.yaml; results and data on the shared EFS mount):
         --out /mnt/cluster_storage/results --seeds 0 1 2
 
 Writes <out>/table3.md (the paper's layout, its numbers beside ours), <out>/table3.json, <out>/table3.png
-and <out>/table3_curves.png; run directories under <out>/table3/. Running it again resumes.
+and <out>/table3_curves.png; run directories under <out>/table3/
+(<out>/table3-smoke/ with --smoke). Running it again resumes.
 """
 
 from __future__ import annotations

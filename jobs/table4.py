@@ -11,7 +11,8 @@ On a cluster (see cluster.yaml; results and data on the shared EFS mount):
         --out /mnt/cluster_storage/results --seeds 0 1 2
 
 Writes <out>/table4.md (the paper's layout, its numbers beside ours), <out>/table4.json, <out>/table4.png
-and <out>/table4_curves.png; run directories under <out>/table4/. Running it again resumes.
+and <out>/table4_curves.png; run directories under <out>/table4/
+(<out>/table4-smoke/ with --smoke). Running it again resumes.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ On a cluster (see cluster.yaml; results and data on the shared EFS mount):
         --out /mnt/cluster_storage/results --seeds 0 1 2
 
 Writes <out>/table5.md (the paper's layout, its numbers beside ours), <out>/table5.json, <out>/table5.png
-and <out>/table5_curves.png; run directories under <out>/table5/. Running it again resumes.
+and <out>/table5_curves.png; run directories under <out>/table5/
+(<out>/table5-smoke/ with --smoke). Running it again resumes.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ On a cluster (see cluster.yaml; results and data on the shared EFS mount):
         --out /mnt/cluster_storage/results --seeds 0 1 2
 
 Writes <out>/table6.md (the paper's layout, its numbers beside ours), <out>/table6.json, <out>/table6.png
-and <out>/table6_curves.png; run directories under <out>/table6/. Running it again resumes.
+and <out>/table6_curves.png; run directories under <out>/table6/
+(<out>/table6-smoke/ with --smoke). Running it again resumes.
 """
 
 from __future__ import annotations

@@ -133,6 +133,8 @@ def test_table5_smoke_runs_as_a_ray_job(ray_head, tmp_path: Path) -> None:
     assert {"table", "mode", "seeds", "settings", "runs", "summary", "paper", "direction", "files"} <= set(doc)
     assert doc["table"] == 5 and doc["mode"] == "smoke" and doc["seeds"] == [0]
     assert {r["strategy"] for r in doc["runs"]} == {"scratch", "model", "instance"}
+    # a smoke run's directories stay apart from a full run's: a full run must not reuse its tiny source
+    assert (out / "table5-smoke" / "seed0").is_dir() and not (out / "table5").exists()
     for r in doc["runs"]:
         assert r["plus_test_size"] == 10 * 20 + 9 * 10 and 0.0 <= r["test_error"] <= 100.0
         assert "class_a" in r and "uniform_test_error" in r

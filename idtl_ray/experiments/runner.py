@@ -253,6 +253,15 @@ def _run_setting(ctx: _Context, s: Setting, seed: int, weights: str) -> list[dic
     return rows
 
 
+def run_root(out: Path, n: int, smoke: bool) -> Path:
+    """Where Table ``n``'s run directories live: ``<out>/tableN``, or ``<out>/tableN-smoke`` for ``--smoke``.
+
+    Apart, because a run directory is reused when found: a full run after a smoke one (same ``--out``)
+    would otherwise fine-tune from the smoke's tiny source model.
+    """
+    return out / f"table{n}{'-smoke' if smoke else ''}"
+
+
 def run_table(n: int, smoke: bool = False, data_dir: str | None = None, out: str | Path = "results",
               seeds: list[int] | tuple[int, ...] = (0,), resources: Resources | None = None,
               spec: TableSpec | None = None) -> dict[str, Any]:  # fmt: skip
@@ -272,7 +281,8 @@ def run_table(n: int, smoke: bool = False, data_dir: str | None = None, out: str
         check_shared_storage({"--out": root, "--data-dir": data_dir})
     table = preflight(n, smoke, data_dir) if spec is None else check_files(spec, data_dir)
     n = table.number
-    ctx = _Context(table, root / f"table{n}", data_dir, resources or Resources.default(smoke), root / f"table{n}" / "_data")
+    runs_root = run_root(root, n, smoke)
+    ctx = _Context(table, runs_root, data_dir, resources or Resources.default(smoke), runs_root / "_data")
     t0 = time.perf_counter()
     runs: list[dict[str, Any]] = []
     _request_gpus(ctx.res)
