@@ -48,7 +48,10 @@ FINETUNE_OPTIONS = Options(FinetuneConfig, skip=_TEST_ONLY, override={"strategy"
 COMPARE_OPTIONS = Options(FinetuneConfig, build=False, skip=(*_TEST_ONLY, "strategy", "split", "freeze", "hybrid_init"),
                           override={
     "weights": {"required": True},
-    "epochs": {"help": "Fine-tuning epochs of the model and instance strategies."},
+    "epochs": {"help": "Fine-tuning epochs of the model, instance and baseline runs, the scratch run's unless "
+                       "--scratch-epochs is given, and each --drop auto trial's when compare scores first."},
+    "freeze_conv": {"help": "Train only the fully connected layers of the model, instance and baseline runs (paper "
+                            "Table 6); the scratch run trains every layer."},
     "out": {"required": True, "help": "Comparison directory (one run directory per strategy, compare.md/json)."},
     "mask": {"help": "Mask to use (default <out>/score/mask.parquet, scored now if missing)."},
 })  # fmt: skip

@@ -144,7 +144,14 @@ def _check_options(root: Path, dataset: str, model: str, weights: str, epochs: i
     M.check_weights_file(weights)
     for strategy in ("scratch", "model"):
         FinetuneConfig(dataset=dataset, model=model, weights=weights, strategy=strategy, out=str(root / strategy),
-                       epochs=(scratch_epochs or epochs) if strategy == "scratch" else epochs, **finetune_kw)
+                       epochs=(scratch_epochs or epochs) if strategy == "scratch" else epochs,
+                       **_strategy_kw(strategy, finetune_kw))
+
+
+def _strategy_kw(strategy: str, finetune_kw: dict[str, Any]) -> dict[str, Any]:
+    """The options of one strategy's run: from scratch, every layer trains (frozen random convolutions,
+    ``--freeze-conv``, would be no from-scratch baseline; the paper's Table 6 has no scratch row)."""
+    return {**finetune_kw, "freeze_conv": False} if strategy == "scratch" else finetune_kw
 
 
 def run_compare(dataset: str, model: str, weights: str, epochs: int, *, out: str | Path, mask: str | None = None,
@@ -188,7 +195,7 @@ def run_compare(dataset: str, model: str, weights: str, epochs: int, *, out: str
         cfg = FinetuneConfig(dataset=dataset, model=model, weights=weights, strategy=strategy,
                              epochs=(scratch_epochs or epochs) if strategy == "scratch" else epochs,
                              mask=str(mask_path) if strategy == "instance" else None, split=str(split),
-                             out=str(root / strategy), **finetune_kw)  # fmt: skip
+                             out=str(root / strategy), **_strategy_kw(strategy, finetune_kw))  # fmt: skip
         rows.append(F.run_finetune(cfg, progress=announce(i, strategy, STRATEGY_TITLES[strategy], cfg)))
         print(f"{strategy}: test error {rows[-1]['test_error']:.2f}% on {rows[-1]['n_train_samples']} samples", flush=True)
     for i, (name, bmask, k) in enumerate(extra, len(STRATEGIES) + 1):  # the instance arm's run, on the baseline's mask

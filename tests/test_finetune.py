@@ -313,6 +313,11 @@ def test_compare_scores_when_no_mask_and_uses_one_split(tmp_path: Path, monkeypa
     assert json.loads((tmp_path / "compare.json").read_text())["rows"][0]["test_error"] == 3.0
     assert [r["test_error"] for r in res["rows"]] == [3.0, 2.0, 1.5] and res["table"] in md
 
+    # --freeze-conv (paper Table 6) freezes the pre-trained arms; from scratch every layer trains
+    seen.clear()
+    run_compare("digits", "sample-cnn", str(weights), 1, out=tmp_path / "fc", score_fn=score_fn, freeze_conv=True)
+    assert [(c.strategy, c.freeze_conv) for c in seen] == [("scratch", False), ("model", True), ("instance", True)]
+
 
 def test_pretrain_writes_a_project_checkpoint_with_its_meta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture) -> None:
