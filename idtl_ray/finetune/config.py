@@ -38,7 +38,7 @@ class FinetuneConfig:
     data_dir: str | None = field(default=None, metadata={"help": "Where datasets live (default $IDTL_DATA_DIR or ~/.cache/idtl-ray/data)."})
     image_size: int | None = field(default=None, metadata={"help": "Resize the images to this size in pixels (default: as the dataset ships them; 64 for folder datasets)."})
     val_fraction: float = field(default=0.1, metadata={"help": "Validation share carved from train when no split is given (paper: 10%)."})
-    split: str | None = field(default=None, metadata={"help": "split.json to use (default: beside the mask for instance, else a new seeded split); 'none' trains on every training sample."})
+    split: str | None = field(default=None, metadata={"help": "split.json to use (default: the one beside --mask if there is one, else a new seeded split in --out); 'none' trains on every training sample. A model.pt beside the mask or split (scoring's model) gives a new head its fitted weights."})
     epochs: int = field(default=1, metadata={"help": "Training epochs."})
     batch_size: int = field(default=128, metadata={"help": "Mini-batch size per worker (paper: 128; 64 for DenseNet-121; 16 for Table 6)."})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (paper: 1e-3)."})
