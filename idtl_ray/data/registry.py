@@ -124,6 +124,16 @@ _TV_SPECS: dict[str, _TvSpec] = {
 }
 
 
+def source_paths(name: str, data_dir: Path) -> list[Path]:
+    """The files or folders a registry dataset is read from (what the cache's key stamps): its own
+    sub-folder of ``data_dir``, not the whole folder, which other datasets share and downloads change."""
+    own = {"mnist": ["MNIST"], "fashion-mnist": ["FashionMNIST"], "emnist-letters": ["EMNIST"],
+           "cifar10": ["cifar-10-batches-py"], "cifar100": ["cifar-100-python"],
+           "svhn": ["train_32x32.mat", "test_32x32.mat"], "cats-vs-dogs": ["cats-vs-dogs"]}.get(name, [])
+    extra = [FASHION_MNIST_SYSTEM_DIR] if name == "fashion-mnist" else []
+    return [data_dir / p for p in own] + extra
+
+
 def _tv_error(name: str, root: Path, cause: BaseException | None) -> DataError:
     spec = _TV_SPECS[name]
     why = f" [{type(cause).__name__}: {str(cause).strip().splitlines()[0][:120]}]" if cause else ""
