@@ -249,6 +249,16 @@ def test_ray_self_influence_equals_in_process(ray_session, digits_tensors, tmp_p
         mask.delta_val_loss
 
 
+def test_self_influence_takes_inputs_of_another_dtype_than_the_model(ray_session, digits_tensors, tmp_path):
+    """float64 inputs and a float32 model: cast as in-process (it raised a dtype error on the workers)."""
+    model, train, val = digits_tensors
+    train64, val64 = (TensorDataset(d.tensors[0].double(), d.tensors[1]) for d in (train, val))
+    inproc = score_samples(model, train64, batch_size=64, curvature_samples=256, device="cpu")
+    out = score(model, train64, val64, config=InfluenceConfig(batch_size=64, curvature_samples=256), actors=1,
+                out=tmp_path / "f64", drop_budget=0.1)
+    assert rel_err(out.scores, inproc.scores) < 1e-5
+
+
 def test_run_score_budget_one_means_one_sample_and_auto_records_its_trials(ray_session, tmp_path):
     fast = InfluenceConfig(curvature_samples=256, batch_size=64)
     one = run_score(_cfg(tmp_path, "one", drop="budget", drop_budget=1.0, influence=fast), progress=False)

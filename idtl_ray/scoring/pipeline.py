@@ -63,7 +63,8 @@ class Scorer:
                 batch = {k: v[wanted] for k, v in batch.items()}
             if not len(batch["sample_id"]):
                 return {"sample_id": np.zeros(0, np.int64), "score": np.zeros(0, np.float64)}
-        x = self.preprocess(batch["x"], self.device)
+        # in the model's dtype, as in-process: inputs passed through (no mean/std) may be uint8 or float64
+        x = self.preprocess(batch["x"], self.device).to(self.engine.space.dtype)
         if self.score == "self":
             y = torch.as_tensor(batch["label"]).to(self.device)
             d = self_influence_batch(self.engine.model, self.factors, x, y, self.n_train, positions=batch["sample_id"])

@@ -81,7 +81,8 @@ def head_factors(model: nn.Module, preprocess: Preprocess, x: np.ndarray, y: np.
     device = device or torch.device("cpu")
     model = model.to(device)
     bs = config.batch_size
-    batches = ((preprocess(x[i:i + bs], device).to(device), torch.as_tensor(y[i:i + bs]).to(device))
+    dtype = next(model.parameters()).dtype  # inputs passed through (no mean/std) may be uint8 or float64
+    batches = ((preprocess(x[i:i + bs], device).to(device, dtype), torch.as_tensor(y[i:i + bs]).to(device))
                for i in range(0, len(y), bs))
     return fit_head_factors(model, batches, config.head_damping, params=config.head_params).to_numpy()
 
