@@ -58,7 +58,7 @@ class ScoreConfig:
     data_dir: str | None = field(default=None, metadata={"help": "Where datasets live (default $IDTL_DATA_DIR or ~/.cache/idtl-ray/data)."})
     image_size: int | None = field(default=None, metadata={"help": "Resize the images to this size in pixels (default: as the dataset ships them; 64 for folder datasets)."})
     val_fraction: float = field(default=0.1, metadata={"help": "Validation share carved from train when the dataset ships none (paper: 10%)."})
-    target_classes: list[int] | None = field(default=None, metadata={"help": "Score against validation samples of these classes only (paper 4.4).", "flags": ("--target-class",)})
+    target_classes: list[int] | None = field(default=None, metadata={"help": "With --score paper: score against validation samples of these classes only (paper 4.4).", "flags": ("--target-class",)})
     head: str = field(default="auto", metadata={"help": "auto: keep the weights' head only when they record the target's class names, else fit a new one; new: always; keep: never.", "choices": ("auto", "new", "keep")})
     head_steps: int = field(default=50, metadata={"help": "L-BFGS steps of the linear probe that fits a new head (backbone frozen)."})
     influence: InfluenceConfig = field(default_factory=InfluenceConfig, metadata={"help": "Solver settings."})
@@ -100,6 +100,9 @@ class ScoreConfig:
         if self.drop == "paper" and self.influence.score != "paper":
             raise InputError("--drop paper reads delta_val_loss, which --score self does not compute: "
                              "add --score paper, or use --drop auto / --drop budget")
+        if self.target_classes and self.influence.score != "paper":  # it picks g_val's samples; self has no g_val
+            raise InputError("--target-class picks the validation samples the paper's score measures against; "
+                             "--score self (the default) uses no validation set: add --score paper")
         if self.drop_budget is not None:
             if self.drop == "auto":  # auto picks the budget itself; a given one would be silently ignored
                 raise InputError("--drop-budget applies to --drop budget and --drop paper; --drop auto (the default) "

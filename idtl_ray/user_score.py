@@ -64,6 +64,9 @@ def score(
     from .influence import check_pairs
 
     config = config or InfluenceConfig()
+    if classes and config.score != "paper":
+        raise InputError("classes picks the validation samples the paper's score measures against; self-influence "
+                         "(the default) uses no validation set: pass config=InfluenceConfig(score='paper')")
     if drop_budget is not None:
         budget_count(drop_budget, 1)  # a bad budget fails now, not after the scoring
     check_pairs(train, "train")  # dict items etc.: one clear error, not the DataLoader's TypeError

@@ -32,11 +32,24 @@ PAPER = InfluenceConfig(score="paper")
     ({"drop_threshold": -0.5}, "--drop-threshold applies to --drop paper only"),
     ({"drop": "paper", "influence": PAPER, "drop_threshold": float("nan")}, "--drop-threshold must be a finite number"),
     ({"head_steps": 0}, "--head-steps must be >= 1"),
-    ({"target_classes": [-1]}, "--target-class takes class indices >= 0"),
+    ({"target_classes": [-1], "influence": PAPER}, "--target-class takes class indices >= 0"),
+    ({"target_classes": [3]}, "--target-class picks the validation samples .*--score self.*add --score paper"),
 ])
 def test_score_settings_fail_at_construction(kw, match) -> None:
     with pytest.raises(InputError, match=match):
         ScoreConfig(**kw)
+
+
+def test_score_api_refuses_classes_without_the_papers_score(monkeypatch) -> None:
+    """idtl_ray.score(classes=...) with self-influence (no validation gradient) would silently ignore them."""
+    import ray
+
+    import idtl_ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started"))
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3), torch.arange(8) % 2)
+    with pytest.raises(InputError, match="classes picks the validation samples .*InfluenceConfig\\(score='paper'\\)"):
+        idtl_ray.score(nn.Linear(3, 2), data, data, classes=[1])
 
 
 def test_missing_weights_file_fails_at_construction(tmp_path) -> None:

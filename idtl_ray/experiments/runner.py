@@ -174,9 +174,11 @@ def _score(ctx: _Context, s: Setting, dataset: str, weights: str, seed: int, cla
             else {"auto_epochs": max(1, s.epochs)})
     cfg = ScoreConfig(dataset=dataset, model=s.model, weights=weights, data_dir=ctx.data_dir, image_size=s.image_size,
                       **rule,  # type: ignore[arg-type]
-                      target_classes=classes, seed=seed, out=str(out), resume=True, actors=ctx.res.score_actors,
+                      target_classes=classes if ctx.table.selection == "paper" else None,  # self-influence: no g_val
+                      seed=seed, out=str(out), resume=True, actors=ctx.res.score_actors,
                       gpus=ctx.res.gpus, address=_cluster_address())  # fmt: skip
-    _log(f"seed {seed}: scoring {dataset} with {s.model} ({weights}){'' if classes is None else f' against class {classes}'}")
+    _log(f"seed {seed}: scoring {dataset} with {s.model} ({weights})"
+         f"{'' if cfg.target_classes is None else f' against class {classes}'}")
     summary = run_score(cfg, progress=False)
     return {"dir": str(out), "mask": summary["mask"], "n_train": summary["n_train"], "n_dropped": summary["n_dropped"],
             "validation_reference": summary.get("validation_reference"), "solve": summary.get("solve")}  # fmt: skip
