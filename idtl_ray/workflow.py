@@ -204,14 +204,30 @@ def _load_target(cfg: ScoreConfig, out: Path) -> tuple[Any, Any, Any, Any, np.nd
             raise InputError(f"--target-class {bad} is outside {data.name}'s classes 0..{data.num_classes - 1}")
     split_path = out / "split.json"
     split = Split.load(split_path) if split_path.exists() and cfg.resume else None
-    if split is None or split.dataset_fingerprint != data.fingerprint():
+    if split is not None:
+        _check_resumed_split(cfg, split, data, out)
+    else:
         split = make_split(data, cfg.val_fraction, cfg.seed)
     train, val, train_ids = apply_split(data, split)
     _check_budgets_fit(cfg, len(train.y))
     if len(np.unique(train.y)) < 2:
         raise InputError(f"{data.name}'s training split holds a single class ({data.classes[int(train.y[0])]!r}): "
-                         "influence scores need at least two; check the dataset or --target-class")
+                         "influence scores need at least two; check the dataset")
     return data, split, train, val, train_ids
+
+
+def _check_resumed_split(cfg: ScoreConfig, split: Any, data: Any, out: Path) -> None:
+    """A resumed run continues on its own split: same dataset, --seed and --val-fraction, or one line."""
+    old = []
+    if split.dataset_fingerprint != data.fingerprint():
+        old.append("another dataset")
+    if split.seed != cfg.seed:
+        old.append(f"--seed {split.seed}")
+    if split.val_source == "split" and split.val_fraction != cfg.val_fraction:
+        old.append(f"--val-fraction {split.val_fraction}")
+    if old:
+        raise InputError(f"cannot resume: {out} was scored on the split of {', '.join(old)}; pass the same settings, "
+                         "or drop --resume to score again")
 
 
 def _ray_samples(cfg: ScoreConfig, data: Any, split: Any, train: Any, val: Any, train_ids: np.ndarray) -> tuple[Any, Any]:
@@ -238,16 +254,28 @@ def _adapted_model(cfg: ScoreConfig, out: Path, split: Any, data: Any) -> tuple[
     if cfg.resume and model_path.exists():
         model, meta = load_checkpoint(model_path)
         if (meta.get("split_fingerprint"), meta.get("weights_arg"), meta.get("model_args")) == (
-                split.fingerprint(), cfg.weights, _model_args(cfg)):  # else another model, weights or head: rebuild
+                split.fingerprint(), cfg.weights, _model_args(cfg)):
             return model, meta.get("model_info", {}), True
+        if (out / "parts").exists():  # scores were written with that model: refitting could only end in a refusal
+            raise InputError(f"cannot resume: {out} was scored with another model (--weights {meta.get('weights_arg')}, "
+                             "or another --model/--head/--head-steps/--image-size/--seed); pass the same settings, or "
+                             "drop --resume to score again")
     model, model_info = adapt_model(cfg, data)
     return model, model_info, False
 
 
 def _save_scored_model(cfg: ScoreConfig, out: Path, model: nn.Module, model_info: dict[str, Any], data: Any,
                        split: Any) -> None:
-    """The scored model and the split, saved before the long part so that a resumed run reuses both."""
+    """The scored model and the split, saved before the long part so that a resumed run reuses both.
+
+    A fresh run removes an older run's mask and summary first: the directory never pairs them with this
+    run's split and model (an interrupted run leaves no result rather than another run's).
+    """
     from .models import save_checkpoint
+
+    if not cfg.resume:
+        for name in ("mask.parquet", "summary.json"):
+            (out / name).unlink(missing_ok=True)
 
     split.save(out / "split.json")
     save_checkpoint(out / "model.pt", model, {"dataset": data.name, "classes": list(data.classes), "dataset_fingerprint": data.fingerprint(),

@@ -218,12 +218,29 @@ def test_interrupted_run_resumes_without_rescoring(reference_run, tmp_path):
     assert done >= 2
     written = {int(i) for f in files for i in pq.read_table(f)["sample_id"].to_pylist()}
     assert len(written) < len(ref)
+    # a resume with another split or model is refused at once, and leaves the run's model.pt as it was
+    from idtl_ray.errors import InputError
+
+    model_pt = (tmp_path / "resume" / "model.pt").read_bytes()
+    save_checkpoint(tmp_path / "w.pt", build_model("sample-cnn", 10, 1, 8), {})
+    with pytest.raises(InputError, match=r"cannot resume: .* on the split of --val-fraction 0.1; pass the same"):
+        run_score(_cfg(tmp_path, "resume", resume=True, val_fraction=0.2), progress=False)
+    with pytest.raises(InputError, match=r"cannot resume: .* scored with another model \(--weights none"):
+        run_score(_cfg(tmp_path, "resume", resume=True, weights=str(tmp_path / "w.pt")), progress=False)
+    assert (tmp_path / "resume" / "model.pt").read_bytes() == model_pt
     summary = run_score(_cfg(tmp_path, "resume", resume=True), progress=False)
     mask = read_mask(summary["mask"])
     assert summary["shards_reused"] == done
     assert summary["samples_scored"] == summary["n_train"] - len(written)  # only what was not written
     assert np.array_equal(mask.sample_id, ref.sample_id)
     assert np.allclose(mask.delta_val_loss, ref.delta_val_loss, rtol=1e-9, atol=0)
+
+    # a fresh run into the finished directory, interrupted: no result is better than the old one's beside
+    # the new split and model
+    pressed.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run_score(_cfg(tmp_path, "resume", val_fraction=0.2), progress=False, on_progress=interrupt)
+    assert not (tmp_path / "resume" / "mask.parquet").exists() and not (tmp_path / "resume" / "summary.json").exists()
 
 
 # ── the default score (self-influence) and the drop rules on Ray ─────────────────────────────────
