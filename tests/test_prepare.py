@@ -143,6 +143,32 @@ def test_damaged_directory_gives_one_line_naming_the_file_and_the_fix(prepared: 
     _one_line(e, needle, "re-run idtl-ray prepare --dataset", str(d))
 
 
+def test_the_ray_stages_open_only_shards_that_match_their_checksums(prepared: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """open_target (what score and finetune read labels and ids through) checks each shard's sha256, once per
+    version of the file; a change that keeps the size is caught (it only checked sizes: review, ninth session)."""
+    import idtl_ray.data.verify as verify
+    from idtl_ray.data.samples import open_target
+
+    monkeypatch.setenv("IDTL_CACHE_DIR", str(tmp_path / "cache"))
+    d = _copy(prepared, tmp_path)
+    assert open_target(str(d)).fingerprint() == load_dataset("digits").fingerprint()
+    hashed = []
+    with monkeypatch.context() as mp:
+        mp.setattr(verify, "sha256_of", lambda fs, path: hashed.append(path))
+        open_target(str(d))  # stamped: nothing hashed again
+    assert hashed == []
+    shard = d / "train-00000.parquet"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(DataError) as e:
+        open_target(str(d))
+    _one_line(e, "train-00000.parquet is damaged (sha256 differs", "re-run idtl-ray prepare --dataset")
+
+
 def test_directory_without_manifest_is_incomplete(tmp_path: Path) -> None:
     (tmp_path / "half").mkdir()
     with pytest.raises(DataError) as e:

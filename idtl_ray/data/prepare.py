@@ -41,7 +41,8 @@ e.g. "digits"), ``source`` (what ``--dataset`` said), ``classes``, ``image_shape
 Fingerprints: ``fingerprint`` is :meth:`TargetData.fingerprint` of the source data, which loading
 the directory recomputes and checks, so masks and splits made from a prepared copy match those made
 from the registry name. ``content_sha256`` (sha256 over the shards' "file:sha256" lines, in manifest
-order) identifies the bytes of this copy; the per-shard checksums are verified on every load.
+order) identifies the bytes of this copy; the per-shard checksums are verified whenever a command opens
+the directory (once per version of each file: :mod:`idtl_ray.data.verify`).
 
 Shards hold about ``shard_bytes`` of image and label payload each (default 192 MiB, before Parquet's
 zstd compression), fewer for small datasets: digits gives one shard per split. Each shard is written

@@ -203,7 +203,7 @@ def _check_split(m: Manifest, tables: dict[str, list[pa.Table]], data: TargetDat
 
 def _check_files(fs: pafs.FileSystem, base: str, shards: list[Shard], location: str, m: Manifest,
                  verify: bool) -> None:  # fmt: skip
-    """Every shard exists with its recorded size (and, with ``verify``, its sha256: streamed, not held)."""
+    """Every shard exists with its recorded size (and, with ``verify``, its sha256: :mod:`.verify`)."""
     infos = fs.get_file_info([f"{base}/{s.file}" for s in shards])
     for s, info in zip(shards, infos):
         if info.type == pafs.FileType.NotFound:
@@ -211,14 +211,11 @@ def _check_files(fs: pafs.FileSystem, base: str, shards: list[Shard], location: 
         if info.size != s.bytes:
             raise DataError(f"{location}: shard {s.file} is damaged (size differs from {MANIFEST}); "
                             f"{_fix(location, m.source)}")  # fmt: skip
-        if verify:
-            h = hashlib.sha256()
-            with fs.open_input_stream(info.path) as f:
-                while chunk := f.read(8 * 2**20):
-                    h.update(chunk)
-            if h.hexdigest() != s.sha256:
-                raise DataError(f"{location}: shard {s.file} is damaged (sha256 differs from {MANIFEST}); "
-                                f"{_fix(location, m.source)}")  # fmt: skip
+    if verify:
+        from .verify import check_sha256
+
+        check_sha256(fs, base, m, shards, infos, lambda s: DataError(
+            f"{location}: shard {s.file} is damaged (sha256 differs from {MANIFEST}); {_fix(location, m.source)}"))
 
 
 def read_prepared(location: str, split: str | None = None, *, verify: bool = False,

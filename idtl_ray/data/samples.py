@@ -118,13 +118,14 @@ def _labels(location: str, m: Manifest, splits: list[str], what: str) -> Labels:
 
 
 def open_target(location: str) -> PreparedTarget:
-    """Open a prepared directory for the Ray stages: manifest, shard sizes and labels; no images.
+    """Open a prepared directory for the Ray stages: manifest, shard sizes and checksums, labels; no images.
 
-    Raises one-line :class:`DataError` when the directory is incomplete or damaged.
+    Raises one-line :class:`DataError` when the directory is incomplete or damaged (each shard's sha256
+    is checked here, once per version of the file: :mod:`idtl_ray.data.verify`).
     """
     m = read_manifest(location)
     fs, base = open_location(location)
-    _check_files(fs, base, list(m.shards), location, m, verify=False)
+    _check_files(fs, base, list(m.shards), location, m, verify=True)
     carved = m.split.get("val_source") == "split"
     train = _labels(location, m, ["train", "val"] if carved else ["train"], "training")
     val = None if carved or not m.counts.get("val") else _labels(location, m, ["val"], "validation")
