@@ -121,7 +121,8 @@ def test_sweep_gpus_runs_one_trial_per_gpu_and_asks_for_them(fake_cluster_calls,
     monkeypatch.setenv(R.SHARED_ENV, str(tmp_path))
     seen = {}
     monkeypatch.setattr(S, "_tune", lambda base, frozen, root, conc, failures: seen.update(base=base, conc=conc))
-    base = FinetuneConfig(strategy="model", weights="w.pt", dataset="s3://b/d", gpus=2, cpus_per_worker=2)
+    (tmp_path / "w.pt").touch()  # sweep checks that a --weights PATH exists; the faked trials never load it
+    base = FinetuneConfig(strategy="model", weights=str(tmp_path / "w.pt"), dataset="s3://b/d", gpus=2, cpus_per_worker=2)
     S.run_sweep(base, [1, 2, 3], tmp_path / "sweep")
     assert seen["conc"] == 2 and (seen["base"].workers, seen["base"].gpus_per_worker) == (1, 1.0)
     assert fake_cluster_calls == [[{"CPU": 0.5}, {"CPU": 2.0, "GPU": 1.0}] * 2, []]
