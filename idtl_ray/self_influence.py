@@ -142,6 +142,9 @@ def _output_grads(logits: torch.Tensor, y: torch.Tensor, loss_fn: LossFn | None)
     """δ = ∂L_i/∂logits_i and the per-sample output Hessians ∂²L_i/∂logits_i² (B, K, K)."""
     logits = logits.double()
     if loss_fn is None:  # softmax cross-entropy in closed form
+        from .influence.inputs import check_labels  # late: influence imports this module
+
+        check_labels(y, logits.shape[-1])  # a label of -1 would index the last class
         p = torch.softmax(logits, dim=-1)
         delta = p.clone()
         delta[torch.arange(len(y)), y] -= 1.0

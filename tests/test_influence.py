@@ -104,8 +104,12 @@ def test_matches_leave_one_out_retraining(lr_setup):
     assert len(chosen) >= 40
     assert r >= 0.95
     assert 0.8 <= slope <= 1.25
-    # Sign check of the convention: the most negative prediction must really lower validation loss.
+    # Sign check of the convention: the most negative prediction must really lower validation loss, and
+    # every prediction clear of zero (above 10% of the largest) has the sign retraining gives
     assert actual[0] < 0 and actual[15] > 0
+    clear = np.abs(predicted) > 0.1 * np.abs(predicted).max()
+    print(f"signs agree on {int((np.sign(predicted) == np.sign(actual))[clear].sum())} of {int(clear.sum())} clear predictions")
+    assert clear.sum() >= 30 and np.array_equal(np.sign(predicted[clear]), np.sign(actual[clear]))
 
 
 def rel_err(a, b) -> float:
@@ -384,6 +388,37 @@ def test_labels_outside_model_outputs(lr_setup):
     bad_train = TensorDataset(train.tensors[0], -train.tensors[1] - 1)
     with pytest.raises(InputError, match="outside the model's 10 outputs"):
         score_samples(model, bad_train, val, score="paper")
+    # self-influence too (a label of -1 indexed the last class; one past the end raised a raw IndexError)
+    for bad_y in (torch.where(train.tensors[1] == 3, torch.tensor(-1), train.tensors[1]),
+                  torch.where(train.tensors[1] == 3, torch.tensor(10), train.tensors[1])):
+        with pytest.raises(InputError, match="outside the model's 10 outputs"):
+            score_samples(model, TensorDataset(train.tensors[0], bad_y))
+
+
+def test_the_exact_reference_sums_in_float64_for_a_float32_model():
+    """The dense matrix of solver='exact' is built in float64 columns (its products run in float32)."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    data = TensorDataset(torch.randn(40, 6), torch.arange(40) % 3)
+    op = InfluenceEngine(model, device="cpu").curvature(data, "ggn", 0.1, None, 0, 16)
+    dense = op.dense()
+    assert dense.dtype == torch.float64
+    e = torch.zeros(dense.shape[0], dtype=torch.float64)
+    e[4] = 1.0
+    assert torch.allclose(dense[:, 4], op.matvec(e), rtol=1e-5, atol=1e-9)  # float32 products, batched by vmap
+
+
+def test_options_of_the_papers_score_are_refused_with_self_influence(lr_setup):
+    """They would be silently ignored; head_params is self-influence's own option and reaches the config."""
+    model, train, val = lr_setup
+    with pytest.raises(InputError, match="classes picks the validation samples of score='paper'"):
+        score_samples(model, train, val, classes=[3])
+    with pytest.raises(InputError, match="method='grad' chooses how score='paper'"):
+        score_samples(model, train, method="grad")
+    bias, head = score_samples(model, train), score_samples(model, train, head_params="head")
+    ref = compute_influence(model, train, None, InfluenceConfig(head_params="head"))
+    assert np.array_equal(head.scores, ref.scores) and not np.allclose(head.scores, bias.scores)
+    assert head.n_params > bias.n_params
 
 
 def test_model_without_trainable_parameters(lr_setup):

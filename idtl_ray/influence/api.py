@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -66,16 +66,40 @@ def compute_influence(
     loss_fn: LossFn | None = None,
 ) -> InfluenceResult:
     """The whole in-process computation with its diagnostics: self-influence, or g_val → s → scores."""
-    import time
-
     config = config or InfluenceConfig()
     if len(train) == 0:
         raise InputError("the training set is empty: give at least one training sample")
-    if config.score == "self":
-        if params is not None:  # silently scoring other parameters than asked would mislead
+    if config.score == "self":  # options of the paper's score would be silently ignored: refused instead
+        if params is not None:
             raise InputError("params chooses the parameters of score='paper'; self-influence always uses the model's "
                              "head (head_params='bias' or 'head'): pass score='paper' or leave params out")
-        return _self_influence(model, train, config, device, loss_fn)
+        if classes:
+            raise InputError("classes picks the validation samples of score='paper'; self-influence uses no "
+                             "validation set: pass score='paper' or leave classes out")
+        if method != "jvp":
+            raise InputError(f"method={method!r} chooses how score='paper' takes its gradient products; "
+                             "self-influence has its own: pass score='paper' or leave method out")
+        return _on_callers_device(model, lambda: _self_influence(model, train, config, device, loss_fn))
+    return _on_callers_device(model, lambda: _paper_score(model, train, val, config, device, classes, params, method,
+                                                          loss_fn))
+
+
+def _on_callers_device(model: nn.Module, run: Callable[[], InfluenceResult]) -> InfluenceResult:
+    """``run()``, then the model goes back to the device it came on (scoring moves it, in place)."""
+    first = next(model.parameters(), None)
+    try:
+        return run()
+    finally:
+        if first is not None:
+            model.to(first.device)
+
+
+def _paper_score(model: nn.Module, train: Dataset, val: Dataset | None, config: InfluenceConfig, device: Any,
+                 classes: Sequence[int] | None, params: ParamSpec, method: Literal["jvp", "grad"],
+                 loss_fn: LossFn | None) -> InfluenceResult:
+    """g_val → s → scores: the paper's delta_val_loss."""
+    import time
+
     if val is None:
         raise InputError("score='paper' needs a validation set (delta_val_loss is the change of its summed loss): "
                          "pass val, or use score='self', which needs none")
@@ -148,6 +172,7 @@ def score_samples(
     lissa_scale: float = 10.0,
     seed: int = 0,
     method: Literal["jvp", "grad"] = "jvp",
+    head_params: Literal["bias", "head"] = "bias",
 ) -> InfluenceResult:
     """Score every training sample; returns the scores with the report of how they were made.
 
@@ -157,7 +182,7 @@ def score_samples(
             only). Dict items (e.g. a HuggingFace ``{"image": ..., "label": ...}`` dataset) are refused
             with an :class:`InputError` naming the wrapper to write: a Dataset whose ``__getitem__(i)``
             returns ``(ds[i]["image"], ds[i]["label"])``; which key holds the input is not guessed.
-        score: ``self`` (default): self-influence on the model's final Linear with an EK-FAC curvature;
+        score: ``self`` (default): self-influence through the model's final Linear (``head_params``);
             high = likely mislabelled or an outlier. ``paper``: delta_val_loss, the predicted change of the
             summed validation loss when the sample is removed (negative = removing it helps).
         loss_fn: per-sample loss ``loss_fn(logits, labels) -> (batch,)``; default softmax cross-entropy.
@@ -165,11 +190,13 @@ def score_samples(
         damping: λ added to the curvature (paper score); ``head_damping``: relative λ of self-influence.
         batch_size: samples per forward pass.
         device: defaults to CUDA when available.
-        classes: score against validation samples of these classes only (paper §4.4).
+        classes: score against validation samples of these classes only (paper §4.4); paper score only.
         params: None (all trainable), module names, or an int k (the last k layers); paper score only.
         curvature: ``ggn`` (Gauss-Newton; default) or ``exact`` (Hessian).
         curvature_samples: seeded subsample size for the curvature (None = all of ``train``).
-        method: ``jvp`` (fast) or ``grad`` (per-sample gradients; the reference).
+        method: ``jvp`` (fast) or ``grad`` (per-sample gradients; the reference); paper score only.
+        head_params: self-influence over the head's ``bias`` (default: its curvature is exact) or the whole
+            ``head`` (weight and bias, EK-FAC curvature).
 
     Returns:
         :class:`InfluenceResult`: ``.scores`` (float64, in the order of ``train``), ``.solve`` (iterations,
@@ -179,7 +206,7 @@ def score_samples(
     config = InfluenceConfig(
         score=score, solver=solver, curvature=curvature, damping=damping, head_damping=head_damping,
         curvature_samples=curvature_samples, max_iter=max_iter, tol=tol, lissa_scale=lissa_scale,
-        batch_size=batch_size, seed=seed,
+        batch_size=batch_size, seed=seed, head_params=head_params,
     )
     return compute_influence(model, train, val, config, device=device, classes=classes, params=params, method=method,
                              loss_fn=loss_fn)

@@ -90,7 +90,8 @@ class CurvatureOperator:
                 f"the exact solver needs a dense {dim}x{dim} matrix, too large (limit {max_dim}): "
                 "use solver='cg' or 'lissa', or restrict params to fewer layers"
             )
-        eye = torch.eye(dim, dtype=self.engine.space.dtype, device=self.engine.device)
+        # float64 columns: matvec runs the products in the model's dtype and sums the batches in this one
+        eye = torch.eye(dim, dtype=torch.float64, device=self.engine.device)
         space = self.engine.space
         laid_out, space.channels_last = space.channels_last, False  # vmap cannot change a tensor's layout
         try:
