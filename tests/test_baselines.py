@@ -80,14 +80,17 @@ def test_cross_validated_probs_sum_to_one_and_are_out_of_fold() -> None:
 
 def test_features_and_logits_are_the_heads_input_and_output_in_eval_mode() -> None:
     torch.manual_seed(0)
-    model = M.build_model("sample-cnn", *DIGITS).train()
+    model = M.build_model("resnet18", *DIGITS).train()  # BatchNorm: train and eval mode give other outputs
     x = np.random.default_rng(0).integers(0, 17, (5, 8, 8, 1), dtype=np.uint8)
+    with torch.no_grad():
+        model(D.to_tensor(x, (0.3,), (0.4,)))  # running statistics away from their defaults
+        in_train_mode = model(D.to_tensor(x, (0.3,), (0.4,))).numpy()
     feats, logits = features_and_logits(model, x, (0.3,), (0.4,), batch_size=2)
-    assert feats.shape == (5, 128) and logits.shape == (5, 10) and model.training  # mode restored
+    assert feats.shape == (5, 512) and logits.shape == (5, 10) and model.training  # mode restored
     with torch.no_grad():
         assert np.allclose(M.head_module(model)(torch.from_numpy(feats)).numpy(), logits, atol=1e-5)
         want = model.eval()(D.to_tensor(x, (0.3,), (0.4,))).numpy()
-    assert np.allclose(logits, want, atol=1e-5)
+    assert np.allclose(logits, want, atol=1e-5) and not np.allclose(logits, in_train_mode, atol=1e-3)
 
 
 def test_baseline_masks_drop_k_each_and_errors_name_the_fix() -> None:

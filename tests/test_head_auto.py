@@ -52,7 +52,7 @@ def _no_fit(*_a, **_k):
 def test_same_class_names_keep_the_head(digits, source_model, tmp_path, monkeypatch):
     path = tmp_path / "src.pt"
     save_checkpoint(path, source_model, {"dataset": "mnist-5k@8", "classes": DIGITS})
-    monkeypatch.setattr(W, "fit_head", _no_fit)
+    monkeypatch.setattr(A, "fit_head", _no_fit)  # adapt.fit_new_head looks it up in adapt
     model, info = _prepare(digits, path)
     h = info["head"]
     assert h["new_head"] is False and h["classes_match"] is True and h["source_dataset"] == "mnist-5k@8"
@@ -106,7 +106,7 @@ def test_head_keep_and_new(digits, source_model, tmp_path, monkeypatch):
     same = tmp_path / "same.pt"
     save_checkpoint(same, source_model, {"dataset": "digits", "classes": DIGITS})
     with monkeypatch.context() as m:
-        m.setattr(W, "fit_head", _no_fit)
+        m.setattr(A, "fit_head", _no_fit)
         model, info = _prepare(digits, plain, head="keep")  # unknown classes: kept, with a warning
         assert info["head"]["new_head"] is False and "unknown" in info["head"]["warning"]
         assert torch.equal(head_module(model).weight, head_module(source_model).weight)
