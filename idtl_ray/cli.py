@@ -102,9 +102,10 @@ except ImportError as _e:  # pragma: no cover - only while the module is missing
 def main() -> None:  # pragma: no cover
     """The `idtl-ray` command: Ray's known-harmless error lines are kept off the terminal
     (scoring.session.KNOWN_RAY_NOISE), then the typer app runs."""
-    from .scoring.session import filter_ray_noise
+    from .scoring.session import filter_ray_noise, stop_on_sigterm
 
     filter_ray_noise()
+    stop_on_sigterm()  # `ray job stop` or `kill`: the same clean end as Ctrl-C
     app()
 
 

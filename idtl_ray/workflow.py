@@ -83,9 +83,9 @@ def run_score(cfg: ScoreConfig, *, progress: bool = True, on_progress: Any = Non
     out = Path(cfg.out_dir)
     created = not out.exists()
     ensure_writable(out / "mask.parquet")  # fail before any expensive work
-    _claim_cluster(cfg, out)
     with hold_directory(out):
-        try:
+        try:  # the claim inside: a refusal (another run holds out, storage not shared) withdraws it too
+            _claim_cluster(cfg, out)
             return _run_score(cfg, out, progress, on_progress)
         except BaseException:  # cleaned while still held: never a directory another run has just taken
             if created and out.exists() and {p.name for p in out.iterdir()} <= {LOCK_NAME}:

@@ -7,7 +7,7 @@ import pytest
 
 import idtl_ray.resources as R
 from idtl_ray.config import ScoreConfig
-from idtl_ray.errors import InputError
+from idtl_ray.errors import IdtlError, InputError
 from idtl_ray.scoring.pipeline import Pool, pool_bundles, scoring_pool
 
 
@@ -112,6 +112,19 @@ def test_finetune_on_a_cluster_checks_shared_storage_first_and_asks_for_its_work
     with pytest.raises(RuntimeError, match="trained"):
         F.run_finetune(cfg)
     assert fake_cluster_calls == [[{"CPU": 1.0, "GPU": 1.0}] * 2, []]  # asked at start, withdrawn after a failure too
+
+
+def test_score_into_a_held_out_on_a_cluster_leaves_no_request_behind(fake_cluster_calls, monkeypatch, tmp_path):
+    """The directory is taken before the autoscaler is asked: a refusal must not leave GPU nodes requested."""
+    from idtl_ray.config import ScoreConfig
+    from idtl_ray.scoring import hold_directory
+    from idtl_ray.workflow import run_score
+
+    monkeypatch.setenv(R.SHARED_ENV, str(tmp_path))
+    out = tmp_path / "busy"
+    with hold_directory(out), pytest.raises(IdtlError, match="in use by another idtl-ray run"):
+        run_score(ScoreConfig(dataset=str(tmp_path / "prepared"), out=str(out), gpus=2))
+    assert fake_cluster_calls == []  # nothing asked, so nothing left asked for
 
 
 def test_sweep_gpus_runs_one_trial_per_gpu_and_asks_for_them(fake_cluster_calls, monkeypatch, tmp_path):

@@ -385,3 +385,27 @@ def test_a_parquet_file_that_is_not_a_mask_names_either_score_column(tmp_path) -
     with pytest.raises(MaskError, match=re.escape("missing ['sample_id', 'label', 'delta_val_loss or self_influence', "
                                                   "'keep']")):  # fmt: skip
         read_mask(tmp_path / "plain.parquet")
+
+
+def test_sigterm_ends_a_command_through_its_finally_blocks(tmp_path) -> None:
+    """`ray job stop` sends SIGTERM: the command must end as on Ctrl-C (autoscaler request withdrawn,
+    temporary files removed), not at once, which Python's default for SIGTERM does."""
+    import signal
+    import subprocess
+    import sys
+
+    done = tmp_path / "finally-ran"
+    code = ("import sys, time\n"
+            "from idtl_ray.scoring.session import stop_on_sigterm\n"
+            "stop_on_sigterm()\n"
+            "try:\n"
+            "    print('ready', flush=True)\n"
+            "    time.sleep(60)\n"
+            "except KeyboardInterrupt:\n"
+            "    sys.exit(130)\n"
+            "finally:\n"
+            f"    open({str(done)!r}, 'w').write('yes')\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=30) == 130 and done.read_text() == "yes"

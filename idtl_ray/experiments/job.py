@@ -54,10 +54,11 @@ def job_main(table: int, doc: str | None, init: Callable[[], Any], argv: list[st
     ``init`` is the job script's plain ``ray.init`` (inside ``ray job submit`` it joins the cluster through
     RAY_ADDRESS, else it starts a local Ray); it runs only after the preflight found every file.
     """
-    from ..scoring.session import filter_ray_noise
+    from ..scoring.session import filter_ray_noise, stop_on_sigterm
 
     args = job_parser(table, doc).parse_args(argv)
     filter_ray_noise()  # as the CLI: Ray's known-harmless error lines stay out of the job's log
+    stop_on_sigterm()  # `ray job stop`: the runs' finally blocks withdraw the GPU request
     try:
         resources = resources_from_args(args)
         preflight(table, args.smoke, args.data_dir)  # missing data or weights fail here, before Ray starts
@@ -66,6 +67,9 @@ def job_main(table: int, doc: str | None, init: Callable[[], Any], argv: list[st
     except IdtlError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are saved; run the same job again to resume", file=sys.stderr)
+        return 130
     print(render_markdown(result))
     print(f"wrote {', '.join(result['files'].values())}")
     return 0

@@ -122,3 +122,19 @@ def filter_ray_noise(patterns: tuple[bytes, ...] = KNOWN_RAY_NOISE) -> None:
 
     atexit.register(restore)
     _filtering = True
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (``ray job stop``, a scheduler, ``kill``) ends the command as Ctrl-C does: its ``finally``
+    blocks run, so the autoscaler request is withdrawn and no temporary file stays. Python's default
+    for SIGTERM is to exit at once, skipping them. Main thread only, where Python delivers signals."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
