@@ -52,14 +52,15 @@ def score(cfg: ScoreConfig) -> None:
 @user_errors
 def inspect(
     mask: str = typer.Argument(..., help="A mask.parquet (or the directory holding it)."),
-    png: Optional[str] = typer.Option(None, help="Where to write the score plot (default: beside the mask)."),
+    png: Optional[str] = typer.Option(None, help="Where to write the score plot: a file, or a directory for scores.png (default: beside the mask)."),
 ) -> None:
     """Print a mask's summary again and plot its score distribution per class."""
-    from .workflow import inspect_mask
+    from .mask import read_mask
+    from .summary import format_summary, plot_path, plot_scores
 
-    text, path = inspect_mask(mask, png)
-    typer.echo(text)
-    typer.echo(f"plot: {path}")
+    m = read_mask(mask)
+    typer.echo(format_summary(m.meta, m))  # first: a mask in a read-only place still shows its summary
+    typer.echo(f"plot: {plot_scores(m, plot_path(mask, png))}")
 
 
 @app.command()

@@ -124,7 +124,8 @@ def mask_table(sample_id: np.ndarray, label: np.ndarray, scores: np.ndarray, kee
 def write_mask(path: str | Path, sample_id: np.ndarray, label: np.ndarray, scores: np.ndarray,
                keep: np.ndarray, meta: dict[str, Any], score_name: str = "delta_val_loss") -> Path:
     """Write the mask atomically; returns its path. ``score_name``: delta_val_loss or self_influence."""
-    write_table_atomic(mask_table(sample_id, label, scores, keep, meta, score_name), path)
+    # flushed to disk: the run deletes its resumable score files right after
+    write_table_atomic(mask_table(sample_id, label, scores, keep, meta, score_name), path, fsync=True)
     return Path(path)
 
 
@@ -146,7 +147,19 @@ def read_mask(path: str | Path) -> Mask:
         missing = [" or ".join(SCORE_COLUMNS) if c == SCORE_COLUMNS[0] else c for c in missing]
     if raw is None or missing:
         raise MaskError(f"{p} is not an idtl-ray mask (missing {missing or 'metadata'}); re-run `idtl-ray score`")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise MaskError(f"{p} has damaged metadata ({e}); re-run `idtl-ray score`") from e
+    # the metadata names the score column (a file could hold both); the types must be the schema's:
+    # an integer keep column would be read as positions by kept_ids
+    if meta.get("score_column") in table.column_names:
+        score_name = meta["score_column"]
+    want = schema(score_name)
+    wrong = [f"{f.name} is {table.schema.field(f.name).type}, not {f.type}" for f in want
+             if table.schema.field(f.name).type != f.type]
+    if wrong:
+        raise MaskError(f"{p} is not an idtl-ray mask ({'; '.join(wrong)}); re-run `idtl-ray score`")
     return Mask(
         sample_id=table["sample_id"].to_numpy(),
         label=table["label"].to_numpy(),

@@ -17,6 +17,7 @@ carry these values, so their definitions never change.
 from __future__ import annotations
 
 import fcntl
+import errno
 import hashlib
 import json
 import os
@@ -40,8 +41,13 @@ __all__ = ["LOCK_NAME", "atomic_path", "digest", "hold_directory", "ensure_writa
 # ── writes ────────────────────────────────────────────────────────────────────────────────────────
 
 
-def _not_writable(p: Path, e: OSError) -> MaskError:
-    return MaskError(f"cannot write to {p.parent} ({e.strerror or e}): pass --out to a writable directory")
+def _not_writable(p: Path, e: OSError, option: str | None = None) -> MaskError:
+    fix = f"pass {option} to a writable directory" if option else "give a path in a writable directory, with room left"
+    return MaskError(f"cannot write {p} ({e.strerror or e}): {fix}")
+
+
+# errors of the write itself, not of the writer's own inputs: reported as one line naming the path
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR}
 
 
 def check_local_out(out: str | os.PathLike[str] | None, option: str = "--out") -> None:
@@ -59,15 +65,16 @@ def local_out_path(out: str | os.PathLike[str], option: str = "--out") -> Path:
     return Path(out).expanduser().resolve()
 
 
-def ensure_writable(path: str | Path) -> Path:
-    """Create the parent directory and check we can write there, before any expensive work."""
+def ensure_writable(path: str | Path, option: str = "--out") -> Path:
+    """Create the parent directory and check we can write there, before any expensive work (the error
+    names ``option``, what sets the directory)."""
     p = Path(path)
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=p.parent, prefix=".idtl-write-check-"):
             pass
     except OSError as e:
-        raise _not_writable(p, e) from e
+        raise _not_writable(p, e, option) from e
     return p
 
 
@@ -103,15 +110,26 @@ def atomic_path(path: str | Path, *, suffix: str = ".tmp", fsync: bool = False) 
     try:
         yield tmp
         if fsync:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(tmp)
         os.replace(tmp, p)
+        if fsync:  # the rename itself, so that a crash right after keeps the new file
+            _fsync(p.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in _WRITE_ERRNOS:
+            raise _not_writable(p, e) from e
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(text: str, path: str | Path, *, fsync: bool = False) -> None:
@@ -136,11 +154,11 @@ def write_json_atomic(obj: Any, path: str | Path, *, indent: int | None = 2, fsy
     write_text_atomic(json.dumps(obj, indent=indent, default=json_default), path, fsync=fsync)
 
 
-def write_table_atomic(table: Any, path: str | Path, **kwargs: Any) -> None:
+def write_table_atomic(table: Any, path: str | Path, *, fsync: bool = False, **kwargs: Any) -> None:
     """Write a ``pyarrow.Table`` as Parquet atomically (``kwargs`` go to ``pyarrow.parquet.write_table``)."""
     import pyarrow.parquet as pq
 
-    with atomic_path(path) as tmp:
+    with atomic_path(path, fsync=fsync) as tmp:
         pq.write_table(table, tmp, **kwargs)
 
 

@@ -63,29 +63,41 @@ def format_summary(meta: dict[str, Any], mask: Mask | None = None) -> str:
 
 def inspect_mask(path: str | Path, png: str | Path | None = None) -> tuple[str, Path]:
     """Summary text of a mask, and a PNG of the score distribution per class (written atomically)."""
+    mask = read_mask(path)
+    return format_summary(mask.meta, mask), plot_scores(mask, plot_path(path, png))
+
+
+def plot_path(mask_path: str | Path, png: str | Path | None = None) -> Path:
+    """Where the plot goes: ``png`` (a directory: ``scores.png`` in it), else ``scores.png`` beside the mask."""
+    p = Path(mask_path)
+    out = Path(png) if png is not None else (p if p.is_dir() else p.parent) / "scores.png"
+    return out / "scores.png" if out.is_dir() else out
+
+
+def plot_scores(mask: Mask, png: Path) -> Path:
+    """The score distribution per class as a PNG at ``png`` (atomically), with the rule's cut when there is one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mask = read_mask(path)
-    p = Path(path)
-    png = Path(png) if png is not None else (p if p.is_dir() else p.parent) / "scores.png"
     labels = np.unique(mask.label)
     fig, ax = plt.subplots(figsize=(max(6, min(0.35 * len(labels), 30)), 4))
     data = [mask.scores[mask.label == c] for c in labels]
     ax.boxplot(data, showfliers=True, flierprops={"markersize": 2})
     ax.set_xticks(range(1, len(labels) + 1), [str(int(c)) for c in labels], fontsize=7 if len(labels) > 20 else 9)
     self_score = mask.score_name == "self_influence"
-    if (~mask.keep).any():  # the cut between what the rule dropped and what it kept
+    # the cut between what the rule dropped and what it kept (a baseline's drops follow another ranking)
+    cut_line = (~mask.keep).any() and not mask.meta.get("baseline")
+    if cut_line:
         cut = mask.scores[~mask.keep].min() if self_score else mask.scores[~mask.keep].max()
         ax.axhline(cut, color="r", lw=0.8, ls="--", label="drop above" if self_score else "drop below")
     ax.set_xlabel("class")
     ax.set_ylabel(mask.score_name)
     what = "self-influence (high = likely mislabelled)" if self_score else "predicted change of summed val loss if removed"
     ax.set_title(f"{mask.meta.get('dataset')}: {what}; {int((~mask.keep).sum())} of {len(mask)} dropped", fontsize=9)
-    if (~mask.keep).any():
+    if cut_line:
         ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     save_figure_atomic(fig, png, dpi=110)
-    return format_summary(mask.meta, mask), png
+    return png

@@ -80,8 +80,13 @@ def test_unwritable_directory_is_one_mask_error(tmp_path: Path) -> None:
     blocker.write_text("", encoding="utf-8")
     with pytest.raises(MaskError, match="pass --out to a writable directory"):
         ensure_writable(blocker / "mask.parquet")
-    with pytest.raises(MaskError, match="pass --out to a writable directory"):
+    with pytest.raises(MaskError, match="cannot write .*x.md .*give a path in a writable directory"):
         write_text_atomic("x", blocker / "x.md")
+    # a failure of the rename itself (the target is a directory) is one line too, and leaves no temporary file
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(MaskError, match=r"cannot write .*adir \(Is a directory\)"):
+        write_text_atomic("x", tmp_path / "adir")
+    assert _listing(tmp_path) == ["adir", "file"]
 
 
 def test_digest_is_sha256_of_the_concatenation() -> None:
@@ -106,3 +111,46 @@ def test_known_fingerprints_stay_the_same() -> None:
     digits = load_dataset("digits", download=False)
     assert digits.fingerprint() == "74386a5df671a830"
     assert make_split(digits).fingerprint() == "c1f6f7500f527f8f"
+
+
+def test_read_mask_trusts_only_a_file_of_the_masks_schema(tmp_path: Path) -> None:
+    """Damaged metadata and wrong column types are one MaskError; the metadata names the score column."""
+    from idtl_ray.mask import META_KEY, read_mask, write_mask
+
+    ids, labels = np.arange(10, 14), np.array([0, 1, 0, 1])
+    write_mask(tmp_path / "m.parquet", ids, labels, np.array([0.1, 0.9, 0.2, 0.3]), np.array([1, 0, 1, 1], bool),
+               {"dataset": "x", "score_column": "self_influence"}, "self_influence")
+    good = pq.read_table(tmp_path / "m.parquet")
+    assert read_mask(tmp_path / "m.parquet").kept_ids.tolist() == [10, 12, 13]
+
+    def variant(name: str, table: pa.Table) -> Path:
+        pq.write_table(table, tmp_path / name)
+        return tmp_path / name
+
+    broken = good.replace_schema_metadata({META_KEY: b"{not json"})
+    with pytest.raises(MaskError, match="damaged metadata"):
+        read_mask(variant("meta.parquet", broken))
+    ints = good.set_column(3, "keep", pa.array([1, 0, 1, 1], pa.int64())).replace_schema_metadata(good.schema.metadata)
+    with pytest.raises(MaskError, match="keep is int64, not bool"):  # kept_ids would have read them as positions
+        read_mask(variant("ints.parquet", ints))
+    both = good.append_column("delta_val_loss", pa.array([-1.0, 1.0, 2.0, 3.0])).select(
+        ["sample_id", "label", "delta_val_loss", "self_influence", "keep"]).replace_schema_metadata(good.schema.metadata)
+    m = read_mask(variant("both.parquet", both))
+    assert m.score_name == "self_influence" and m.scores.tolist() == [0.1, 0.9, 0.2, 0.3]
+
+
+def test_inspect_prints_the_summary_even_where_the_plot_cannot_go(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from idtl_ray.cli import app
+    from idtl_ray.mask import write_mask
+
+    write_mask(tmp_path / "m.parquet", np.arange(4), np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.2, 0.3]),
+               np.array([1, 0, 1, 1], bool), {"dataset": "x", "n_dropped": 1}, "self_influence")
+    (tmp_path / "plots").mkdir()
+    ok = CliRunner().invoke(app, ["inspect", str(tmp_path / "m.parquet"), "--png", str(tmp_path / "plots")])
+    assert ok.exit_code == 0 and (tmp_path / "plots" / "scores.png").is_file(), ok.output  # a directory: scores.png in it
+    (tmp_path / "blocker").write_text("")
+    bad = CliRunner().invoke(app, ["inspect", str(tmp_path / "m.parquet"), "--png", str(tmp_path / "blocker" / "p.png")])
+    assert bad.exit_code == 2 and "dataset" in bad.stdout
+    assert bad.stderr.startswith("error: cannot write") and bad.stderr.count("\n") == 1
