@@ -9,7 +9,7 @@ its option names (``flags``) and allowed values (``choices``); :mod:`idtl_ray.cl
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .errors import InputError
@@ -46,6 +46,11 @@ def _deep_example(names: list[str]) -> str:
     """`` (or deeper ones, e.g. layer4.2.bn3)``: the module of the model's last nested parameter, if any."""
     deep = [m for m in (n.rpartition(".")[0] for n in names) if "." in m]
     return f" (or deeper ones, e.g. {deep[-1]})" if deep else ""
+
+
+def _default(f: Field[Any]) -> Any:
+    """A dataclass field's default value (a fresh one for a default factory)."""
+    return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
 @dataclass
@@ -113,6 +118,13 @@ class ScoreConfig:
         if self.drop_threshold != 0.0 and self.drop != "paper":
             raise InputError(f"--drop-threshold applies to --drop paper only, not --drop {self.drop}: "
                              "add --drop paper --score paper, or leave --drop-threshold out")
+        if self.drop != "auto":  # --auto-* apply to --drop auto only: refused rather than silently ignored
+            flags = {"auto_budgets": "--auto-budget", "auto_epochs": "--auto-epochs"}
+            given = [flags[f.name] for f in fields(self) if f.name in flags and getattr(self, f.name) != _default(f)]
+            if given:
+                raise InputError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to --drop auto "
+                                 f"only, not --drop {self.drop}: leave {'them' if len(given) > 1 else 'it'} out, or use "
+                                 "--drop auto")
         if self.drop == "auto":
             if not self.auto_budgets:
                 raise InputError("--drop auto needs at least one candidate budget, e.g. --auto-budget 0.1 --auto-budget 0.2")

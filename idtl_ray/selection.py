@@ -30,7 +30,7 @@ def budget_count(budget: int | float, n: int) -> int:
         raise InputError(f"a drop budget must be a count or a fraction, got {budget!r}")
     b = float(budget)
     if not np.isfinite(b) or b < 0:
-        raise InputError(f"a drop budget must be >= 0, got {budget}: pass a fraction below 1 or a count")
+        raise InputError(f"a drop budget must be a finite number >= 0, got {budget}: pass a fraction below 1 or a count")
     if b < 1:
         return int(np.floor(b * n))
     if not b.is_integer():

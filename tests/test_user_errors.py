@@ -22,7 +22,7 @@ PAPER = InfluenceConfig(score="paper")
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"drop": "budget", "drop_budget": -1}, "drop budget must be >= 0"),
+    ({"drop": "budget", "drop_budget": -1}, "drop budget must be a finite number >= 0"),
     ({"drop_budget": 0.2}, "--drop-budget applies to --drop budget and --drop paper"),  # --drop auto would ignore it
     ({"shard_size": 0}, "--shard-size must be >= 1"),
     ({"params": ["fc2"]}, "--param chooses the parameters of --score paper"),
@@ -34,6 +34,12 @@ PAPER = InfluenceConfig(score="paper")
     ({"head_steps": 0}, "--head-steps must be >= 1"),
     ({"target_classes": [-1], "influence": PAPER}, "--target-class takes class indices >= 0"),
     ({"target_classes": [3]}, "--target-class picks the validation samples .*--score self.*add --score paper"),
+    ({"drop": "budget", "drop_budget": 0.1, "auto_epochs": 3}, "--auto-epochs applies to --drop auto only, not --drop budget"),
+    ({"drop": "budget", "drop_budget": 0.1, "auto_budgets": [0.5], "auto_epochs": 3},
+     "--auto-budget and --auto-epochs apply to --drop auto only"),
+    ({"auto_budgets": [float("inf")]}, "a drop budget must be a finite number >= 0, got inf"),
+    ({"influence": {"tol": -1.0}}, "--tol must be a finite number > 0"),
+    ({"influence": {"lissa_scale": float("nan")}}, "--lissa-scale must be a finite number > 0, got nan"),
 ])
 def test_score_settings_fail_at_construction(kw, match) -> None:
     with pytest.raises(InputError, match=match):

@@ -52,8 +52,10 @@ class InfluenceConfig:
             raise InputError(f"--max-iter must be >= 1, got {self.max_iter}")
         if self.curvature_samples is not None and self.curvature_samples < 1:
             raise InputError(f"--curvature-samples must be >= 1, or 0 for all of them (None in the API), got {self.curvature_samples}")
-        if self.lissa_scale <= 0:
-            raise InputError(f"--lissa-scale must be > 0, got {self.lissa_scale}")
+        if not (self.lissa_scale > 0 and math.isfinite(self.lissa_scale)):
+            raise InputError(f"--lissa-scale must be a finite number > 0, got {self.lissa_scale}")
+        if not (self.tol > 0 and math.isfinite(self.tol)):
+            raise InputError(f"--tol must be a finite number > 0 (the relative residual to stop at), got {self.tol}")
 
 
 @dataclass
