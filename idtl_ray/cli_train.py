@@ -42,6 +42,7 @@ PRETRAIN_OPTIONS = Options(FinetuneConfig, build=False, only=_PRETRAIN_FIELDS, o
     "dataset": {"default": "emnist-letters", "help": "Source dataset (paper 4.1: emnist-letters)."},
     "epochs": {"default": 2, "help": "Training epochs (paper 4.1: 2)."},
     "out": {"required": True, "help": "Checkpoint file to write (the run itself lives in <out>.run/)."},
+    "seed": {"help": "Seed of the initialisation and the shuffling (pretrain trains on every sample: no split)."},
 })  # fmt: skip
 FINETUNE_OPTIONS = Options(FinetuneConfig, skip=_TEST_ONLY, override={"strategy": _STRATEGY})
 # compare trains all three strategies on the mask's split; one strategy's freezing or hybrid init does not apply.

@@ -27,8 +27,8 @@ from .storage import digest, local_out_path, write_json_atomic, write_text_atomi
 
 def pretrain(dataset: str, model: str, epochs: int, out: str | Path, batch_size: int = 128, lr: float = 1e-3,
              seed: int = 0, data_dir: str | None = None, image_size: int | None = None, *, workers: int = 1,
-             cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, address: str | None = None,
-             progress: bool | Progress = True) -> dict[str, Any]:  # fmt: skip
+             cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, gpus: int | None = None,
+             address: str | None = None, progress: bool | Progress = True) -> dict[str, Any]:  # fmt: skip
     """Train a source model (paper Table 1: Xavier, Adam 1e-3, batch 128) on every training sample.
 
     Uses the same TorchTrainer path (strategy scratch, ``split="none"``, no lr drop); the run lives in
@@ -36,12 +36,13 @@ def pretrain(dataset: str, model: str, epochs: int, out: str | Path, batch_size:
     dataset_fingerprint, epochs, test_error} (``classes``: the head's class names, which
     ``score --head auto`` compares with the target's). Returns that meta plus ``path``.
     ``progress``: lines ``pretrain: epoch k/n: ...`` on stderr (a callable receives them; False: silent).
+    ``gpus``: N DDP workers with one GPU each, asked of the autoscaler on a cluster (as ``finetune --gpus``).
     """
     path = local_out_path(out)
     cfg = FinetuneConfig(dataset=dataset, model=model, strategy="scratch", split="none", epochs=epochs,
                          batch_size=batch_size, lr=lr, lr_drop_at=1.0, seed=seed, data_dir=data_dir,
                          image_size=image_size, workers=workers, cpus_per_worker=cpus_per_worker,
-                         gpus_per_worker=gpus_per_worker, address=address, out=str(path) + ".run")  # fmt: skip
+                         gpus_per_worker=gpus_per_worker, gpus=gpus, address=address, out=str(path) + ".run")  # fmt: skip
     final = F.run_finetune(cfg, progress=emitter(progress, "pretrain: ") or False)
     trained, run_meta = M.load_checkpoint(Path(cfg.out_dir) / "model.pt")
     classes = run_meta.get("classes") or make_plan(cfg).data.classes  # labels only, as the run read them

@@ -342,6 +342,8 @@ def test_pretrain_writes_a_project_checkpoint_with_its_meta(tmp_path: Path, monk
     assert meta == {"dataset": "digits", "classes": [str(i) for i in range(10)], "dataset_fingerprint": "abc", "epochs": 2,
                     "test_error": 1.5}
     assert res["path"] == str((tmp_path / "src.pt").resolve())
+    pretrain("digits", "sample-cnn", 2, tmp_path / "gpu.pt", gpus=2, progress=lambda _: None)  # --gpus, as finetune
+    assert (got[-1].workers, got[-1].gpus_per_worker) == (2, 1.0)
     assert capsys.readouterr().err.splitlines() == ["pretrain: epoch 1/2: train loss 0.5000 (1 s)",
                                                     f"pretrain: wrote {res['path']} (test error 1.50%)"]
 
