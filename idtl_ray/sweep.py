@@ -155,13 +155,11 @@ def run_sweep(base: FinetuneConfig, frozen: list[int], out: str | Path, max_conc
 
 def _check_inputs(base: FinetuneConfig) -> None:
     """A missing mask or weights file is refused before Ray starts, not in every trial."""
-    from .errors import MaskError
-    from .finetune import mask_file
+    from .finetune.plan import existing_mask_file
 
     M.check_weights_file(base.weights if base.strategy != "scratch" else None)
-    if base.mask and not mask_file(base.mask).is_file():
-        raise MaskError(f"mask {mask_file(base.mask)} not found: pass the mask.parquet (or the directory) that "
-                        "`idtl-ray score` wrote")
+    if base.mask:
+        existing_mask_file(base.mask)
 
 
 _TRIAL_DRIVER_CPU = 0.5  # a trial's driver only waits on its TorchTrainer

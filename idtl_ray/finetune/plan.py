@@ -41,6 +41,14 @@ def mask_file(mask: str) -> Path:
     return p / "mask.parquet" if p.is_dir() else p
 
 
+def existing_mask_file(mask: str) -> Path:
+    """:func:`mask_file`, refused at once when it does not exist (before the data: a typo must cost nothing)."""
+    p = mask_file(mask)
+    if not p.is_file():
+        raise MaskError(f"mask {p} not found: pass the mask.parquet (or the directory) that `idtl-ray score` wrote")
+    return p
+
+
 def make_plan(cfg: FinetuneConfig, *, say: Progress | None = None, write: bool = True) -> Plan:
     """Open the data's labels, load the split and pick the training samples (every training id, or those
     the mask keeps). A dataset given by name is prepared into the cache first (``say`` hears about it).
@@ -50,9 +58,7 @@ def make_plan(cfg: FinetuneConfig, *, say: Progress | None = None, write: bool =
     from ..data.cache import ensure_prepared
     from ..data.samples import open_target
 
-    mask_path = mask_file(cfg.mask) if cfg.mask and cfg.strategy == "instance" else None
-    if mask_path is not None and not mask_path.is_file():  # before the data: a typo must cost nothing
-        raise MaskError(f"mask {mask_path} not found: pass the mask.parquet (or the directory) that `idtl-ray score` wrote")
+    mask_path = existing_mask_file(cfg.mask) if cfg.mask and cfg.strategy == "instance" else None
     data = open_target(ensure_prepared(cfg.dataset, cfg.data_dir, cfg.image_size, say=say))
     shipped = Rows("val", np.arange(len(data.val), dtype=np.int64)) if data.val is not None else None
     if cfg.split == "none":

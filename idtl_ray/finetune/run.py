@@ -86,7 +86,8 @@ def _check_epochs(cfg: FinetuneConfig, out: Path, name: str) -> None:
 
     for ckpt in sorted((out / "ray" / name).glob("checkpoint_epoch=*"), reverse=True):
         try:
-            history = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)["history"]
+            # mmap: only the history is needed, not the model and optimizer tensors read into memory
+            history = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True, mmap=True)["history"]
         except (OSError, RuntimeError, KeyError, EOFError):  # a checkpoint cut short: Ray Train skips it too
             continue
         done = len(history)
