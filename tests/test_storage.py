@@ -154,3 +154,18 @@ def test_inspect_prints_the_summary_even_where_the_plot_cannot_go(tmp_path: Path
     bad = CliRunner().invoke(app, ["inspect", str(tmp_path / "m.parquet"), "--png", str(tmp_path / "blocker" / "p.png")])
     assert bad.exit_code == 2 and "dataset" in bad.stdout
     assert bad.stderr.startswith("error: cannot write") and bad.stderr.count("\n") == 1
+
+
+def test_saved_prescoring_is_used_only_by_the_run_that_wrote_it(tmp_path: Path) -> None:
+    """A resume whose run.json was lost must not pick up another run's s (its scores would be wrong)."""
+    from idtl_ray.influence import SolveInfo
+    from idtl_ray.scoring.parts import RunParts
+    from idtl_ray.scoring.prescore import Prescored
+
+    solve = SolveInfo("cg", 3, 1e-5, True, 1.0, 2.0)
+    RunParts(tmp_path / "parts", "aaaa", resume=False).save_prescored(Prescored(np.arange(4.0), solve, 10))
+    (tmp_path / "parts" / "run.json").unlink()
+    assert RunParts(tmp_path / "parts", "bbbb", resume=True).load_prescored() is None
+    (tmp_path / "parts" / "run.json").unlink()
+    again = RunParts(tmp_path / "parts", "aaaa", resume=True).load_prescored()
+    assert again is not None and np.array_equal(again.payload, np.arange(4.0)) and again.n_val == 10

@@ -2,7 +2,8 @@
 
     <out>/.idtl-lock             held (flock) by the run that owns <out>; a second run refuses
     <out>/parts/run.json         the run's fingerprint: a resume with other settings is refused
-    <out>/parts/prescored.npz    s or the head factors, so a resume skips the pre-scoring stage
+    <out>/parts/prescored.npz    s or the head factors, so a resume skips the pre-scoring stage (it
+                                 records the fingerprint: another run's file is never used)
     <out>/parts/scores-<fingerprint>/*.parquet  (sample_id, score) files written by Ray Data
 
 A file a killed write task left half-written does not parse: it is deleted and its samples scored
@@ -27,14 +28,12 @@ from ..storage import LOCK_NAME, hold_directory, save_npz_atomic, write_json_ato
 from .prescore import Prescored
 
 
-
-
-
 class RunParts:
     """The ``parts/`` folder of one run (or a throw-away one when the caller gave no ``--out``)."""
 
     def __init__(self, root: Path, fingerprint: str, resume: bool):
         self.root = root
+        self.fingerprint = fingerprint
         self._rows: dict[Path, int] = {}  # rows of the complete score files seen so far (progress)
         # per fingerprint: a write task that outlives an earlier run can never add to this one
         self.scores_dir = root / f"scores-{fingerprint or 'run'}"
@@ -61,6 +60,8 @@ class RunParts:
         try:
             z = np.load(f, allow_pickle=False)
             meta = json.loads(str(z["meta"]))
+            if meta.get("fingerprint") != self.fingerprint:  # another run's (its run.json was lost)
+                return None
             payload: Any = z["s"] if "s" in z.files else {k[2:]: z[k] for k in z.files if k.startswith("f_")}
             return Prescored(payload, SolveInfo(**meta["solve"]), int(meta["n_val"]), {})
         except Exception:  # damaged or from another version: computed again, as a damaged score file is
@@ -69,7 +70,8 @@ class RunParts:
     def save_prescored(self, p: Prescored) -> None:
         """Save it atomically (a unique temporary name, then rename)."""
         arrays = {"s": p.payload} if isinstance(p.payload, np.ndarray) else {f"f_{k}": v for k, v in p.payload.items()}
-        save_npz_atomic(self.root / "prescored.npz", meta=json.dumps({"solve": p.solve.as_dict(), "n_val": p.n_val}),
+        save_npz_atomic(self.root / "prescored.npz", meta=json.dumps({"solve": p.solve.as_dict(), "n_val": p.n_val,
+                                                                 "fingerprint": self.fingerprint}),
                         **arrays)
 
     # ── the written scores ──
