@@ -92,6 +92,7 @@ def _load_mnist_5k(data_dir: Path, download: bool, image_size: int | None) -> Ta
 class _TvSpec:
     expected: str  # files under data_dir, for the error message
     fetch: str  # what to download and how to unpack it
+    own: tuple[str, ...]  # its entries of data_dir: what the cache key stamps
 
 
 _IDX4 = "{train-images-idx3-ubyte,train-labels-idx1-ubyte,t10k-images-idx3-ubyte,t10k-labels-idx1-ubyte}"
@@ -99,27 +100,33 @@ _TV_SPECS: dict[str, _TvSpec] = {
     "mnist": _TvSpec(
         f"MNIST/raw/{_IDX4}",
         "the four *.gz files from https://ossci-datasets.s3.amazonaws.com/mnist/ and gunzip them there",
+        ("MNIST",),
     ),
     "fashion-mnist": _TvSpec(
         f"FashionMNIST/raw/{_IDX4}",
         "the four *.gz files from http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/ and gunzip "
         f"them there (or install the Debian package dataset-fashion-mnist: files in {FASHION_MNIST_SYSTEM_DIR})",
+        ("FashionMNIST",),
     ),
     "emnist-letters": _TvSpec(
         "EMNIST/raw/emnist-letters-{train,test}-{images-idx3,labels-idx1}-ubyte",
         "https://biometrics.nist.gov/cs_links/EMNIST/gzip.zip and gunzip its emnist-letters-* files there",
+        ("EMNIST",),
     ),
     "cifar10": _TvSpec(
         "cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}",
         "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and extract it there",
+        ("cifar-10-batches-py",),
     ),
     "cifar100": _TvSpec(
         "cifar-100-python/{train,test,meta}",
         "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz and extract it there",
+        ("cifar-100-python",),
     ),
     "svhn": _TvSpec(
         "{train_32x32.mat,test_32x32.mat}",
         "train_32x32.mat and test_32x32.mat from http://ufldl.stanford.edu/housenumbers/ into that folder",
+        ("train_32x32.mat", "test_32x32.mat"),
     ),
 }
 
@@ -127,9 +134,7 @@ _TV_SPECS: dict[str, _TvSpec] = {
 def source_paths(name: str, data_dir: Path) -> list[Path]:
     """The files or folders a registry dataset is read from (what the cache's key stamps): its own
     sub-folder of ``data_dir``, not the whole folder, which other datasets share and downloads change."""
-    own = {"mnist": ["MNIST"], "fashion-mnist": ["FashionMNIST"], "emnist-letters": ["EMNIST"],
-           "cifar10": ["cifar-10-batches-py"], "cifar100": ["cifar-100-python"],
-           "svhn": ["train_32x32.mat", "test_32x32.mat"], "cats-vs-dogs": ["cats-vs-dogs"]}.get(name, [])
+    own = _TV_SPECS[name].own if name in _TV_SPECS else ("cats-vs-dogs",) if name == "cats-vs-dogs" else ()
     extra = [FASHION_MNIST_SYSTEM_DIR] if name == "fashion-mnist" else []
     return [data_dir / p for p in own] + extra
 
