@@ -49,13 +49,19 @@ def _on_a_gpu_worker(monkeypatch, module=None, name: str = "prescore") -> None:
     monkeypatch.setattr(module, name, where)
 
 
-def test_gpu_cluster_solves_on_a_gpu_worker_and_matches_in_process(ray_with_a_logical_gpu, tmp_path, monkeypatch):
+def _digits_in_float64() -> tuple[TensorDataset, TensorDataset, torch.nn.Module]:
+    """600 digits training and the validation samples, and a seeded sample-cnn, all float64."""
     d = load_dataset("digits")
     tr, va, _ = apply_split(d, make_split(d, 0.1, 0))
     train = TensorDataset(to_tensor(tr.x[:600], d.mean, d.std).double(), torch.from_numpy(tr.y[:600]))
     val = TensorDataset(to_tensor(va.x, d.mean, d.std).double(), torch.from_numpy(va.y))
     torch.manual_seed(0)
     model = build_model("sample-cnn", 10, in_channels=1, image_size=8).double()
+    return train, val, model
+
+
+def test_gpu_cluster_solves_on_a_gpu_worker_and_matches_in_process(ray_with_a_logical_gpu, tmp_path, monkeypatch):
+    train, val, model = _digits_in_float64()
     cfg = InfluenceConfig(score="paper", curvature_samples=128, max_iter=8, tol=1e-3, batch_size=64)
     inproc = score_samples(model, train, val, score="paper", solver=cfg.solver, damping=cfg.damping, batch_size=cfg.batch_size,
                            curvature_samples=cfg.curvature_samples, max_iter=cfg.max_iter, tol=cfg.tol, device="cpu").scores
@@ -67,12 +73,7 @@ def test_gpu_cluster_solves_on_a_gpu_worker_and_matches_in_process(ray_with_a_lo
 
 
 def test_gpu_cluster_fits_the_self_influence_factors_off_the_driver(ray_with_a_logical_gpu, tmp_path, monkeypatch):
-    d = load_dataset("digits")
-    tr, va, _ = apply_split(d, make_split(d, 0.1, 0))
-    train = TensorDataset(to_tensor(tr.x[:600], d.mean, d.std).double(), torch.from_numpy(tr.y[:600]))
-    val = TensorDataset(to_tensor(va.x, d.mean, d.std).double(), torch.from_numpy(va.y))
-    torch.manual_seed(0)
-    model = build_model("sample-cnn", 10, in_channels=1, image_size=8).double()
+    train, val, model = _digits_in_float64()
     cfg = InfluenceConfig(curvature_samples=128, batch_size=64)
     inproc = score_samples(model, train, curvature_samples=128, batch_size=64, device="cpu").scores
     _on_a_gpu_worker(monkeypatch)
