@@ -29,7 +29,7 @@ import typer
 
 from .cli_common import user_errors
 from .cli_options import Options, with_options
-from .errors import IdtlError
+from .errors import IdtlError, InputError
 from .finetune import STRATEGIES, FinetuneConfig, pretrain
 
 # What the command line says about FinetuneConfig beyond its field metadata.
@@ -78,10 +78,17 @@ def _score_fn(dataset: str, model: str, weights: str, data_dir: str | None, imag
         from .config import ScoreConfig
         from .workflow import run_score  # lazy: the scoring workflow is another module's stage
 
-        res = run_score(ScoreConfig(dataset=dataset, model=model, weights=weights, data_dir=data_dir,
-                                    image_size=image_size, val_fraction=val_fraction, seed=seed, out=out_dir,
-                                    address=address, auto_epochs=epochs, gpus=gpus or 0))  # fmt: skip
-        return str(res["mask"])
+        cfg = ScoreConfig(dataset=dataset, model=model, weights=weights, data_dir=data_dir, image_size=image_size,
+                          val_fraction=val_fraction, seed=seed, out=out_dir, address=address, auto_epochs=epochs,
+                          gpus=gpus or 0, resume=True)  # a rerun reuses (or finishes) this score, never another's
+        try:
+            return str(run_score(cfg)["mask"])
+        except IdtlError as e:
+            if not str(e).startswith("cannot resume"):
+                raise
+            detail = str(e).removeprefix("cannot resume: ").split("; ")[0]
+            raise InputError(f"compare reuses the score in {out_dir}, but {detail}; remove {out_dir} to score "
+                             "again, or choose another --out") from None
 
     return score
 

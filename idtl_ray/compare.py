@@ -61,11 +61,11 @@ def _resolve_mask(out: Path, mask: str | None, score_fn: Callable[[str], str] | 
             raise MaskError(f"mask {p} not found; run `idtl-ray score` first or leave --mask out to score now")
         return p
     p = out / "score" / "mask.parquet"
+    if score_fn is not None:  # it resumes: a finished score with these settings comes back as is, another is refused
+        return mask_file(str(score_fn(str(out / "score"))))
     if p.is_file():
         return p
-    if score_fn is None:
-        raise MaskError(f"no mask given and none at {p}; pass --mask or a score_fn that writes one")
-    return mask_file(str(score_fn(str(out / "score"))))
+    raise MaskError(f"no mask given and none at {p}; pass --mask or a score_fn that writes one")
 
 
 def compare_table(rows: list[dict[str, Any]], dataset: str) -> str:
@@ -161,8 +161,9 @@ def run_compare(dataset: str, model: str, weights: str, epochs: int, *, out: str
                 **finetune_kw: Any) -> dict[str, Any]:  # fmt: skip
     """Train scratch, model-based and instance-based on the same split; print and save the table.
 
-    The split is the split.json beside the mask. Without ``mask``, ``<out>/score/mask.parquet`` is
-    used, or ``score_fn(<out>/score) -> mask path`` makes one (the CLI runs the scoring stage).
+    The split is the split.json beside the mask. Without ``mask``, ``score_fn(<out>/score) -> mask path``
+    makes one or resumes the one there (the CLI's resumes the scoring stage, so a rerun reuses a finished
+    score of the same settings and refuses another); without either, ``<out>/score/mask.parquet`` is used.
     ``scratch_epochs`` (default ``epochs``; the paper trains scratch longer) and ``finetune_kw``
     (any other :class:`FinetuneConfig` field) apply to all three runs. ``baselines`` (names from
     :data:`idtl_ray.baselines.METHODS`) adds one ``instance`` run per baseline on a mask that drops as

@@ -319,6 +319,34 @@ def test_compare_scores_when_no_mask_and_uses_one_split(tmp_path: Path, monkeypa
     assert [(c.strategy, c.freeze_conv) for c in seen] == [("scratch", False), ("model", True), ("instance", True)]
 
 
+def test_compare_rescores_through_a_resume_that_refuses_another_settings_score(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """compare never takes <out>/score/mask.parquet on trust: it resumes the score, so a score made with other
+    settings (here, --drop auto trials of another length) is refused in one line that names the fix."""
+    import idtl_ray.workflow as W
+    from idtl_ray.cli_train import _score_fn
+    from idtl_ray.compare import _resolve_mask
+
+    seen = []
+
+    def fake_run_score(cfg):
+        seen.append(cfg)
+        if cfg.auto_epochs != 3:
+            raise InputError(f"cannot resume: {cfg.out} holds a finished run with other settings (auto_epochs); "
+                             "drop --resume to score again, or choose another --out")
+        return {"mask": str(_mask_dir(Path(cfg.out))[0])}
+
+    monkeypatch.setattr(W, "run_score", fake_run_score)
+    (tmp_path / "score").mkdir()
+    _mask_dir(tmp_path / "score")  # an old mask is there: it is not returned unchecked
+    with pytest.raises(InputError, match=r"compare reuses the score in .*score, but .* other settings \(auto_epochs\); "
+                                         r"remove .*score to score again"):
+        _resolve_mask(tmp_path, None, _score_fn("digits", "sample-cnn", "none", None, None, 0.1, 0, None, epochs=5))
+    assert seen[-1].resume and seen[-1].auto_epochs == 5
+    got = _resolve_mask(tmp_path, None, _score_fn("digits", "sample-cnn", "none", None, None, 0.1, 0, None, epochs=3))
+    assert got == tmp_path / "score" / "mask.parquet" and seen[-1].resume
+
+
 def test_pretrain_writes_a_project_checkpoint_with_its_meta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture) -> None:
     """pretrain = one scratch run on every training sample (``split="none"``), then a checkpoint at ``out``."""
