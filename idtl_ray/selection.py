@@ -14,6 +14,7 @@ A budget has one meaning everywhere: a value below 1 is a fraction of the sample
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Literal
 
 import numpy as np
@@ -31,8 +32,8 @@ def budget_count(budget: int | float, n: int) -> int:
     b = float(budget)
     if not np.isfinite(b) or b < 0:
         raise InputError(f"a drop budget must be a finite number >= 0, got {budget}: pass a fraction below 1 or a count")
-    if b < 1:
-        return int(np.floor(b * n))
+    if b < 1:  # the decimal the user wrote, times n: 0.29 * 100 is 28.999... in floats, and 29 samples here
+        return int(Fraction(repr(b)) * n)
     if not b.is_integer():
         raise InputError(f"a drop budget >= 1 is a count and must be a whole number, got {budget}: "
                          "pass a fraction below 1 (e.g. 0.1) or a count (e.g. 100)")

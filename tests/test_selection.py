@@ -191,6 +191,9 @@ def test_cg_stops_on_real_divergence():
 def test_one_budget_meaning_everywhere():
     assert budget_count(1, 100) == budget_count(1.0, 100) == 1
     assert budget_count(0.25, 100) == 25 and budget_count(0, 100) == 0 and budget_count(500, 100) == 100
+    # the fraction as written, not its float product: 0.29 * 100 == 28.999999999999996
+    assert [budget_count(0.29, 100), budget_count(0.57, 100), budget_count(0.35, 45000)] == [29, 57, 15750]
+    assert budget_count(1 / 3, 10) == 3 and budget_count(0.999, 10) == 9
     with pytest.raises(InputError, match="whole number"):
         budget_count(1.5, 100)
     with pytest.raises(InputError, match=">= 0"):
