@@ -317,8 +317,9 @@ def _mask_meta(cfg: ScoreConfig, data: Any, split: Any, sizes: tuple[int, int], 
 
 
 def _check_budgets_fit(cfg: ScoreConfig, n_train: int) -> None:
-    """A count budget must leave something to train on: refused here, before the head fit and Ray start."""
-    budgets = ([cfg.drop_budget] if cfg.drop_budget is not None else []) + (
+    """A count budget must leave something to train on: refused here, before the head fit and Ray start.
+    (Under --drop paper the budget is a cap on the paper's rule, and a cap above n is simply no cap.)"""
+    budgets = ([cfg.drop_budget] if cfg.drop == "budget" and cfg.drop_budget is not None else []) + (
         list(cfg.auto_budgets or []) if cfg.drop == "auto" else [])
     for b in budgets:
         if b >= 1 and int(b) >= n_train:

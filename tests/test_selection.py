@@ -204,6 +204,19 @@ def test_one_budget_meaning_everywhere():
     assert keep_least_harmful(harm_of(s, "self"), 2).tolist() == [False, True, True, False, True]
 
 
+def test_a_count_budget_that_drops_everything_is_refused_before_scoring_but_a_paper_cap_is_not():
+    from idtl_ray.workflow import _check_budgets_fit
+
+    with pytest.raises(InputError, match="--drop-budget 5000 would drop all 4000"):
+        _check_budgets_fit(ScoreConfig(drop="budget", drop_budget=5000), 4000)
+    with pytest.raises(InputError, match="--auto-budget 4000 would drop all 4000"):
+        _check_budgets_fit(ScoreConfig(drop="auto", auto_budgets=[0.0, 4000]), 4000)
+    # under --drop paper the budget caps the paper's rule; a cap above n is no cap (as keep_mask reads it)
+    _check_budgets_fit(ScoreConfig(drop="paper", drop_budget=5000, influence=InfluenceConfig(score="paper")), 4000)
+    assert keep_mask(np.array([-1.0, 1.0, -2.0, 3.0]), 0.0, 5000).tolist() == [False, True, False, True]
+    _check_budgets_fit(ScoreConfig(drop="budget", drop_budget=3999), 4000)
+
+
 def test_score_config_seed_seeds_the_curvature_subsample():
     a, b = ScoreConfig(seed=0), ScoreConfig(seed=1)
     assert (a.influence.seed, b.influence.seed) == (0, 1)
