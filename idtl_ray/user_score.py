@@ -4,6 +4,7 @@ exactly like :func:`idtl_ray.workflow.run_score`, with an optional Parquet mask.
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__
 from .errors import InputError
 from .influence import InfluenceConfig, ParamSpec
+from .influence.inputs import label_tensor
 from .mask import write_mask
 from .scoring import ArraySet, PipelineResult, ScoreOutput, ensure_ray, hold_directory, run_fingerprint, run_pipeline
 from .selection import budget_count, harm_of, keep_least_harmful, keep_mask
@@ -28,7 +30,7 @@ def _materialise(ds: Dataset, batch_size: int = 512) -> tuple[np.ndarray, np.nda
     xs, ys = [], []
     for xb, yb in DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0):
         xs.append(torch.as_tensor(xb).numpy())
-        ys.append(torch.as_tensor(yb).long().numpy())
+        ys.append(label_tensor(yb).long().numpy())  # float or bool labels are refused, not truncated
     if not xs:
         return np.zeros((0,)), np.zeros((0,), np.int64)
     return np.concatenate(xs), np.concatenate(ys)
@@ -69,6 +71,11 @@ def score(
                          "(the default) uses no validation set: pass config=InfluenceConfig(score='paper')")
     if drop_budget is not None:
         budget_count(drop_budget, 1)  # a bad budget fails now, not after the scoring
+    if not math.isfinite(drop_threshold):
+        raise InputError(f"drop_threshold must be a finite number, got {drop_threshold}")
+    if drop_threshold != 0.0 and config.score != "paper":
+        raise InputError("drop_threshold is the paper's rule (delta_val_loss < threshold); self-influence (the default) "
+                         "drops exactly drop_budget samples: pass drop_budget, or config=InfluenceConfig(score='paper')")
     check_pairs(train, "train")  # dict items etc.: one clear error, not the DataLoader's TypeError
     check_pairs(val, "val")
     tx, ty = _materialise(train, config.batch_size)
@@ -77,6 +84,9 @@ def score(
         raise InputError("the training set is empty: give at least one training sample")
     if len(vy) == 0:
         raise InputError("the validation set is empty: pass a validation set with at least one sample")
+    if config.score != "paper" and budget_count(0.1 if drop_budget is None else drop_budget, len(ty)) >= len(ty):
+        raise InputError(f"drop_budget {drop_budget} would drop all {len(ty)} training samples: pass a smaller count "
+                         "or a fraction below 1 (e.g. 0.1)")
     ids = np.arange(len(ty), dtype=np.int64)
     data_fp, split_fp = digest(tx, ty), digest(vx, vy)
     mfp = model_fingerprint(model)

@@ -58,6 +58,24 @@ def test_score_api_refuses_classes_without_the_papers_score(monkeypatch) -> None
         idtl_ray.score(nn.Linear(3, 2), data, data, classes=[1])
 
 
+@pytest.mark.parametrize("kw, labels, match", [
+    ({"drop_budget": 8}, torch.arange(8) % 2, "drop_budget 8 would drop all 8 training samples"),
+    ({"drop_threshold": -0.1}, torch.arange(8) % 2, "drop_threshold is the paper's rule"),
+    ({"drop_threshold": float("nan"), "config": PAPER}, torch.arange(8) % 2, "drop_threshold must be a finite number"),
+    ({}, torch.arange(8) % 2 + 0.7, "labels must be integers .*float"),  # 1.7 would have become class 1
+])
+def test_score_api_refuses_what_the_cli_refuses_before_ray(monkeypatch, kw, labels, match) -> None:
+    """The Python API applies the CLI's rules: no mask that keeps nothing, no ignored threshold, no truncated labels."""
+    import ray
+
+    import idtl_ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started"))
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3), labels)
+    with pytest.raises(InputError, match=match):
+        idtl_ray.score(nn.Linear(3, 2), data, torch.utils.data.TensorDataset(torch.randn(4, 3), torch.arange(4) % 2), **kw)
+
+
 def test_missing_weights_file_fails_at_construction(tmp_path) -> None:
     with pytest.raises(WeightsError, match="weights file .*nope.pt not found"):
         ScoreConfig(weights=str(tmp_path / "nope.pt"))
