@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .selection import budget_count, keep_least_harmful
+from .selection import budget_count, checked_scores, keep_least_harmful
 
 DEFAULT_CANDIDATES = (0.0, 0.05, 0.1, 0.2, 0.3)
 
@@ -156,10 +156,13 @@ def choose_budget(model: nn.Module, x: Any, y: np.ndarray, harm: np.ndarray, val
     recipe = recipe or TrainRecipe()
     if len(val_y) == 0:
         raise InputError("--drop auto needs a validation split to choose the budget on: use --drop budget instead")
+    harm = checked_scores(harm)  # a NaN or a length mismatch fails here in one line, not in every trial
+    if len(harm) != len(y):
+        raise InputError(f"harm has {len(harm)} entries for {len(y)} training samples: score the same samples")
     ks = sorted({0, *(budget_count(c, len(y)) for c in candidates)})
     if ks[-1] >= len(y):
         raise InputError(f"a candidate budget drops all {len(y)} samples: use fractions below 1")
-    data = {"x": x, "y": y, "harm": np.asarray(harm, dtype=np.float64), "val_x": val_x, "val_y": val_y,
+    data = {"x": x, "y": y, "harm": harm, "val_x": val_x, "val_y": val_y,
             "mean": mean, "std": std, "augment": augment, "seed": seed}
     if progress:
         progress(f"--drop auto: fine-tuning {len(ks)} candidates ({', '.join(map(str, ks))} samples dropped), "

@@ -40,7 +40,8 @@ def budget_count(budget: int | float, n: int) -> int:
     return min(int(b), n)
 
 
-def _finite(scores: np.ndarray) -> np.ndarray:
+def checked_scores(scores: np.ndarray) -> np.ndarray:
+    """``scores`` as a 1-D float64 array, or one InputError if it is not 1-D or holds NaN/inf."""
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 1:
         raise InputError(f"scores must be a 1-D array, got shape {scores.shape}")
@@ -57,7 +58,7 @@ def keep_mask(scores: np.ndarray, threshold: float = 0.0, max_drop: int | float 
         threshold: drop samples whose score is strictly below this (paper: 0).
         max_drop: drop at most this many samples (:func:`budget_count`); the most negative go first.
     """
-    scores = _finite(scores)
+    scores = checked_scores(scores)
     candidates = np.flatnonzero(scores < threshold)
     if max_drop is not None:
         budget = budget_count(max_drop, len(scores))
@@ -70,7 +71,7 @@ def keep_mask(scores: np.ndarray, threshold: float = 0.0, max_drop: int | float 
 
 def keep_least_harmful(harm: np.ndarray, k: int) -> np.ndarray:
     """Drop the ``k`` samples with the highest ``harm`` (ties: lower index first); True = keep."""
-    harm = _finite(harm)
+    harm = checked_scores(harm)
     if not 0 <= k <= len(harm):
         raise InputError(f"cannot drop {k} of {len(harm)} samples: choose a budget between 0 and {len(harm)}")
     keep = np.ones(len(harm), dtype=bool)
@@ -82,5 +83,5 @@ def harm_of(scores: np.ndarray, score: str) -> np.ndarray:
     """Scores oriented so that higher = drop first: self-influence as is, delta_val_loss negated."""
     if score not in ("self", "paper"):
         raise InputError(f"unknown score {score!r}: use self or paper")
-    s = _finite(scores)
+    s = checked_scores(scores)
     return s if score == "self" else -s

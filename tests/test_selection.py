@@ -217,6 +217,21 @@ def test_a_count_budget_that_drops_everything_is_refused_before_scoring_but_a_pa
     _check_budgets_fit(ScoreConfig(drop="budget", drop_budget=3999), 4000)
 
 
+def test_choose_budget_checks_the_harm_before_any_trial(monkeypatch):
+    """A NaN or a wrong length fails in one line before Ray Tune, not as 'every trial failed'."""
+    import ray.tune
+
+    from idtl_ray.budget import choose_budget
+
+    monkeypatch.setattr(ray.tune, "Tuner", lambda *a, **k: pytest.fail("Ray Tune started"))
+    x, y = np.zeros((6, 1, 4, 4), np.float32), np.arange(6) % 2
+    args = (nn.Linear(16, 2), x, y)
+    with pytest.raises(InputError, match="scores contain NaN"):
+        choose_budget(*args, np.array([0, 1, np.nan, 3, 4, 5.0]), x, y, 0.0, 1.0)
+    with pytest.raises(InputError, match="harm has 5 entries for 6 training samples"):
+        choose_budget(*args, np.arange(5.0), x, y, 0.0, 1.0)
+
+
 def test_score_config_seed_seeds_the_curvature_subsample():
     a, b = ScoreConfig(seed=0), ScoreConfig(seed=1)
     assert (a.influence.seed, b.influence.seed) == (0, 1)
