@@ -276,6 +276,7 @@ def _save_scored_model(cfg: ScoreConfig, out: Path, model: nn.Module, model_info
     if not cfg.resume:
         for name in ("mask.parquet", "summary.json"):
             (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "auto-budget", ignore_errors=True)  # an older run's Ray Tune experiment
 
     split.save(out / "split.json")
     save_checkpoint(out / "model.pt", model, {"dataset": data.name, "classes": list(data.classes), "dataset_fingerprint": data.fingerprint(),
@@ -369,6 +370,7 @@ def decide_keep(cfg: ScoreConfig, scores: np.ndarray, model: nn.Module, x: Any, 
     import ray
 
     gpus = 1.0 if cfg.gpus or ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    shutil.rmtree(out / "auto-budget", ignore_errors=True)  # one experiment there: this run's (Tune dates each one)
     choice = choose_budget(model, x, y, harm, val_pick, val_pick.y, data.mean, data.std,
                            candidates=cfg.auto_budgets, recipe=TrainRecipe(epochs=cfg.auto_epochs), augment=augment,
                            seed=cfg.seed, gpus_per_trial=gpus, storage=str((out / "auto-budget").resolve()),

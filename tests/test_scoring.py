@@ -288,6 +288,10 @@ def test_run_score_budget_one_means_one_sample_and_auto_records_its_trials(ray_s
     assert rule["rule"] == "auto" and [t["k"] for t in rule["trials"]] == [0, int(0.1 * auto["n_train"])]
     assert all(0 <= t["val_error"] <= 1 for t in rule["trials"])
     assert auto["n_dropped"] == rule["k"] and rule["k"] in (0, int(0.1 * auto["n_train"]))
+    tune_dir = Path(auto["mask"]).parent / "auto-budget"
+    assert len(list(tune_dir.iterdir())) == 1  # this run's Ray Tune experiment
+    run_score(_cfg(tmp_path, "auto", drop="budget", drop_budget=0.1, influence=fast), progress=False)
+    assert not tune_dir.exists()  # a fresh run into the same --out leaves no older run's experiment behind
 
 
 # ── CLI errors: one line, exit code 2, no partial mask ───────────────────────────────────────────
