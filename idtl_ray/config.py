@@ -86,6 +86,8 @@ class ScoreConfig:
         check_local_out(self.out)
         if isinstance(self.influence, dict):
             self.influence = InfluenceConfig(**self.influence)
+        if self.seed < 0:  # numpy's generators take none
+            raise InputError(f"--seed must be >= 0, got {self.seed}")
         # One seed: the curvature subsample follows ScoreConfig.seed (a second, silent seed made every
         # seed of a multi-seed table use the same subsample).
         if self.influence.seed not in (0, self.seed):

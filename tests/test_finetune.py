@@ -226,7 +226,7 @@ def test_a_rerun_may_not_re_time_the_lr_of_trained_epochs(tmp_path: Path, monkey
     """--epochs moves the x0.1 drop (at lr_drop_at x epochs): continuing 10 trained epochs to 20 would leave
     epochs 5-9 at the dropped lr, a schedule no fresh 20-epoch run has. Checked before Ray starts."""
     import idtl_ray.scoring as scoring
-    from idtl_ray.finetune.run import _check_epochs
+    from idtl_ray.finetune.run import _check_epochs, _newest_checkpoint
 
     monkeypatch.setattr(scoring, "ensure_ray", lambda *a, **k: pytest.fail("Ray started"))
     cfg = FinetuneConfig(strategy="scratch", epochs=10, out=str(tmp_path))
@@ -235,11 +235,12 @@ def test_a_rerun_may_not_re_time_the_lr_of_trained_epochs(tmp_path: Path, monkey
         d = tmp_path / "ray" / cfg.run_name() / f"checkpoint_epoch={n - 1:05d}"
         d.mkdir(parents=True)
         torch.save({"history": [{"epoch": e, "lr": lr_at(planned, e)} for e in range(n)]}, d / "state.pt")
+        np.save(d / "seen_ids.npy", np.arange(4))
 
     trained(3, cfg)  # interrupted before the drop: any length whose drop comes later continues it
-    _check_epochs(replace(cfg, epochs=20), tmp_path, cfg.run_name())
+    _check_epochs(replace(cfg, epochs=20), tmp_path, _newest_checkpoint(tmp_path, cfg.run_name())[1])
     trained(10, cfg)
-    _check_epochs(cfg, tmp_path, cfg.run_name())
+    _check_epochs(cfg, tmp_path, _newest_checkpoint(tmp_path, cfg.run_name())[1])
     with pytest.raises(InputError, match=r"epoch 5 ran at lr 0.0001, and --epochs 20 would run it at 0.001"):
         run_finetune(replace(cfg, epochs=20))
     with pytest.raises(InputError, match="trained for 10 epochs; --epochs 8 is fewer: pass --epochs 10"):
@@ -272,6 +273,15 @@ def test_cli_dry_run_and_one_line_errors(tmp_path: Path) -> None:
     bad = CliRunner().invoke(app, ["finetune", "--strategy", "instance", "--dry-run"])
     assert bad.exit_code == 2
     assert bad.stderr.strip() == "error: --strategy instance needs --mask (the mask.parquet written by `idtl-ray score`)"
+    neg = CliRunner().invoke(app, ["finetune", "--strategy", "scratch", "--seed", "-1", "--dry-run"])
+    assert neg.exit_code == 2 and neg.stderr.strip() == "error: --seed must be >= 0, got -1"  # numpy's traceback before
+    # a config.json that no idtl-ray run wrote is neither trusted nor overwritten
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "config.json").write_text("[1, 2]")
+    foreign = CliRunner().invoke(app, ["finetune", "--strategy", "scratch", "--out", str(tmp_path / "foreign")])
+    assert foreign.exit_code == 2 and "is not the config.json of an idtl-ray run" in foreign.stderr, foreign.output
+    assert (tmp_path / "foreign" / "config.json").read_text() == "[1, 2]"
+    assert sorted(p.name for p in (tmp_path / "foreign").iterdir()) == ["config.json"]
 
 
 def test_compare_scores_when_no_mask_and_uses_one_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -468,7 +478,7 @@ def test_killed_worker_restarts_from_its_checkpoint(killed_run: dict) -> None:
     assert final["precision"] == "fp32"  # --precision auto on CPU workers
 
 
-def test_rerunning_resumes_instead_of_starting_over(killed_run: dict) -> None:
+def test_rerunning_resumes_instead_of_starting_over(killed_run: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """Same command again: a finished run returns at once; a shorter one, or a longer one that would move the
     lr drop over epochs already trained, is refused (a run that can be continued is: test_a_rerun_may_not_...)."""
     cfg, out = killed_run["cfg"], killed_run["out"]
@@ -485,6 +495,19 @@ def test_rerunning_resumes_instead_of_starting_over(killed_run: dict) -> None:
 
     with pytest.raises(IdtlError, match="holds a run with another config"):
         run_finetune(replace(cfg, lr=0.01))
+
+    # Its outputs lost, again and again (final.json, model.pt): written again from the last checkpoint, without
+    # Ray Train, which would register that checkpoint twice and, on the next rerun, delete it as the oldest.
+    import idtl_ray.finetune.run as R
+
+    weights = M.load_checkpoint(out / "model.pt")[0].state_dict()
+    monkeypatch.setattr(R, "_trainer", lambda *a, **k: pytest.fail("Ray Train started for a finished run"))
+    for lost in ("final.json", "final.json", "model.pt"):
+        (out / lost).unlink()
+        assert run_finetune(cfg) == killed_run["final"]
+    assert sorted(p.name for p in (out / "ray").rglob("checkpoint_epoch=*")) == ckpts
+    assert all(torch.equal(v, weights[k]) for k, v in M.load_checkpoint(out / "model.pt")[0].state_dict().items())
+    monkeypatch.undo()
 
     # The same mask path re-scored to keep other samples: refused, not returned as the old run.
     mask = Path(cfg.mask)

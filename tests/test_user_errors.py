@@ -39,6 +39,7 @@ PAPER = InfluenceConfig(score="paper")
      "--auto-budget and --auto-epochs apply to --drop auto only"),
     ({"auto_budgets": [float("inf")]}, "a drop budget must be a finite number >= 0, got inf"),
     ({"influence": {"tol": -1.0}}, "--tol must be a finite number > 0"),
+    ({"seed": -1}, "--seed must be >= 0, got -1"),
     ({"influence": {"lissa_scale": float("nan")}}, "--lissa-scale must be a finite number > 0, got nan"),
 ])
 def test_score_settings_fail_at_construction(kw, match) -> None:

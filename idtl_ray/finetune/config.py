@@ -96,6 +96,8 @@ class FinetuneConfig:
                              "between DDP ranks (NCCL refuses it): use whole GPUs per worker, or one worker")
         if self.freeze is not None and self.freeze < 0 or self.hybrid_init is not None and self.hybrid_init < 0:
             raise InputError("--freeze and --hybrid-init take a layer count >= 0")
+        if self.seed < 0:  # numpy's generators take none
+            raise InputError(f"--seed must be >= 0, got {self.seed}")
 
     def _declare_gpus(self) -> None:
         """``--gpus N``: N workers with one GPU each (0: no GPU); it replaces --workers/--gpus-per-worker."""

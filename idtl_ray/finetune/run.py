@@ -25,7 +25,12 @@ def _check_out_dir(cfg: FinetuneConfig) -> Path:
     out = cfg.out_dir.expanduser().resolve()
     prev = out / "config.json"
     if prev.is_file():
-        old = json.loads(prev.read_text(encoding="utf-8"))
+        try:
+            old = json.loads(prev.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            old = None
+        if not isinstance(old, dict) or not {"strategy", "dataset", "model"} <= old.keys():
+            raise InputError(f"{prev} is not the config.json of an idtl-ray run: pass another --out, or move that file")
         diff = sorted(k for k, v in cfg.identity().items() if k in old and old[k] != v)
         if diff:
             raise InputError(f"{out} holds a run with another config (differs in {', '.join(diff)}); "
@@ -76,31 +81,35 @@ def _finished_run(cfg: FinetuneConfig, out: Path, plan: Plan, emit: Progress | N
     return ids_sha, None
 
 
-def _check_epochs(cfg: FinetuneConfig, out: Path, name: str) -> None:
-    """A rerun may continue a run to more epochs; it may not shorten it, nor re-time the learning rate of
-    epochs already trained (the x0.1 drop sits at ``lr_drop_at * epochs``, so ``--epochs`` moves it).
-
-    Reads the last checkpoint's history (every trained epoch with its learning rate).
-    """
-    from .worker import lr_at
-
+def _newest_checkpoint(out: Path, name: str) -> tuple[Path | None, list[dict[str, Any]]]:
+    """The newest checkpoint of run ``name`` that reads whole, and its history (every trained epoch with
+    its learning rate); ``(None, [])`` when there is none. One cut short is skipped, as Ray Train skips it."""
     for ckpt in sorted((out / "ray" / name).glob("checkpoint_epoch=*"), reverse=True):
         try:
-            # mmap: only the history is needed, not the model and optimizer tensors read into memory
+            # mmap: only the history is needed here, not the model and optimizer tensors read into memory
             history = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True, mmap=True)["history"]
-        except (OSError, RuntimeError, KeyError, EOFError):  # a checkpoint cut short: Ray Train skips it too
+            np.load(ckpt / "seen_ids.npy", mmap_mode="r")
+        except (OSError, RuntimeError, KeyError, EOFError, ValueError):
             continue
-        done = len(history)
-        if done > cfg.epochs:
-            raise InputError(f"{out} holds a run trained for {done} epochs; --epochs {cfg.epochs} is fewer: pass "
-                             f"--epochs {done} (or more, to continue it), or another --out")
-        moved = [row for row in history if not np.isclose(row["lr"], lr_at(cfg, row["epoch"]))]
-        if moved:
-            e = moved[0]["epoch"]
-            raise InputError(f"{out} holds {done} epochs trained on another learning-rate schedule: epoch {e} ran at lr "
-                             f"{moved[0]['lr']:g}, and --epochs {cfg.epochs} would run it at {lr_at(cfg, e):g} (the x0.1 "
-                             "drop comes at --lr-drop-at x --epochs). Train the new length in another --out")
-        return
+        return ckpt, list(history)
+    return None, []
+
+
+def _check_epochs(cfg: FinetuneConfig, out: Path, history: list[dict[str, Any]]) -> None:
+    """A rerun may continue a run to more epochs; it may not shorten it, nor re-time the learning rate of
+    epochs already trained (the x0.1 drop sits at ``lr_drop_at * epochs``, so ``--epochs`` moves it)."""
+    from .worker import lr_at
+
+    done = len(history)
+    if done > cfg.epochs:
+        raise InputError(f"{out} holds a run trained for {done} epochs; --epochs {cfg.epochs} is fewer: pass "
+                         f"--epochs {done} (or more, to continue it), or another --out")
+    moved = [row for row in history if not np.isclose(row["lr"], lr_at(cfg, row["epoch"]))]
+    if moved:
+        e = moved[0]["epoch"]
+        raise InputError(f"{out} holds {done} epochs trained on another learning-rate schedule: epoch {e} ran at lr "
+                         f"{moved[0]['lr']:g}, and --epochs {cfg.epochs} would run it at {lr_at(cfg, e):g} (the x0.1 "
+                         "drop comes at --lr-drop-at x --epochs). Train the new length in another --out")
 
 
 def _trainer(cfg: FinetuneConfig, out: Path, plan: Plan, model: nn.Module, name: str, callbacks: list[Any]) -> Any:
@@ -192,10 +201,20 @@ def _run(cfg: FinetuneConfig, out: Path, callbacks: list[Any] | None, run_name: 
     if final is not None:
         return final
     name = run_name or cfg.run_name()
-    _check_epochs(cfg, out, name)
+    ckpt, history = _newest_checkpoint(out, name)
+    _check_epochs(cfg, out, history)
     model, info = build_finetune_model(cfg, *arch_of(plan.data), data=plan.data)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic({**cfg.to_dict(), "train_ids_sha": ids_sha}, out / "config.json")
+    if ckpt is not None and len(history) == cfg.epochs:
+        # trained to the end, its outputs lost (final.json or model.pt removed, or a write failed): write them
+        # again from the checkpoint. Starting Ray Train to re-report it would make Ray's checkpoint manager
+        # count that directory twice and, on the next such rerun, delete it as the oldest of num_to_keep.
+        if emit:
+            emit(f"{out} holds all {cfg.epochs} epochs in {ckpt.name}: writing the run's outputs again")
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        return write_outputs(cfg, plan, out, model, state, np.load(ckpt / "seen_ids.npy"), info, name)
     (out / "final.json").unlink(missing_ok=True)  # a shorter run's result: it no longer describes this directory
     from ..scoring import ensure_ray
 

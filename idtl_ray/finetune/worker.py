@@ -283,6 +283,3 @@ def train_worker(config: dict[str, Any]) -> None:
             row.update(_evaluate(run, evals))
         run.history.append(row)
         _save_and_report(run, epoch, row)
-    if run.start >= cfg.epochs and run.history:
-        # a finished run started again: hand its final state back as this run's checkpoint (0 more epochs)
-        _save_and_report(run, run.start - 1, run.history[-1])

@@ -36,6 +36,8 @@ class InfluenceConfig:
     def __post_init__(self) -> None:
         if self.score not in ("self", "paper"):
             raise InputError(f"unknown score {self.score!r}: use self (self-influence, the default) or paper (delta_val_loss)")
+        if self.seed < 0:  # numpy's generators take none
+            raise InputError(f"seed must be >= 0, got {self.seed}")
         if self.head_params not in ("bias", "head"):
             raise InputError(f"unknown --head-params {self.head_params!r}: use bias or head")
         if not (self.head_damping > 0 and math.isfinite(self.head_damping)):
