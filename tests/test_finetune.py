@@ -443,6 +443,27 @@ def test_train_datasets_hold_exactly_the_planned_rows(ray_session, tmp_path: Pat
     assert plan.val.part == ("val" if shipped else "train") and len(plan.val.ids) == (20 if shipped else 9)
 
 
+def test_a_class_sorted_training_set_larger_than_the_shuffle_buffer_is_mixed(ray_session, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image folder numbers its samples class by class; a worker's local shuffle buffer (4,096 rows)
+    mixes only a window of its shard, so such a set is shuffled once across all of it (seeded)."""
+    from idtl_ray.finetune.data import SHUFFLE_BUFFER_ROWS, train_datasets
+
+    monkeypatch.setenv("IDTL_CACHE_DIR", str(tmp_path / "cache"))
+    n = 2 * SHUFFLE_BUFFER_ROWS + 200
+    labels = (np.arange(n) >= n // 2).astype(np.int64)  # class 0, then class 1
+    x = np.zeros((n, 4, 4, 1), np.uint8)
+    np.savez(tmp_path / "sorted.npz", x_train=x, y_train=labels, x_val=x[:8], y_val=labels[:8], x_test=x[:4],
+             y_test=labels[:4])
+    plan = make_plan(FinetuneConfig(dataset=f"npz:{tmp_path / 'sorted.npz'}", strategy="scratch", split="none",
+                                    out=str(tmp_path / "run")))
+    runs = [_by_id(train_datasets(plan.data, plan.train_ids, None, workers=1, seed=s)["train"])[0] for s in (0, 0, 1)]
+    assert np.array_equal(np.sort(runs[0]), np.arange(n))  # every row once
+    window = labels[runs[0][:SHUFFLE_BUFFER_ROWS]]
+    assert 0.4 < window.mean() < 0.6  # the first buffer holds both classes, not class 0 alone
+    assert np.array_equal(runs[0], runs[1]) and not np.array_equal(runs[0], runs[2])  # the seed decides the order
+
+
 def test_instance_training_sees_exactly_the_kept_ids(killed_run: dict) -> None:
     out, kept, final = killed_run["out"], killed_run["kept"], killed_run["final"]
     seen = np.load(out / "seen_ids.npy")  # the sample_ids that reached the workers in epoch 0, both ranks

@@ -30,6 +30,9 @@ from ..errors import DataError
 MAX_BLOCK_ROWS = 1024
 # ... and at least this many blocks per Train worker, so the streaming split can balance the shards.
 BLOCKS_PER_WORKER = 8
+# Rows of a worker's per-epoch local shuffle buffer. A shard larger than this is only shuffled within
+# a window of it, so its rows are shuffled once across the whole set first (see train_datasets).
+SHUFFLE_BUFFER_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,10 @@ def _part_size(target: PreparedTarget, part: str) -> int:
     return 0 if labels is None else len(labels)
 
 
-def read_rows(target: PreparedTarget, rows: Rows, block_rows: int = MAX_BLOCK_ROWS) -> Any:
+def read_rows(target: PreparedTarget, rows: Rows, block_rows: int = MAX_BLOCK_ROWS,
+              shuffle_seed: int | None = None) -> Any:
     """The samples ``rows`` as a materialized Ray Dataset (``x`` uint8 HWC, ``label``, ``sample_id``)
-    in blocks of ``block_rows``.
+    in blocks of ``block_rows``; with ``shuffle_seed``, in a seeded random row order.
 
     The ids travel once, as a boolean per sample id of the part, inside the filter's task; a filter
     that would keep every row is left out. Read and filtered in large blocks, then cut: each task has
@@ -67,6 +71,8 @@ def read_rows(target: PreparedTarget, rows: Rows, block_rows: int = MAX_BLOCK_RO
                             fn_kwargs={"wanted": wanted})  # fmt: skip
     if block_rows < MAX_BLOCK_ROWS:
         ds = ds.repartition(target_num_rows_per_block=max(1, block_rows))
+    if shuffle_seed is not None:
+        ds = ds.random_shuffle(seed=shuffle_seed)
     ds.context.execution_options.preserve_order = True  # blocks in shard order: a seed reproduces the epochs
     ds = ds.materialize()
     if ds.count() != int(wanted.sum()):  # metadata only: the blocks stay in the object store
@@ -75,21 +81,25 @@ def read_rows(target: PreparedTarget, rows: Rows, block_rows: int = MAX_BLOCK_RO
     return ds
 
 
-def train_datasets(target: PreparedTarget, train_ids: np.ndarray, val: Rows | None, workers: int) -> dict[str, Any]:
+def train_datasets(target: PreparedTarget, train_ids: np.ndarray, val: Rows | None, workers: int,
+                   seed: int = 0) -> dict[str, Any]:
     """``{"train", "val", "test"}`` Ray Datasets of a run (``val``/``test`` absent when there are none).
 
     ``train`` comes in ``BLOCKS_PER_WORKER`` blocks per worker (fewer, larger ones only past
-    ``MAX_BLOCK_ROWS``); the evaluation sets, read whole by rank 0, in large blocks.
+    ``MAX_BLOCK_ROWS``); the evaluation sets, read whole by rank 0, in large blocks. When a worker's
+    share exceeds its shuffle buffer, ``train`` is shuffled once (seeded) across the whole set: a
+    dataset stored class by class (an image folder) would otherwise give batches of one class.
     """
     rows = max(1, min(MAX_BLOCK_ROWS, math.ceil(len(train_ids) / (BLOCKS_PER_WORKER * workers))))
-    jobs = {"train": (Rows("train", train_ids), rows)}
+    shuffle = seed if len(train_ids) > SHUFFLE_BUFFER_ROWS * workers else None
+    jobs = {"train": (Rows("train", train_ids), rows, shuffle)}
     if val is not None and len(val.ids):
-        jobs["val"] = (val, MAX_BLOCK_ROWS)
+        jobs["val"] = (val, MAX_BLOCK_ROWS, None)
     if len(target.test):
-        jobs["test"] = (Rows("test", np.arange(len(target.test))), MAX_BLOCK_ROWS)
+        jobs["test"] = (Rows("test", np.arange(len(target.test))), MAX_BLOCK_ROWS, None)
     # one after the other: concurrent executions share the cluster's CPUs between them (Ray Data's
     # autoscaling coordinator) and measured slower than in turn
-    return {name: read_rows(target, r, b) for name, (r, b) in jobs.items()}
+    return {name: read_rows(target, r, b, s) for name, (r, b, s) in jobs.items()}
 
 
 def exact_split_config() -> Any:

@@ -121,7 +121,7 @@ def _trainer(cfg: FinetuneConfig, out: Path, plan: Plan, model: nn.Module, name:
     from .data import exact_split_config, train_datasets
     from .worker import train_worker
 
-    datasets = train_datasets(plan.data, plan.train_ids, plan.val, cfg.workers)
+    datasets = train_datasets(plan.data, plan.train_ids, plan.val, cfg.workers, seed=cfg.seed)
     loop_config = {
         "cfg": replace(cfg, out=str(out)).to_dict(),  # absolute: Ray Train changes the workers' cwd
         "init_model": ray.put(model),  # once in the object store instead of once per worker config

@@ -30,6 +30,7 @@ from ..data.augment import BatchAugment
 from ..layout import model_layout, runs_channels_last
 from ..scoring.common import Preprocess, fast_cuda_math, to_device
 from ..storage import ids_digest
+from .data import SHUFFLE_BUFFER_ROWS
 
 FAULT_MARKER = ".fault_injected"
 EVAL_BATCH = 512
@@ -201,7 +202,7 @@ def _train_epoch(run: _Run, shard: Any, epoch: int,
     join = run.model.join() if isinstance(run.model, nn.parallel.DistributedDataParallel) else nullcontext()
     with join:
         batches = shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
-                                     local_shuffle_buffer_size=max(cfg.batch_size, min(4096, config["n_train"])),
+                                     local_shuffle_buffer_size=max(cfg.batch_size, min(SHUFFLE_BUFFER_ROWS, config["n_train"])),
                                      local_shuffle_seed=cfg.seed + 1000 * epoch + run.rank)  # fmt: skip
         for step, batch in enumerate(batches):
             _maybe_die(cfg, epoch, run.rank, step)
