@@ -197,8 +197,8 @@ def _train_epoch(run: _Run, shard: Any, epoch: int,
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     # float64 on the device: read once per epoch (a float() per step would wait for the device every step)
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
-    count, ids = 0, []
-    # DDP.join(): shards may differ by a few rows (no row is dropped), so ranks run unequal step counts
+    count, ids, steps = 0, [], 0
+    # DDP.join(): shards may differ by up to a block (no row is dropped), so ranks run unequal step counts
     join = run.model.join() if isinstance(run.model, nn.parallel.DistributedDataParallel) else nullcontext()
     with join:
         batches = shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
@@ -214,10 +214,35 @@ def _train_epoch(run: _Run, shard: Any, epoch: int,
             (loss / len(yb)).backward()
             run.opt.step()
             loss_sum += loss.detach()
-            count += len(yb)
+            count, steps = count + len(yb), steps + 1
             if epoch == 0:
                 ids.append(np.asarray(batch["sample_id"], dtype=np.int64))
+    if isinstance(run.model, nn.parallel.DistributedDataParallel):
+        sync_optimizer(run.opt, steps, run.rank, run.world, run.device)
     return loss_sum, count, ids
+
+
+def sync_optimizer(opt: torch.optim.Optimizer, steps: int, rank: int, world: int, device: torch.device) -> None:
+    """After an epoch of unequal step counts, give every rank the optimizer state of the rank that ran the
+    most steps (ties: the highest rank), the rank whose weights DDP's ``join()`` made everyone's.
+
+    ``join()`` re-syncs the weights but not Adam's moments and step counts: without this, the replicas'
+    weights drift apart from the next step on, and the checkpoint keeps rank 0's state, maybe the lagging one.
+    """
+    import torch.distributed as dist
+
+    if world < 2 or not dist.is_initialized():
+        return
+    counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([steps], dtype=torch.int64, device=device))
+    by_rank = [int(c.item()) for c in counts]
+    if len(set(by_rank)) == 1:
+        return
+    src = max(range(world), key=lambda r: (by_rank[r], r))
+    box = [opt.state_dict() if rank == src else None]
+    dist.broadcast_object_list(box, src=src, device=device if device.type == "cuda" else None)
+    if rank != src:
+        opt.load_state_dict(box[0])
 
 
 def _epoch_row(run: _Run, epoch: int, lr: float, loss_sum: torch.Tensor, count: int,
