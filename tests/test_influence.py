@@ -421,6 +421,28 @@ def test_options_of_the_papers_score_are_refused_with_self_influence(lr_setup):
     assert head.n_params > bias.n_params
 
 
+def test_lissa_reports_a_slow_blow_up_and_stops_on_its_residual(lr_setup):
+    """A scale a little below the top eigenvalue grows |1 - λmax/scale| = 1.5x per step: far from the 1e8 bound
+    after 30 steps, yet the scores were garbage (residual 7e4) with only a warning. And one batch stops when its
+    step, which is the residual, is below tol (it stopped at tol*1e-2 of |h|, short of tol, unconverged)."""
+    model, train, val = lr_setup
+    engine = InfluenceEngine(model, device="cpu")
+    g, _ = engine.validation_gradient(val)
+    op = engine.curvature(train, "ggn", 0.01, samples=None, batch_size=4096)
+    top = float(torch.linalg.eigvalsh(op.dense().double()).max())
+    with pytest.raises(SolverDivergedError, match=r"lissa solver diverged .*relative residual .* > 1.*raise lissa_scale"):
+        solve(op, g, InfluenceConfig(score="paper", solver="lissa", damping=0.01, max_iter=30, lissa_scale=top / 2.5))
+    _, info = solve(op, g, InfluenceConfig(score="paper", solver="lissa", damping=0.01, tol=1e-2, max_iter=20000,
+                                           lissa_scale=2 * top))
+    assert info.converged and info.relative_residual < 1e-2, info
+
+
+def test_exact_solve_of_a_singular_curvature_says_raise_the_damping(lr_setup):
+    model, train, val = lr_setup
+    with pytest.raises(SolverDivergedError, match="exact solver diverged.*singular: increase the damping"):
+        score_samples(model, train, val, score="paper", solver="exact", damping=0.0, curvature_samples=None)
+
+
 def test_model_without_trainable_parameters(lr_setup):
     model, train, val = lr_setup
     frozen = copy.deepcopy(model).requires_grad_(False)
