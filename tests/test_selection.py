@@ -148,6 +148,22 @@ def test_a_per_sample_loss_function_is_accepted(noisy_digits):
     assert np.allclose(a.scores, b.scores, rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.parametrize("method", ["jvp", "grad"])
+@pytest.mark.parametrize("reduce", ["mean", "keepdim"])
+def test_a_loss_that_is_not_per_sample_is_refused_before_the_solve(noisy_digits, method, reduce):
+    """A mean divided g_val and the curvature by the batch size (grad: wrong scores without a word; jvp: a
+    traceback after the solve); a (B, 1) loss gave 2-D scores."""
+    model, x, y, _ = noisy_digits
+    train, val = TensorDataset(x[:100], y[:100]), TensorDataset(x[100:130], y[100:130])
+
+    def loss(logits, t):
+        per = nn.functional.cross_entropy(logits, t, reduction="none")
+        return per.mean() if reduce == "mean" else per[:, None]
+
+    with pytest.raises(InputError, match=r"loss_fn returned shape \(.*\) for a batch of \d+: .*one loss per sample"):
+        score_samples(model, train, val, loss_fn=loss, score="paper", method=method, curvature_samples=None)
+
+
 class _Diagonal:
     """An SPD operator whose CG residual rises before it falls (spread-out eigenvalues)."""
 

@@ -20,6 +20,20 @@ from .inputs import (ParamSpace, as_batches, check_labels, default_device, eval_
 from .solvers import CurvatureOperator, curvature_subsample
 
 
+def per_sample_checked(loss_fn: LossFn) -> LossFn:
+    """``loss_fn`` refusing a result that is not one loss per sample: a mean would divide the validation
+    gradient and the curvature by the batch size (silently wrong scores), a (B, 1) shape gives 2-D scores."""
+
+    def checked(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = loss_fn(logits, y)
+        if tuple(out.shape) != tuple(y.shape[:1]):
+            raise InputError(f"loss_fn returned shape {tuple(out.shape)} for a batch of {y.shape[0]}: it must return "
+                             "one loss per sample, shape (batch,) (e.g. cross_entropy(..., reduction='none'))")
+        return out
+
+    return checked
+
+
 class InfluenceEngine:
     """Holds a model and the chosen parameters; computes g_val, the curvature, s and the scores.
 
@@ -31,7 +45,7 @@ class InfluenceEngine:
                  loss_fn: LossFn | None = None):
         self.device = torch.device(device) if device is not None else default_device()
         # loss_fn(logits, labels) -> per-sample losses; None = softmax cross-entropy (closed-form GGN)
-        self.loss_fn: LossFn = loss_fn or cross_entropy
+        self.loss_fn: LossFn = per_sample_checked(loss_fn) if loss_fn is not None else cross_entropy
         self.custom_loss = loss_fn is not None
         self.model = model.to(self.device)
         # NaN weights would surface as a "diverged" solver, which no damping can fix: name the tensor now
