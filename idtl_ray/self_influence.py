@@ -127,7 +127,7 @@ def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     head = head_module(model)
     x = model_layout(x, runs_channels_last(model))  # convolutions run up to 2x faster (layout.py)
     got: list[torch.Tensor] = []
-    hook = head.register_forward_hook(lambda _m, inp, _out: got.append(inp[0].detach().flatten(1)))
+    hook = head.register_forward_hook(lambda _m, inp, out: got.extend((inp[0].detach().flatten(1), out.detach())))
     try:
         with torch.no_grad():
             logits = model(x)
@@ -135,7 +135,13 @@ def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
         hook.remove()
     if not got:
         raise InputError("the model's head was not called in forward: self-influence needs the head to produce the logits")
-    return got[0], logits
+    features, head_out = got[-2], got[-1]
+    if head_out.shape != logits.shape or not torch.equal(head_out, logits):
+        # e.g. the output layer registered before a hidden one: its features would be paired with the logits' gradient
+        raise InputError(f"self-influence takes {type(head).__name__}({head.in_features}, {head.out_features}) as the head "
+                         "(the model's last nn.Linear), but the model's output is not that layer's: set model.head_name to "
+                         "the output layer's name, or use score='paper'")
+    return features, logits
 
 
 def _output_grads(logits: torch.Tensor, y: torch.Tensor, loss_fn: LossFn | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -148,6 +148,32 @@ def test_a_per_sample_loss_function_is_accepted(noisy_digits):
     assert np.allclose(a.scores, b.scores, rtol=1e-4, atol=1e-8)
 
 
+class _OutputFirst(nn.Module):
+    """The output layer registered before the hidden one: the last nn.Linear in module order is not the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = nn.Linear(32, 10)
+        self.hidden = nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.hidden(x)))
+
+
+@pytest.mark.parametrize("head_params", ["bias", "head"])
+def test_self_influence_refuses_a_head_that_does_not_produce_the_output(noisy_digits, head_params):
+    """It paired the hidden layer's inputs with the logits' gradient: scores 31% off, without a word."""
+    _, x, y, _ = noisy_digits
+    torch.manual_seed(0)
+    model, train = _OutputFirst(), TensorDataset(x[:100], y[:100])
+    with pytest.raises(InputError, match=r"Linear\(64, 32\) as the head .*set model.head_name"):
+        score_samples(model, train, head_params=head_params)
+    model.head_name = "out"  # what the message says to do: then it scores as the same net registered in order
+    named = score_samples(model, train, head_params=head_params).scores
+    ordered = nn.Sequential(model.hidden, nn.ReLU(), model.out)
+    assert np.allclose(named, score_samples(ordered, train, head_params=head_params).scores, rtol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["jvp", "grad"])
 @pytest.mark.parametrize("reduce", ["mean", "keepdim"])
 def test_a_loss_that_is_not_per_sample_is_refused_before_the_solve(noisy_digits, method, reduce):
