@@ -68,7 +68,7 @@ class ScoreConfig:
     head_steps: int = field(default=50, metadata={"help": "L-BFGS steps of the linear probe that fits a new head (backbone frozen)."})
     influence: InfluenceConfig = field(default_factory=InfluenceConfig, metadata={"help": "Solver settings."})
     params: list[str] | None = field(default=None, metadata={"help": "Score with these modules' parameters only (--score paper; default: all).", "flags": ("--param",)})
-    drop: str = field(default="auto", metadata={"help": "auto: fine-tune per candidate budget on Ray Tune and keep the best on validation; budget: drop --drop-budget samples, most harmful first; paper: drop every delta_val_loss < --drop-threshold (needs --score paper).", "choices": DROP_RULES})
+    drop: str = field(default="auto", metadata={"help": "auto: fine-tune per candidate budget on Ray Tune and keep the smallest within one paired standard error of the best validation error; budget: drop --drop-budget samples, most harmful first; paper: drop every delta_val_loss < --drop-threshold (needs --score paper).", "choices": DROP_RULES})
     drop_threshold: float = field(default=0.0, metadata={"help": "--drop paper: drop samples whose delta_val_loss is below this (paper: 0)."})
     drop_budget: float | None = field(default=None, metadata={"help": "A fraction below 1 or a whole count >= 1: --drop budget drops exactly this many (default 0.1); --drop paper at most this many."})
     auto_budgets: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3], metadata={"help": "--drop auto: the candidate budgets (fractions or counts; 0 is always tried).", "flags": ("--auto-budget",)})
