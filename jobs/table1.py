@@ -3,7 +3,7 @@
 Full mode pre-trains sample-cnn on emnist-letters (2 epochs, Adam 1e-3, batch 128), scores MNIST and
 trains each strategy for 1 epoch. Needs EMNIST and MNIST under --data-dir.
 
-Usage (local; --smoke runs a tiny variant on bundled offline data, same code path, < 5 min on 2 CPUs):
+Usage (local; --smoke runs a tiny variant on offline data (digits, Debian's dataset-fashion-mnist), same code path, < 5 min on 2 CPUs):
     python jobs/table1.py --smoke --out /tmp/smoke
 
 On a cluster (see cluster.yaml; results and data on the shared EFS mount):

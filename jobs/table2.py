@@ -3,7 +3,7 @@
 Full mode: fine-tune 100 epochs (DenseNet-121 150), scratch 200 (300), batch 128 (64), Adam 1e-3 x0.1
 at 50%, hflip + translation. Needs CIFAR under --data-dir and torchvision's ImageNet weights in the torch cache.
 
-Usage (local; --smoke runs a tiny variant on bundled offline data, same code path, < 5 min on 2 CPUs):
+Usage (local; --smoke runs a tiny variant on offline data (digits, Debian's dataset-fashion-mnist), same code path, < 5 min on 2 CPUs):
     python jobs/table2.py --smoke --out /tmp/smoke
 
 On a cluster (see cluster.yaml; results and data on the shared EFS mount):

@@ -3,7 +3,7 @@
 Full mode trains model-based and instance-based per frozen count (the paper does not say which it used).
 Needs CIFAR-10 under --data-dir and the ResNet-50 ImageNet weights in the torch cache.
 
-Usage (local; --smoke runs a tiny variant on bundled offline data, same code path, < 5 min on 2 CPUs):
+Usage (local; --smoke runs a tiny variant on offline data (digits, Debian's dataset-fashion-mnist), same code path, < 5 min on 2 CPUs):
     python jobs/table3.py --smoke --out /tmp/smoke
 
 On a cluster (see cluster.yaml; results and data on the shared EFS mount):

@@ -3,7 +3,7 @@
 Full mode: hybrid init (first K layers from ImageNet, rest Xavier), fine-tune 20 / 26 epochs, batch 128 / 64,
 x0.1 at 50%; scratch 40 epochs. Needs SVHN under --data-dir and the ImageNet weights in the torch cache.
 
-Usage (local; --smoke runs a tiny variant on bundled offline data, same code path, < 5 min on 2 CPUs):
+Usage (local; --smoke runs a tiny variant on offline data (digits, Debian's dataset-fashion-mnist), same code path, < 5 min on 2 CPUs):
     python jobs/table4.py --smoke --out /tmp/smoke
 
 On a cluster (see cluster.yaml; results and data on the shared EFS mount):

@@ -4,7 +4,7 @@ Full mode follows Table 2's recipe for ResNet-50 and DenseNet-121, scores agains
 class A only, and evaluates on CIFAR-10+ (91 x 100 flipped/rotated class-A images + 9 x 100) and CIFAR-100+
 (901 x 10 + 99 x 10). Needs CIFAR under --data-dir and the ImageNet weights in the torch cache.
 
-Usage (local; --smoke runs a tiny variant on bundled offline data, same code path, < 5 min on 2 CPUs):
+Usage (local; --smoke runs a tiny variant on offline data (digits, Debian's dataset-fashion-mnist), same code path, < 5 min on 2 CPUs):
     python jobs/table5.py --smoke --out /tmp/smoke
 
 On a cluster (see cluster.yaml; results and data on the shared EFS mount):

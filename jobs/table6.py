@@ -3,7 +3,7 @@
 Full mode: model-based and instance-based, batch 16, ResNet-50 50 epochs, DenseNet-121 60, x0.1 at 50%,
 hflip / zoom / shear 0.2. Needs <data-dir>/cats-vs-dogs/{train,val,test}/{cat,dog}/ and the ImageNet weights.
 
-Usage (local; --smoke runs a tiny variant on bundled offline data, same code path, < 5 min on 2 CPUs):
+Usage (local; --smoke runs a tiny variant on offline data (digits, Debian's dataset-fashion-mnist), same code path, < 5 min on 2 CPUs):
     python jobs/table6.py --smoke --out /tmp/smoke
 
 On a cluster (see cluster.yaml; results and data on the shared EFS mount):

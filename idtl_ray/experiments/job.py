@@ -19,7 +19,7 @@ def job_parser(n: int, doc: str | None = None) -> Any:
 
     p = argparse.ArgumentParser(prog=f"jobs/table{n}.py", description=(doc or "").split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--smoke", action="store_true", help="Tiny variant on bundled offline data (< 5 min on 2 CPUs).")
+    p.add_argument("--smoke", action="store_true", help="Tiny variant on offline data: digits and Debian's dataset-fashion-mnist (< 5 min on 2 CPUs).")
     p.add_argument("--data-dir", default=None, help="Dataset root (default $IDTL_DATA_DIR or ~/.cache/idtl-ray/data; "
                    "on the cluster e.g. /mnt/cluster_storage/data).")  # fmt: skip
     p.add_argument("--out", default="results", help="Results directory (on the cluster use shared storage, e.g. "
