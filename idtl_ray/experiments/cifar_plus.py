@@ -1,4 +1,5 @@
-"""CIFAR-10+ / CIFAR-100+ (paper 4.4): a test set of one target class A against rotated others."""
+"""CIFAR-10+ / CIFAR-100+ (paper 4.4): a test set dominated by flipped or rotated copies of one class A,
+plus a few untransformed images of every other class."""
 
 from __future__ import annotations
 
