@@ -7,6 +7,7 @@ mailbox actor, and a thread of the driver prints them while ``trainer.fit()`` bl
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -106,8 +107,8 @@ class Relay:
 
         self._stop.set()
         self._thread.join(timeout=15)
-        try:
+        # neither may raise (Ray may be down after a failed run): the training error is the one to surface
+        with contextlib.suppress(Exception):
             self._drain()  # the last epoch's row, reported just before fit() returned
-        except Exception:
-            pass
-        ray.kill(self.board)
+        with contextlib.suppress(Exception):
+            ray.kill(self.board)
