@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .influence.inputs import eval_mode
 from .layout import model_layout, runs_channels_last
 from .scoring.common import Preprocess, setup_worker
 
@@ -31,16 +32,14 @@ def fit_head(model: nn.Module, x: np.ndarray, y: np.ndarray, preprocess: Preproc
     head = head_module(model)
     feats: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda _m, inp, _out: feats.append(inp[0].detach().flatten(1)))
-    was_training = model.training
     laid_out = runs_channels_last(model)  # channels-last batches (layout.py)
-    model.eval()
     try:
-        with torch.inference_mode():
+        # eval_mode restores each submodule's own mode (model.train(flag) would set a frozen BatchNorm training)
+        with eval_mode(model), torch.inference_mode():
             for i in range(0, len(y), batch_size):
                 model(model_layout(preprocess(x[i:i + batch_size], device), laid_out))
     finally:
         hook.remove()
-        model.train(was_training)
     f = torch.cat(feats).clone()
     t = torch.as_tensor(y, dtype=torch.long).to(f.device)
     torch.manual_seed(seed)
@@ -53,6 +52,7 @@ def fit_head(model: nn.Module, x: np.ndarray, y: np.ndarray, preprocess: Preproc
         return loss
 
     opt.step(closure)
+    head.zero_grad(set_to_none=True)  # the caller's model carries no gradients of the fit
     with torch.no_grad():
         logits = head(f)
         return {"probe_train_accuracy": float((logits.argmax(1) == t).float().mean()),

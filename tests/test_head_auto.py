@@ -163,3 +163,16 @@ def test_experiments_in_process_source_records_classes(tmp_path):
     _train_in_process("digits", src, 0, tmp_path / "s.pt", None)
     _, ck = load_checkpoint(tmp_path / "s.pt")
     assert ck["dataset"] == "digits" and ck["classes"] == DIGITS
+
+
+def test_fitting_a_head_leaves_each_layers_mode_and_no_gradients() -> None:
+    """A frozen BatchNorm held in eval inside a training model stays in eval (model.train(True) reset it)."""
+    from idtl_ray.head import fit_head
+
+    model = build_model("resnet18", 3, in_channels=3, image_size=32)
+    model.train()
+    model.bn1.eval()
+    x = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    fit_head(model, x, np.arange(12) % 3, Preprocess((0.5,) * 3, (0.25,) * 3), steps=3)
+    assert model.training and not model.bn1.training and model.layer1[0].bn1.training
+    assert all(p.grad is None for p in head_module(model).parameters())
