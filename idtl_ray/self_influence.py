@@ -236,6 +236,9 @@ def fit_head_factors(model: nn.Module, batches: Iterable[tuple[torch.Tensor, ...
         # Λ_ab = E_i[(u_bᵀ H_out,i u_b) (v_aᵀ f̃_i)²]: the Gauss-Newton matrix's diagonal in the Kronecker
         # eigenbasis, in closed form (Kronfluence estimates the same by sampling labels from the model).
         lam = sum(torch.einsum("nkl,kb,lb->nb", h, ub, ub).T @ ((f1 @ ua) ** 2) for f1, h in cached) / n  # type: ignore[union-attr]
+    # >= 0 for a convex loss; a custom non-convex one (e.g. Brier on softmax) can give negative entries, and
+    # with a small damping lam + λ then crosses zero: negative "self-influence", unbounded near the crossing
+    lam = lam.clamp_min(0.0)
     lam_abs = damping * float(lam.mean())
     if not np.isfinite(lam_abs) or lam_abs <= 0:
         raise InputError("the head's curvature is zero or non-finite on the curvature sample: check the model's "

@@ -148,6 +148,34 @@ def test_a_per_sample_loss_function_is_accepted(noisy_digits):
     assert np.allclose(a.scores, b.scores, rtol=1e-4, atol=1e-8)
 
 
+def test_self_influence_of_a_non_convex_loss_stays_non_negative():
+    """Brier on softmax has an indefinite output Hessian: the re-fitted eigenvalues went negative and, with a small
+    damping, lam + λ crossed zero (scores down to -3.4 where they are ~1e-7). They are clamped at zero."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = torch.tensor(d.data / 16.0), torch.tensor(d.target)
+    y[:240] = (y[:240] + 3) % 10  # confidently wrong samples: where the Brier loss is concave
+    torch.manual_seed(0)
+    model = nn.Linear(64, 10).double()
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y) + 1e-3 / 2 * model.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+    def brier(z, t):
+        return ((torch.softmax(z, -1) - (torch.arange(z.shape[-1]) == t[:, None]).to(z.dtype)) ** 2).sum(-1)
+
+    factors = fit_head_factors(model, [(x[:1200], y[:1200])], 1e-5, loss_fn=brier, params="head")
+    scores = self_influence_batch(model, factors, x[:1200], y[:1200], 1200, loss_fn=brier)
+    assert np.isfinite(scores).all() and (scores >= 0).all(), scores.min()
+
+
 class _OutputFirst(nn.Module):
     """The output layer registered before the hidden one: the last nn.Linear in module order is not the head."""
 
