@@ -54,7 +54,7 @@ def fine_tune(model: nn.Module, x: np.ndarray, y: np.ndarray, recipe: TrainRecip
     rng = np.random.default_rng(seed)
     model.to(device).train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=recipe.lr)
-    drop_at = max(1, round(0.5 * recipe.epochs))
+    drop_at = max(1, math.floor(0.5 * recipe.epochs + 0.5))  # half up, as the Train workers' lr_at
     for epoch in range(recipe.epochs):
         for g in opt.param_groups:
             g["lr"] = recipe.lr * (0.1 if epoch >= drop_at else 1.0)

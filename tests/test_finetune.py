@@ -252,6 +252,10 @@ def test_lr_drops_tenfold_at_half_the_epochs() -> None:
     cfg = FinetuneConfig(strategy="scratch", epochs=10)
     assert [lr_at(cfg, e) for e in (0, 4, 5, 9)] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
     assert lr_at(FinetuneConfig(strategy="scratch", epochs=1), 0) == 1e-3
+    # an odd count drops half up, every time (round() went to even: 5 epochs dropped after 2, 7 after 4)
+    for epochs, first_dropped in ((5, 3), (7, 4), (9, 5), (3, 2)):
+        cfg = FinetuneConfig(strategy="scratch", epochs=epochs)
+        assert [lr_at(cfg, e) < 1e-3 for e in range(epochs)].index(True) == first_dropped
 
 
 def test_cli_dry_run_and_one_line_errors(tmp_path: Path) -> None:

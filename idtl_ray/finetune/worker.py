@@ -12,6 +12,7 @@ and loss run under bf16 autocast when ``precision`` asks for it (``auto``: on GP
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import tempfile
@@ -40,8 +41,9 @@ ids_hash = ids_digest
 
 
 def lr_at(cfg: Any, epoch: int) -> float:
-    """Learning rate of ``epoch``: ``lr``, x0.1 from epoch ``max(1, round(lr_drop_at * epochs))`` on."""
-    drop = max(1, int(round(cfg.lr_drop_at * cfg.epochs)))
+    """Learning rate of ``epoch``: ``lr``, x0.1 from epoch ``max(1, lr_drop_at * epochs rounded half up)`` on
+    (Python's round() goes to even: 5 epochs dropped after 2, 7 after 4)."""
+    drop = max(1, math.floor(cfg.lr_drop_at * cfg.epochs + 0.5))
     return cfg.lr * (0.1 if cfg.lr_drop_at < 1.0 and epoch >= drop else 1.0)
 
 
