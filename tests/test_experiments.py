@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +204,50 @@ def test_results_report_mean_std_and_paper_numbers(tmp_path: Path) -> None:
     assert saved["direction"][0]["same_direction_as_paper"] is True
     assert Path(files["png"]).stat().st_size > 0
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporaries
+    assert saved["selection"] == "paper" and "**Selection**: the paper's" in md
+    assert any("randomly initialised head" in n for n in saved["notes"])  # where we depart from the paper's 4.5
+
+
+def test_report_says_which_selection_ran_and_claims_no_order_the_paper_does_not_give(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    t5 = replace(E.table_spec(5, smoke=True), selection="default")
+    doc = report._document(t5, [0], [], 1.0, E.Resources.default(True))
+    md = report.render_markdown(doc, t5)
+    assert doc["selection"] == "default" and "idtl-ray's default (self-influence" in md and "no validation reference" in md
+    # Table 3's paper rows give one error per frozen count and compare no strategies: no verdict on the order
+    t3 = E.table_spec(3, smoke=True)
+    summary = [{"setting": s.key, "strategy": st, "mean": m} for s in t3.settings for st, m in (("model", 1.0), ("instance", 2.0))]
+    assert report._direction(summary, t3) == []
+    # no figure of an empty run, and no stale one of an older run listed or left
+    (tmp_path / "table5_curves.png").write_bytes(b"old")
+    files = E.write_results(report._document(t5, [0], [], 1.0, E.Resources.default(True)), tmp_path, t5)
+    assert set(files) == {"json", "md"} and not (tmp_path / "table5_curves.png").exists()
+
+
+def test_the_papers_batch_is_split_over_the_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each DDP worker takes batch_size rows per step: --gpus 4 trained Table 5 with 512 per step, not 128."""
+    from idtl_ray.experiments import runner
+
+    s = E.table_spec(5).settings[0]
+    assert s.batch_size == 128
+    assert [runner._per_worker_batch(s, w) for w in (1, 2, 4)] == [128, 64, 32]
+    with pytest.raises(E.ExperimentError, match="batch of 128 does not split evenly over 3 workers.*--gpus 2"):
+        runner._per_worker_batch(s, 3)
+    # refused before any work: no GPU request, no run directory
+    monkeypatch.setattr(runner, "_request_gpus", lambda res: pytest.fail("GPUs requested"))
+    spec = E.table_spec(5, smoke=True)
+    with pytest.raises(E.ExperimentError, match="does not split evenly"):
+        runner.run_table(5, smoke=True, out=tmp_path, spec=replace(spec, settings=tuple(
+            replace(x, batch_size=63) for x in spec.settings)), resources=E.Resources(workers=2))
+    assert not (tmp_path / "table5-smoke").exists()
+
+
+def test_a_job_refuses_a_negative_seed_before_ray(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from idtl_ray.experiments.job import job_main
+
+    code = job_main(3, None, init=lambda: pytest.fail("Ray started"), argv=["--smoke", "--seeds", "-1"])
+    assert code == 2 and capsys.readouterr().err.strip().splitlines() == ["error: --seeds must be >= 0, got [-1]"]
 
 
 @pytest.mark.parametrize("n", [2, 6])

@@ -92,7 +92,7 @@ def test_labels_without_images_give_the_same_split_and_fingerprint(tmp_path):
     for seed, frac in ((0, 0.1), (3, 0.25)):  # any split, not only the one written into the directory
         a, b = make_split(target, frac, seed), make_split(data, frac, seed)
         assert a.fingerprint() == b.fingerprint()
-        (tl, vl, ids), (ta, va, _) = apply_split(target, a), apply_split(data, b)
+        (tl, vl, _), (ta, va, _) = apply_split(target, a), apply_split(data, b)
         assert np.array_equal(tl.y, ta.y) and np.array_equal(vl.y, va.y)
         assert not hasattr(tl, "x")  # labels only
 

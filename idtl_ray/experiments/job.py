@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -59,10 +60,20 @@ def job_main(table: int, doc: str | None, init: Callable[[], Any], argv: list[st
     args = job_parser(table, doc).parse_args(argv)
     filter_ray_noise()  # as the CLI: Ray's known-harmless error lines stay out of the job's log
     stop_on_sigterm()  # `ray job stop`: the runs' finally blocks withdraw the GPU request
+    from ..cli_common import check_ray_address, ray_start_error
+
     try:
+        if any(seed < 0 for seed in args.seeds):
+            raise InputError(f"--seeds must be >= 0, got {args.seeds}")
         resources = resources_from_args(args)
         preflight(table, args.smoke, args.data_dir)  # missing data or weights fail here, before Ray starts
-        init()
+        check_ray_address(os.environ.get("RAY_ADDRESS"))  # an unreachable cluster in seconds, not minutes
+        try:
+            init()
+        except Exception as e:  # Ray failing to start or to join: one line, as the CLI
+            if (line := ray_start_error(e)) is None:
+                raise
+            raise InputError(line) from None
         result = run_table(table, args.smoke, args.data_dir, args.out, args.seeds, resources)
     except IdtlError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -41,8 +41,17 @@ def summarize(table: TableSpec, runs: list[dict[str, Any]]) -> list[dict[str, An
     return rows
 
 
+_HEAD_NOTE = ("The model-based and instance-based arms start from the scoring stage's model: the source's backbone "
+              "with, where the source's classes are not the target's, a new head fitted as a linear probe on the "
+              "training split (the samples the mask drops included). The paper (4.5) starts from a randomly "
+              "initialised head. Hybrid-init arms build a fresh head.")
+
+
 def _direction(summary: list[dict[str, Any]], table: TableSpec) -> list[dict[str, Any]]:
-    """Per setting: does ours order the strategies as the paper does (instance < model < scratch)?"""
+    """Per setting: does ours order the strategies as the paper does (instance < model < scratch)? Not for
+    a table whose paper rows compare no strategies (Table 3: one error per frozen-layer count)."""
+    if all(row[0] == "*" for row in table.paper_rows):
+        return []
     out = []
     for s in table.settings:
         ours = {r["strategy"]: r["mean"] for r in summary if r["setting"] == s.key}
@@ -71,7 +80,8 @@ def _document(table: TableSpec, seeds: list[int], runs: list[dict[str, Any]], wa
         "summary": summary,
         "direction": _direction(summary, table),
         "paper": [{"strategy": st, "model": m, "row": r, "errors": e} for st, m, r, e in table.paper_rows],
-        "notes": list(table.notes),
+        "selection": table.selection,
+        "notes": [*table.notes, _HEAD_NOTE],
         "timings": {"wall_s": round(wall_s, 1)},
         "idtl_ray_version": __version__,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -82,6 +92,17 @@ def _fmt(mean: float | None, std: float | None) -> str:
     if mean is None:
         return "-"
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def _selection_line(selection: str, runs: list[dict[str, Any]]) -> str:
+    """What chose the instance arm's samples, with the validation reference the runs recorded."""
+    if selection != "paper":
+        return ("**Selection**: idtl-ray's default (self-influence over the head, `--drop auto`); it has no "
+                "validation reference, so a class-A reference does not apply.")
+    refs = {str((r.get("validation_reference") or {}).get("classes", "all")) for r in runs} - {"all"}
+    against = (f"the validation samples of class A (per seed: {', '.join(sorted(refs))})" if refs
+               else "every validation sample")
+    return f"**Selection**: the paper's (`delta_val_loss` against {against}; drop every score < 0)."
 
 
 def render_markdown(doc: dict[str, Any], table: TableSpec | None = None) -> str:
@@ -99,6 +120,7 @@ def render_markdown(doc: dict[str, Any], table: TableSpec | None = None) -> str:
     if table.analogue:
         lines += [f"**Real-data analogue at a smaller scale**: {table.analogue} Compare the order of the "
                   f"strategies with the paper's, not the numbers.", ""]  # fmt: skip
+    lines += [_selection_line(doc.get("selection", table.selection), doc.get("runs", [])), ""]
     lines += [f"Test error (%). Ours: mean ± std over {n_seeds} seeds {doc['seeds']}" if n_seeds > 1
               else f"Test error (%). Ours: seed {doc['seeds'][0]} (one seed, no std)", ""]  # fmt: skip
 
@@ -218,8 +240,10 @@ def write_results(doc: dict[str, Any], out: str | Path, table: TableSpec | None 
              "curves": root / f"table{n}_curves.png"}  # fmt: skip
     if doc["summary"]:
         plot_errors(doc, paths["png"])
+    else:
+        paths.pop("png").unlink(missing_ok=True)  # no figure of this run: none of an older one either
     if not plot_curves(doc, paths["curves"]):
-        paths.pop("curves")
+        paths.pop("curves").unlink(missing_ok=True)
     doc["files"] = {k: str(v) for k, v in paths.items()}
     write_json_atomic(doc, paths["json"])
     write_text_atomic(render_markdown(doc, table), paths["md"])

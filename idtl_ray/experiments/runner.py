@@ -229,7 +229,8 @@ def _run_setting(ctx: _Context, s: Setting, seed: int, weights: str) -> list[dic
         cfg = FinetuneConfig(
             dataset=dataset, model=s.model, strategy=strategy, weights=weights,
             mask=score["mask"] if strategy == "instance" else None, split=str(Path(score["dir"]) / "split.json"),
-            data_dir=ctx.data_dir, image_size=s.image_size, epochs=epochs, batch_size=s.batch_size, lr=s.lr,
+            data_dir=ctx.data_dir, image_size=s.image_size, epochs=epochs, batch_size=_per_worker_batch(s, ctx.res.workers),
+            lr=s.lr,
             lr_drop_at=s.lr_drop_at, freeze=s.freeze, freeze_conv=s.freeze_conv,
             hybrid_init=s.hybrid_init if strategy != "scratch" else None, workers=ctx.res.workers,
             gpus_per_worker=ctx.res.gpus_per_worker, cpus_per_worker=ctx.res.cpus_per_worker, seed=seed,
@@ -242,7 +243,8 @@ def _run_setting(ctx: _Context, s: Setting, seed: int, weights: str) -> list[dic
             "setting": s.key, "seed": seed, "strategy": strategy, "row": s.row, "epochs": final["epochs"],
             "test_error": final["test_error"], "val_acc": final["val_acc"], "n_train_samples": final["n_train_samples"],
             "n_dropped_by_mask": score["n_dropped"], "n_scored": score["n_train"], "run_dir": str(run_dir),
-            "mask": score["mask"], "train_s": round(time.perf_counter() - t, 1),
+            "mask": score["mask"], "validation_reference": score["validation_reference"],
+            "train_s": round(time.perf_counter() - t, 1),
         }  # fmt: skip
         if plus_xy is not None:
             # the table's number is the CIFAR+ error; the uniform test error stays beside it
@@ -253,6 +255,20 @@ def _run_setting(ctx: _Context, s: Setting, seed: int, weights: str) -> list[dic
         rows.append(row)
         _log(f"seed {seed}: {s.key} {strategy}: test error {row['test_error']:.2f}%")
     return rows
+
+
+def _per_worker_batch(s: Setting, workers: int) -> int:
+    """The setting's batch (the paper's, per optimiser step) split over the DDP workers, each of which
+    takes ``batch_size`` rows per step: with 4 GPUs a batch of 128 is 32 per worker, not 512 in all."""
+    if s.batch_size % workers:
+        raise ExperimentError(f"{s.key}: the paper's batch of {s.batch_size} does not split evenly over {workers} "
+                              f"workers; use a worker count that divides it (e.g. --gpus {_divisor(s.batch_size, workers)})")
+    return s.batch_size // workers
+
+
+def _divisor(n: int, below: int) -> int:
+    """The largest divisor of ``n`` that is at most ``below``."""
+    return max(d for d in range(1, below + 1) if n % d == 0)
 
 
 def run_root(out: Path, n: int, smoke: bool) -> Path:
@@ -287,8 +303,10 @@ def run_table(n: int, smoke: bool = False, data_dir: str | None = None, out: str
     ctx = _Context(table, runs_root, data_dir, resources or Resources.default(smoke), runs_root / "_data")
     t0 = time.perf_counter()
     runs: list[dict[str, Any]] = []
-    _request_gpus(ctx.res)
+    for s in table.settings:
+        _per_worker_batch(s, ctx.res.workers)  # before any work
     try:
+        _request_gpus(ctx.res)  # inside: a wait cut short (timeout, Ctrl-C, SIGTERM) still withdraws the request
         for seed in seeds:
             weights_src = _pretrain_source(ctx, seed) if table.source is not None else None
             for s in table.settings:
