@@ -18,6 +18,7 @@ Results: a table (frozen, test_error, val_acc, status, error) printed and saved 
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterable
 from dataclasses import replace
@@ -29,7 +30,7 @@ import pandas as pd
 from . import models as M
 from .errors import InputError
 from .finetune import FinetuneConfig, run_finetune
-from .storage import json_digest, local_out_path, write_text_atomic
+from .storage import ensure_writable, json_digest, local_out_path, write_json_atomic, write_text_atomic
 
 COLUMNS = ["frozen", "test_error", "val_acc", "status", "error"]
 
@@ -109,7 +110,7 @@ def experiment_name(base: FinetuneConfig, frozen: list[int]) -> str:
     retries, fault injection) are left out: a rerun on another cluster still restores the same sweep.
     """
     what = {**replace(base, freeze=None, out=None).identity(), "epochs": base.epochs, "eval_every": base.eval_every}
-    return "sweep-" + json_digest([what, frozen], length=12)
+    return "sweep-" + json_digest([what, sorted(frozen)], length=12)  # --frozen 3 2 is the sweep of --frozen 2 3
 
 
 def run_sweep(base: FinetuneConfig, frozen: list[int], out: str | Path, max_concurrent: int = 1,
@@ -132,7 +133,7 @@ def run_sweep(base: FinetuneConfig, frozen: list[int], out: str | Path, max_conc
     frozen = check_frozen(base, frozen)
     _check_inputs(base)
     if max_concurrent < 1:
-        raise InputError(f"max_concurrent must be >= 1, got {max_concurrent}")
+        raise InputError(f"--max-concurrent must be >= 1, got {max_concurrent}")
     if trial_failures < 0:
         raise InputError(f"trial_failures must be >= 0, got {trial_failures}")
     from .resources import claim_cluster, release
@@ -142,15 +143,39 @@ def run_sweep(base: FinetuneConfig, frozen: list[int], out: str | Path, max_conc
         raise InputError(f"--gpus {base.gpus} runs {base.gpus} trials at once (one GPU each): leave out --max-concurrent")
     if base.gpus:  # one GPU worker per trial, as many trials at once as GPUs declared
         base, max_concurrent = replace(base, gpus=1, workers=1, gpus_per_worker=0.0), base.gpus
+    max_concurrent = _own_experiment(root, experiment_name(base, frozen), max_concurrent, trial_failures)
     trial_bundles = [{"CPU": _TRIAL_DRIVER_CPU}, *base.bundles()]
     claimed = claim_cluster(base.address, root, base.dataset, lambda: trial_bundles * max_concurrent)
     try:
         ensure_ray(base.address)
-        root.mkdir(parents=True, exist_ok=True)
         return _tune(base, frozen, root, max_concurrent, trial_failures)
     finally:
         if claimed:
             release()
+
+
+def _own_experiment(root: Path, name: str, max_concurrent: int, trial_failures: int) -> int:
+    """Claim ``root`` for the experiment ``name`` (``<root>/sweep.json``) before Ray starts; the number of
+    trials at once it runs with.
+
+    Every trial writes ``<root>/frozen-N``: another sweep (other epochs or settings) into the same ``root``
+    would retrain those directories over this one's, so it is refused. A rerun of this sweep restores its
+    Tune experiment, which keeps its first run's trials at once and retries (said, and claimed as such).
+    """
+    ensure_writable(root / "sweep.md")
+    record = root / "sweep.json"
+    old = json.loads(record.read_text()) if record.is_file() else None
+    if old is not None and old.get("experiment") != name:
+        raise InputError(f"{root} holds another sweep ({old.get('experiment')}: other settings, epochs or counts); "
+                         "pass another --out, or remove that directory to start over")
+    if old is not None and (old.get("max_concurrent"), old.get("trial_failures")) != (max_concurrent, trial_failures):
+        print(f"sweep: resuming with its first run's {old['max_concurrent']} trial(s) at once and "
+              f"{old['trial_failures']} retries (a restored Ray Tune experiment keeps them)", file=sys.stderr, flush=True)
+        return int(old["max_concurrent"])
+    if old is None:
+        write_json_atomic({"experiment": name, "max_concurrent": max_concurrent, "trial_failures": trial_failures},
+                          record)
+    return max_concurrent
 
 
 def _check_inputs(base: FinetuneConfig) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -78,6 +79,29 @@ def test_a_missing_mask_or_weights_file_is_refused_before_ray_starts(tmp_path: P
         run_sweep(FinetuneConfig(strategy="instance", mask="runs/score/mask.parquet", weights="w.pt"), [1], tmp_path / "s")
     with pytest.raises(WeightsError, match=f"weights file {tmp_path}/nope.pt not found"):
         run_sweep(FinetuneConfig(strategy="model", weights="nope.pt"), [1], tmp_path / "s")
+
+
+def test_another_sweep_into_the_same_out_is_refused_before_ray(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """Every trial writes <out>/frozen-N: a sweep of other epochs into a finished sweep's out retrained those
+    directories over it (a new Tune experiment, new Train run names, so no check saw the old runs)."""
+    import idtl_ray.scoring as scoring
+    import idtl_ray.sweep as S
+    from idtl_ray.errors import IdtlError
+
+    ran: list[int] = []
+    monkeypatch.setattr(scoring, "ensure_ray", lambda *a, **k: None)
+    monkeypatch.setattr(S, "_tune", lambda base, frozen, root, k, failures: ran.append(k) or pd.DataFrame())
+    four = FinetuneConfig(strategy="scratch", epochs=4)
+    assert S.experiment_name(four, [2, 3]) == S.experiment_name(four, [3, 2])  # the order of --frozen is no new sweep
+    run_sweep(four, [2, 3], tmp_path / "s")
+    with pytest.raises(InputError, match="holds another sweep .*pass another --out"):
+        run_sweep(replace(four, epochs=2), [2, 3], tmp_path / "s")
+    # the same sweep with more trials at once: Tune's restored experiment keeps its first run's, and says so
+    run_sweep(four, [3, 2], tmp_path / "s", max_concurrent=2)
+    assert ran == [1, 1] and "first run's 1 trial(s) at once" in capsys.readouterr().err
+    with pytest.raises(IdtlError, match="cannot write /proc/nope/sweep.md"):  # before Ray, one line
+        run_sweep(four, [2], "/proc/nope")
 
 
 # ── fault tolerance and reruns (issue 12 item 2): the trial's Train worker kills itself once in epoch 1 ──
