@@ -22,7 +22,7 @@ from .errors import InputError, MaskError, WeightsError
 from .finetune import STRATEGIES, STRATEGY_TITLES, FinetuneConfig, make_plan, mask_file
 from .finetune.progress import Progress, emitter
 from .mask import check_mask, read_mask, write_mask
-from .storage import digest, local_out_path, write_json_atomic, write_text_atomic
+from .storage import digest, ensure_writable, local_out_path, write_json_atomic, write_text_atomic
 
 
 def pretrain(dataset: str, model: str, epochs: int, out: str | Path, batch_size: int = 128, lr: float = 1e-3,
@@ -39,6 +39,9 @@ def pretrain(dataset: str, model: str, epochs: int, out: str | Path, batch_size:
     ``gpus``: N DDP workers with one GPU each, asked of the autoscaler on a cluster (as ``finetune --gpus``).
     """
     path = local_out_path(out)
+    if path.is_dir():  # found only when saving, after the whole training
+        raise InputError(f"--out {path} is a directory; pretrain writes one checkpoint file: pass e.g. {path / 'source.pt'}")
+    ensure_writable(path)
     cfg = FinetuneConfig(dataset=dataset, model=model, strategy="scratch", split="none", epochs=epochs,
                          batch_size=batch_size, lr=lr, lr_drop_at=1.0, seed=seed, data_dir=data_dir,
                          image_size=image_size, workers=workers, cpus_per_worker=cpus_per_worker,

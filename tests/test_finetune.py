@@ -386,6 +386,13 @@ def test_pretrain_writes_a_project_checkpoint_with_its_meta(tmp_path: Path, monk
     assert res["path"] == str((tmp_path / "src.pt").resolve())
     pretrain("digits", "sample-cnn", 2, tmp_path / "gpu.pt", gpus=2, progress=lambda _: None)  # --gpus, as finetune
     assert (got[-1].workers, got[-1].gpus_per_worker) == (2, 1.0)
+    # an --out that cannot take the checkpoint is refused before training, not after it
+    n = len(got)
+    with pytest.raises(InputError, match="is a directory; pretrain writes one checkpoint file"):
+        pretrain("digits", "sample-cnn", 2, tmp_path, progress=False)
+    with pytest.raises(MaskError, match="cannot write /proc/nope/src.pt"):
+        pretrain("digits", "sample-cnn", 2, "/proc/nope/src.pt", progress=False)
+    assert len(got) == n
     assert capsys.readouterr().err.splitlines() == ["pretrain: epoch 1/2: train loss 0.5000 (1 s)",
                                                     f"pretrain: wrote {res['path']} (test error 1.50%)"]
 

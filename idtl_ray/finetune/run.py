@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import data as D
 from ..errors import InputError
-from ..storage import digest, write_json_atomic
+from ..storage import digest, ensure_writable, write_json_atomic
 from .config import FinetuneConfig, TrainingError
 from .outputs import write_outputs
 from .plan import Plan, arch_of, build_finetune_model, make_plan
@@ -204,7 +204,7 @@ def _run(cfg: FinetuneConfig, out: Path, callbacks: list[Any] | None, run_name: 
     ckpt, history = _newest_checkpoint(out, name)
     _check_epochs(cfg, out, history)
     model, info = build_finetune_model(cfg, *arch_of(plan.data), data=plan.data)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_writable(out / "config.json")  # one line naming --out, not an OSError traceback
     write_json_atomic({**cfg.to_dict(), "train_ids_sha": ids_sha}, out / "config.json")
     if ckpt is not None and len(history) == cfg.epochs:
         # trained to the end, its outputs lost (final.json or model.pt removed, or a write failed): write them
