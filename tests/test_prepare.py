@@ -205,6 +205,8 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path: Path) -> None:
 def test_bad_arguments_fail_before_loading(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="val-fraction"):
         P.prepare_dataset("digits", str(tmp_path / "a"), val_fraction=1.5)
+    with pytest.raises(DataError, match="--seed must be >= 0, got -1"):  # numpy's traceback, after the load, before
+        P.prepare_dataset("digits", str(tmp_path / "a"), seed=-1)
     (tmp_path / "file").write_text("x")
     with pytest.raises(DataError, match="is a file"):
         P.prepare_dataset("digits", str(tmp_path / "file"))

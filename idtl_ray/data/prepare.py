@@ -330,6 +330,8 @@ def prepare_dataset(
 
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"--val-fraction must be in (0, 1), got {val_fraction}; e.g. 0.1 for the paper's 10%")
+    if seed < 0:  # numpy's generators take none
+        raise DataError(f"--seed must be >= 0, got {seed}")
     if shard_bytes < MIN_SHARD_BYTES:
         raise DataError(f"--shard-mb must be >= 1 (MiB per Parquet shard), got {shard_bytes / 2**20:g}; "
                         "use 128-256 for large datasets")
