@@ -52,15 +52,16 @@ def score(cfg: ScoreConfig) -> None:
 @user_errors
 def inspect(
     mask: str = typer.Argument(..., help="A mask.parquet (or the directory holding it)."),
-    png: Optional[str] = typer.Option(None, help="Where to write the score plot: a file, or a directory for scores.png (default: beside the mask)."),
+    png: Optional[str] = typer.Option(None, help="Where to write the score plot: a .png file, or a directory (existing, or ending in /) for scores.png (default: beside the mask)."),
 ) -> None:
     """Print a mask's summary again and plot its score distribution per class."""
     from .mask import read_mask
     from .summary import format_summary, plot_path, plot_scores
 
     m = read_mask(mask)
+    where = plot_path(mask, png)  # a --png that is no PNG path is refused before anything prints
     typer.echo(format_summary(m.meta, m))  # first: a mask in a read-only place still shows its summary
-    typer.echo(f"plot: {plot_scores(m, plot_path(mask, png))}")
+    typer.echo(f"plot: {plot_scores(m, where)}")
 
 
 @app.command()

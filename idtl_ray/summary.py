@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .errors import InputError
 from .mask import Mask, read_mask
 from .storage import save_figure_atomic
 
@@ -68,10 +70,17 @@ def inspect_mask(path: str | Path, png: str | Path | None = None) -> tuple[str, 
 
 
 def plot_path(mask_path: str | Path, png: str | Path | None = None) -> Path:
-    """Where the plot goes: ``png`` (a directory: ``scores.png`` in it), else ``scores.png`` beside the mask."""
+    """Where the plot goes: ``png`` (a directory, or a path ending in a separator: ``scores.png`` in it; else
+    a ``.png`` file), else ``scores.png`` beside the mask."""
     p = Path(mask_path)
-    out = Path(png) if png is not None else (p if p.is_dir() else p.parent) / "scores.png"
-    return out / "scores.png" if out.is_dir() else out
+    if png is None:
+        return (p if p.is_dir() else p.parent) / "scores.png"
+    out = Path(png)
+    if out.is_dir() or str(png).endswith(("/", os.sep)):
+        return out / "scores.png"
+    if out.suffix.lower() != ".png":
+        raise InputError(f"--png {png}: the plot is a PNG; give a .png file name or a directory (ending in /)")
+    return out
 
 
 def plot_scores(mask: Mask, png: Path) -> Path:

@@ -154,6 +154,11 @@ def test_inspect_prints_the_summary_even_where_the_plot_cannot_go(tmp_path: Path
     bad = CliRunner().invoke(app, ["inspect", str(tmp_path / "m.parquet"), "--png", str(tmp_path / "blocker" / "p.png")])
     assert bad.exit_code == 2 and "dataset" in bad.stdout
     assert bad.stderr.startswith("error: cannot write") and bad.stderr.count("\n") == 1
+    # a new directory given with a trailing slash gets scores.png in it (it became a PNG file named after it)
+    ok = CliRunner().invoke(app, ["inspect", str(tmp_path / "m.parquet"), "--png", str(tmp_path / "new") + "/"])
+    assert ok.exit_code == 0 and (tmp_path / "new" / "scores.png").read_bytes()[:4] == b"\x89PNG", ok.output
+    jpg = CliRunner().invoke(app, ["inspect", str(tmp_path / "m.parquet"), "--png", str(tmp_path / "p.jpg")])
+    assert jpg.exit_code == 2 and jpg.stderr.startswith("error: --png") and not (tmp_path / "p.jpg").exists()
 
 
 def test_saved_prescoring_is_used_only_by_the_run_that_wrote_it(tmp_path: Path) -> None:
