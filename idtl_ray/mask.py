@@ -151,6 +151,8 @@ def read_mask(path: str | Path) -> Mask:
         meta = json.loads(raw)
     except ValueError as e:
         raise MaskError(f"{p} has damaged metadata ({e}); re-run `idtl-ray score`") from e
+    if not isinstance(meta, dict):
+        raise MaskError(f"{p} has damaged metadata (a JSON {type(meta).__name__}, not an object); re-run `idtl-ray score`")
     # the metadata names the score column (a file could hold both); the types must be the schema's:
     # an integer keep column would be read as positions by kept_ids
     if meta.get("score_column") in table.column_names:
@@ -160,6 +162,9 @@ def read_mask(path: str | Path) -> Mask:
              if table.schema.field(f.name).type != f.type]
     if wrong:
         raise MaskError(f"{p} is not an idtl-ray mask ({'; '.join(wrong)}); re-run `idtl-ray score`")
+    nulls = [f.name for f in want if table[f.name].null_count]
+    if nulls:  # to_numpy would give None or NaN where a mask has a value for every sample
+        raise MaskError(f"{p} has missing values in {', '.join(nulls)}; re-run `idtl-ray score`")
     return Mask(
         sample_id=table["sample_id"].to_numpy(),
         label=table["label"].to_numpy(),

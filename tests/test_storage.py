@@ -137,6 +137,12 @@ def test_read_mask_trusts_only_a_file_of_the_masks_schema(tmp_path: Path) -> Non
         ["sample_id", "label", "delta_val_loss", "self_influence", "keep"]).replace_schema_metadata(good.schema.metadata)
     m = read_mask(variant("both.parquet", both))
     assert m.score_name == "self_influence" and m.scores.tolist() == [0.1, 0.9, 0.2, 0.3]
+    with pytest.raises(MaskError, match="damaged metadata .*a JSON list"):  # an AttributeError traceback before
+        read_mask(variant("list.parquet", good.replace_schema_metadata({META_KEY: b"[1, 2]"})))
+    holes = good.set_column(3, "keep", pa.array([True, None, True, False], pa.bool_())).replace_schema_metadata(
+        good.schema.metadata)
+    with pytest.raises(MaskError, match="missing values in keep"):
+        read_mask(variant("holes.parquet", holes))
 
 
 def test_inspect_prints_the_summary_even_where_the_plot_cannot_go(tmp_path: Path) -> None:
