@@ -17,8 +17,9 @@ from .storage import save_figure_atomic
 def format_summary(meta: dict[str, Any], mask: Mask | None = None) -> str:
     """The closing summary: kept/dropped per class, solver convergence, time per stage."""
     lines = []
-    if mask is not None:
-        per = [{"label": c, "name": str(c), "kept": k, "dropped": d} for c, k, d in mask.per_class()]
+    if mask is not None:  # the counts from the mask itself, the class names from the summary when it has them
+        names = {r.get("label"): r.get("name") for r in meta.get("per_class", []) if isinstance(r, dict)}
+        per = [{"label": c, "name": names.get(int(c)) or str(c), "kept": k, "dropped": d} for c, k, d in mask.per_class()]
     else:
         per = meta.get("per_class", [])
     n = meta.get("n_train", sum(r["kept"] + r["dropped"] for r in per))
@@ -36,7 +37,8 @@ def format_summary(meta: dict[str, Any], mask: Mask | None = None) -> str:
         lines.append(f"WARNING: {hd['warning']}")
     s = meta.get("solve", {})
     inf = meta.get("influence", {})
-    if meta.get("score", inf.get("score")) == "self":
+    kind = "self" if mask is not None and mask.score_name == "self_influence" else meta.get("score", inf.get("score"))
+    if kind == "self":  # the mask's own column decides: its metadata may not say
         lines.append(f"score: self-influence over the head's {inf.get('head_params')} (EK-FAC, damping "
                      f"{inf.get('head_damping')} x mean eigenvalue); high = likely mislabelled, dropped first")
     else:

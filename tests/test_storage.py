@@ -156,6 +156,7 @@ def test_inspect_prints_the_summary_even_where_the_plot_cannot_go(tmp_path: Path
     (tmp_path / "plots").mkdir()
     ok = CliRunner().invoke(app, ["inspect", str(tmp_path / "m.parquet"), "--png", str(tmp_path / "plots")])
     assert ok.exit_code == 0 and (tmp_path / "plots" / "scores.png").is_file(), ok.output  # a directory: scores.png in it
+    assert "score: self-influence" in ok.stdout and "solver" not in ok.stdout  # the column says so; the meta does not
     (tmp_path / "blocker").write_text("")
     bad = CliRunner().invoke(app, ["inspect", str(tmp_path / "m.parquet"), "--png", str(tmp_path / "blocker" / "p.png")])
     assert bad.exit_code == 2 and "dataset" in bad.stdout
