@@ -136,7 +136,10 @@ def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     if not got:
         raise InputError("the model's head was not called in forward: self-influence needs the head to produce the logits")
     features, head_out = got[-2], got[-1]
-    if head_out.shape != logits.shape or not torch.equal(head_out, logits):
+    # the same tensor, or equal values (NaN included: a NaN input is reported by the caller, not as a head error)
+    same = head_out.shape == logits.shape and (head_out.data_ptr() == logits.data_ptr()
+                                                or torch.allclose(head_out, logits, rtol=0, atol=0, equal_nan=True))
+    if not same:
         # e.g. the output layer registered before a hidden one: its features would be paired with the logits' gradient
         raise InputError(f"self-influence takes {type(head).__name__}({head.in_features}, {head.out_features}) as the head "
                          "(the model's last nn.Linear), but the model's output is not that layer's: set model.head_name to "
