@@ -123,6 +123,16 @@ def _scorer_actors() -> set[str]:
             if "Scorer" in (a.class_name or "")}
 
 
+def _same_scores(mask, ref) -> None:
+    """The reference's scores, to float32 rounding (the model is float32). A run that is interrupted or loses a
+    worker scores the same rows, but Ray Data may bundle a few into a shorter batch, and a float32 batch of 6
+    rounds differently from one of 50 (seen under load: 2e-7 relative on 5 rows of one batch, every other row
+    within 1e-9). The mask's decisions are compared exactly by the callers."""
+    rel = np.abs(mask.delta_val_loss - ref.delta_val_loss) / np.abs(ref.delta_val_loss)
+    assert rel.max() < 1e-6, rel.max()
+    assert (rel < 1e-9).mean() > 0.8, (rel < 1e-9).mean()  # rows in batches of the usual size: the reference's
+
+
 def test_killed_prescore_worker_is_retried_and_the_run_completes(reference_run, tmp_path):
     # The pre-scoring task (g_val, curvature, solve) runs in one worker; SIGKILL it mid-solve and Ray
     # runs it again: the run completes with the scores of an undisturbed run.
@@ -155,8 +165,8 @@ def test_killed_prescore_worker_is_retried_and_the_run_completes(reference_run, 
     th.join(5)
     assert killed, "the pre-scoring worker was not found running"
     mask = read_mask(summary["mask"])
-    assert np.array_equal(mask.sample_id, ref.sample_id)
-    assert np.allclose(mask.delta_val_loss, ref.delta_val_loss, rtol=1e-9, atol=0)
+    assert np.array_equal(mask.sample_id, ref.sample_id) and np.array_equal(mask.keep, ref.keep)
+    _same_scores(mask, ref)
 
 
 def test_an_actors_error_reaches_the_caller_with_its_type(ray_session, digits_tensors, tmp_path):
@@ -193,8 +203,8 @@ def test_killed_scoring_actor_loses_nothing(reference_run, tmp_path):
     assert killed, "no scoring actor was found to kill"
     mask = read_mask(summary["mask"])
     assert len(np.unique(mask.sample_id)) == len(mask) == len(ref)
-    assert np.array_equal(mask.sample_id, ref.sample_id)
-    assert np.allclose(mask.delta_val_loss, ref.delta_val_loss, rtol=1e-9, atol=0)
+    assert np.array_equal(mask.sample_id, ref.sample_id) and np.array_equal(mask.keep, ref.keep)
+    _same_scores(mask, ref)
 
 
 def test_interrupted_run_resumes_without_rescoring(reference_run, tmp_path):
@@ -232,8 +242,8 @@ def test_interrupted_run_resumes_without_rescoring(reference_run, tmp_path):
     mask = read_mask(summary["mask"])
     assert summary["shards_reused"] == done
     assert summary["samples_scored"] == summary["n_train"] - len(written)  # only what was not written
-    assert np.array_equal(mask.sample_id, ref.sample_id)
-    assert np.allclose(mask.delta_val_loss, ref.delta_val_loss, rtol=1e-9, atol=0)
+    assert np.array_equal(mask.sample_id, ref.sample_id) and np.array_equal(mask.keep, ref.keep)
+    _same_scores(mask, ref)
 
     # a fresh run into the finished directory, interrupted: no result is better than the old one's beside
     # the new split and model
