@@ -146,7 +146,12 @@ def test_a_score_scales_from_zero_to_two_gpu_workers(cluster: FakeCluster) -> No
     _note("(a) worker nodes seen per poll", [(p["t"], len(p.get("workers", []))) for p in run.polls])
     assert peak == 2, f"the cluster should scale to 2 workers for --gpus 2, saw at most {peak}\n{c.monitor_log()}"
 
-    workers = {n.node_id: n for n in c.workers(alive_only=False)}
+    every = c.workers(alive_only=False)
+    # a launch the fake provider lost at once (seen: a node that ended 0.3 s after it started) is replaced
+    # by the autoscaler; it is no third worker of ours. Every other node must be one of the two.
+    lost = [n for n in every if n.end_time_ms and n.end_time_ms - n.start_time_ms < 10_000]
+    workers = {n.node_id: n for n in every if n not in lost}
+    _note("(a) worker launches lost at once and replaced", [n.node_id for n in lost])
     assert len(workers) == 2, f"2 worker nodes expected (max_workers 2), found {list(workers)}"
     for n in workers.values():
         assert n.resources_total.get("GPU") == 1.0 and n.resources_total.get("CPU") == 1.0, n.resources_total
