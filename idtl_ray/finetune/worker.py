@@ -12,7 +12,6 @@ and loss run under bf16 autocast when ``precision`` asks for it (``auto``: on GP
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import tempfile
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from .. import data as D
+from ..budget import lr_drop_epoch
 from ..data.augment import BatchAugment
 from ..layout import model_layout, runs_channels_last
 from ..scoring.common import Preprocess, fast_cuda_math, to_device
@@ -41,9 +41,9 @@ ids_hash = ids_digest
 
 
 def lr_at(cfg: Any, epoch: int) -> float:
-    """Learning rate of ``epoch``: ``lr``, x0.1 from epoch ``max(1, lr_drop_at * epochs rounded half up)`` on
-    (Python's round() goes to even: 5 epochs dropped after 2, 7 after 4)."""
-    drop = max(1, math.floor(cfg.lr_drop_at * cfg.epochs + 0.5))
+    """Learning rate of ``epoch``: ``lr``, x0.1 from :func:`~idtl_ray.budget.lr_drop_epoch` on (never with
+    ``lr_drop_at`` 1)."""
+    drop = lr_drop_epoch(cfg.lr_drop_at, cfg.epochs)
     return cfg.lr * (0.1 if cfg.lr_drop_at < 1.0 and epoch >= drop else 1.0)
 
 
