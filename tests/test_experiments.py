@@ -243,6 +243,24 @@ def test_the_papers_batch_is_split_over_the_workers(tmp_path: Path, monkeypatch:
     assert not (tmp_path / "table5-smoke").exists()
 
 
+def test_a_smoke_run_refuses_to_replace_a_full_runs_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A smoke run into a full run's --out overwrote its table5.md; now it stops before any work."""
+    from idtl_ray.experiments import runner
+
+    monkeypatch.setattr(runner, "_request_gpus", lambda res: pytest.fail("work started"))
+    full = E.table_spec(5)
+    E.write_results(report._document(full, [0], [], 1.0, E.Resources.default(False)), tmp_path, full)
+    before = (tmp_path / "table5.md").read_text()
+    with pytest.raises(E.ExperimentError, match=r"table5\.md holds a full run's report.*smoke run.*another --out"):
+        runner.run_table(5, smoke=True, out=tmp_path)
+    assert (tmp_path / "table5.md").read_text() == before and not (tmp_path / "table5-smoke").exists()
+    # a smoke report is replaced as before (by a smoke or a full run): the guard stops only at a longer run's
+    smoke = E.table_spec(5, smoke=True)
+    E.write_results(report._document(smoke, [0], [], 1.0, E.Resources.default(True)), tmp_path / "s", smoke)
+    runner._refuse_replacing_report(tmp_path / "s", smoke)
+    runner._refuse_replacing_report(tmp_path / "s", full)
+
+
 def test_a_job_refuses_a_negative_seed_before_ray(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     from idtl_ray.experiments.job import job_main
 

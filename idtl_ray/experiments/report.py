@@ -64,11 +64,16 @@ def _direction(summary: list[dict[str, Any]], table: TableSpec) -> list[dict[str
     return out
 
 
+def report_mode(table: TableSpec) -> str:
+    """The run's kind, as its report records it: ``smoke``, ``analogue`` or ``full``."""
+    return "smoke" if table.smoke else "analogue" if table.analogue else "full"
+
+
 def _document(table: TableSpec, seeds: list[int], runs: list[dict[str, Any]], wall_s: float, res: Resources) -> dict[str, Any]:
     summary = summarize(table, runs)
     return {
         "table": table.number,
-        "mode": "smoke" if table.smoke else "analogue" if table.analogue else "full",
+        "mode": report_mode(table),
         "title": table.title,
         "analogue": table.analogue,
         "section": table.section,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -14,7 +15,7 @@ import numpy as np
 from ..storage import local_out_path
 from .cifar_plus import build_cifar_plus, pick_class_a
 from .files import check_files, preflight, resolve_dataset, source_npz
-from .report import _document, write_results
+from .report import _document, report_mode, write_results
 from .specs import ExperimentError, Setting, SourceSpec, TableSpec
 
 
@@ -280,6 +281,20 @@ def run_root(out: Path, n: int, smoke: bool) -> Path:
     return out / f"table{n}{'-smoke' if smoke else ''}"
 
 
+def _refuse_replacing_report(root: Path, table: TableSpec) -> None:
+    """A smoke (or analogue) run must not overwrite a longer run's ``tableN.md`` in the same ``--out``."""
+    path = root / f"table{table.number}.json"
+    try:
+        old = json.loads(path.read_text(encoding="utf-8")).get("mode")
+    except (OSError, ValueError, AttributeError):
+        return  # none, or not ours: written over as before
+    new = report_mode(table)
+    if old not in (None, new, "smoke"):
+        raise ExperimentError(
+            f"{path.parent / path.stem}.md holds a {old} run's report, which this {new} run would replace; "
+            f"give it another --out (e.g. --out {root / new})")
+
+
 def run_table(n: int, smoke: bool = False, data_dir: str | None = None, out: str | Path = "results",
               seeds: list[int] | tuple[int, ...] = (0,), resources: Resources | None = None,
               spec: TableSpec | None = None) -> dict[str, Any]:  # fmt: skip
@@ -299,6 +314,7 @@ def run_table(n: int, smoke: bool = False, data_dir: str | None = None, out: str
         check_shared_storage({"--out": root, "--data-dir": data_dir})
     table = preflight(n, smoke, data_dir) if spec is None else check_files(spec, data_dir)
     n = table.number
+    _refuse_replacing_report(root, table)
     runs_root = run_root(root, n, smoke)
     ctx = _Context(table, runs_root, data_dir, resources or Resources.default(smoke), runs_root / "_data")
     t0 = time.perf_counter()
