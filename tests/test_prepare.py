@@ -169,6 +169,31 @@ def test_the_ray_stages_open_only_shards_that_match_their_checksums(prepared: Pa
     _one_line(e, "train-00000.parquet is damaged (sha256 differs", "re-run idtl-ray prepare --dataset")
 
 
+def test_an_unwritable_cache_does_not_block_reading_a_prepared_directory(prepared: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The verified-stamp cache is an optimisation: a cache path that cannot be written (read-only $HOME,
+    a file in the way) cost every command on a prepared directory an error (review, eleventh session)."""
+    from idtl_ray.data.samples import open_target
+
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("IDTL_CACHE_DIR", str(tmp_path / "afile" / "cache"))
+    assert open_target(str(prepared)).fingerprint() == load_dataset("digits").fingerprint()
+
+
+def test_a_resized_dataset_keeps_its_augmentation_recipe(tmp_path: Path) -> None:
+    """--image-size renames cifar10 to cifar10@16; the recipe lookup failed on that name (finetune refused,
+    score's --drop auto trials silently trained without augmentation)."""
+    from idtl_ray.data.augment import batch_augmentation
+
+    assert batch_augmentation("cifar10@16") == batch_augmentation("cifar10") is not None
+    assert repr(augmentation("svhn@64")) == repr(augmentation("svhn"))
+    out = tmp_path / "d16"
+    assert P.prepare_dataset("digits", str(out), image_size=16, download=False).dataset == "digits@16"
+    assert batch_augmentation(str(out)) is None and augmentation(str(out)) is None  # the digits recipe, no error
+    with pytest.raises(DataError, match="unknown dataset 'nosuch'"):
+        batch_augmentation("nosuch@16")
+
+
 def test_directory_without_manifest_is_incomplete(tmp_path: Path) -> None:
     (tmp_path / "half").mkdir()
     with pytest.raises(DataError) as e:

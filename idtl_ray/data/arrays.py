@@ -8,6 +8,7 @@ and int64 labels. The position of a sample in the ORIGINAL training split is its
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -195,6 +196,13 @@ class ImageDataset(torch.utils.data.Dataset):
 _DIGIT_SETS = ("mnist", "mnist-5k", "emnist-letters", "fashion-mnist", "digits")
 
 
+def recipe_name(name: str) -> str:
+    """The dataset whose augmentation recipe ``name`` takes: ``cifar10@16`` (resized by ``--image-size``)
+    is still CIFAR-10; names with ``:`` or ``/`` (npz:, folder:, a prepared directory) stay as they are."""
+    m = re.fullmatch(r"([^:/@]+)(?:@\d+)+", name)
+    return m.group(1) if m else name
+
+
 def augmentation(name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """Training augmentation for a dataset name (paper sections 4.2 and 4.5; design.md section 4).
 
@@ -206,6 +214,7 @@ def augmentation(name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """
     from torchvision import transforms as T
 
+    name = recipe_name(name)
     if name in ("cifar10", "cifar100"):
         return T.Compose([T.RandomHorizontalFlip(), T.RandomAffine(degrees=0, translate=(0.1, 0.1))])
     if name == "svhn":

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
-from .arrays import _DIGIT_SETS
+from .arrays import _DIGIT_SETS, recipe_name
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,7 @@ _CIFAR = BatchAugment(flip=True, translate=0.1)
 def batch_augmentation(name: str) -> BatchAugment | None:
     """The batch form of :func:`idtl_ray.data.augmentation`'s recipe for dataset ``name`` (same table,
     same errors): None where that gives None."""
+    name = recipe_name(name)
     if name in ("cifar10", "cifar100"):
         return _CIFAR
     if name == "svhn":

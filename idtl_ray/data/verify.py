@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from ..errors import DataError
+from ..errors import DataError, IdtlError
 from ..storage import json_digest, write_json_atomic
 from .prepare import Manifest, Shard
 
@@ -53,13 +53,17 @@ def check_sha256(fs: pafs.FileSystem, base: str, m: Manifest, shards: Sequence[S
     todo = [(s, i) for s, i in zip(shards, infos) if i.mtime_ns is None or stamps.get(s.file) != version[s.file]]
     if not todo:
         return
-    with ThreadPoolExecutor(max_workers=min(4, len(todo))) as pool:  # hashlib and the reads release the GIL
-        sums = list(pool.map(lambda t: sha256_of(fs, t[1].path), todo))
+    try:
+        with ThreadPoolExecutor(max_workers=min(4, len(todo))) as pool:  # hashlib and the reads release the GIL
+            sums = list(pool.map(lambda t: sha256_of(fs, t[1].path), todo))
+    except OSError as e:  # S3 access denied, a mount gone stale: one line, not pyarrow's traceback
+        raise DataError(f"cannot read the shards of {base}: {e}; check that the location is mounted and "
+                        "readable (for s3://, the credentials)") from e
     for (s, _), sha in zip(todo, sums):
         if sha != s.sha256:
             raise damaged(s)
         stamps[s.file] = version[s.file]
     try:
         write_json_atomic(stamps, path)
-    except OSError:  # a read-only cache only costs the next command another hash
+    except (OSError, IdtlError):  # a read-only cache (MaskError from the writer) only costs another hash
         pass
