@@ -257,6 +257,27 @@ def test_folder_dataset(tmp_path: Path) -> None:
     assert c.name == "cats-vs-dogs" and c.image_shape == (64, 64, 3)
 
 
+def test_folder_hidden_dirs_empty_classes_and_16_bit_images(tmp_path: Path) -> None:
+    """Review, eleventh session: .ipynb_checkpoints became a class (labels shifted), an empty class folder
+    counted toward the two classes needed, and 16-bit greyscale PNGs came back almost all white."""
+    from PIL import Image
+
+    root = tmp_path / "pets"
+    _write_folder(root)
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    (root / "test" / ".ipynb_checkpoints").mkdir()
+    ramp = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    Image.fromarray(ramp).save(root / "train" / "dog" / "deep.png")
+    d = load_dataset(f"folder:{root}", image_size=16)
+    assert d.classes == ["cat", "dog"] and d.train.y.tolist() == [0, 0, 0, 1, 1, 1, 1]
+    deep = d.train.x[6]  # dog/deep.png sorts after dog/0.png .. dog/2.png
+    assert deep.shape == (16, 16, 3) and np.all(deep[..., 0] == deep[..., 1])
+    assert np.abs(deep[..., 0].astype(int) - np.round(ramp / 257.0)).max() <= 1  # scaled, not clipped
+    (root / "train" / "bird").mkdir()
+    with pytest.raises(DataError, match=r"class folder\(s\) \['bird'\] in train/ hold no images"):
+        load_dataset(f"folder:{root}", image_size=16)
+
+
 def test_missing_folder_describes_layout(tmp_path: Path) -> None:
     with pytest.raises(DataError) as e:
         load_dataset(f"folder:{tmp_path / 'none'}")

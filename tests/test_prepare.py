@@ -180,6 +180,20 @@ def test_an_unwritable_cache_does_not_block_reading_a_prepared_directory(prepare
     assert open_target(str(prepared)).fingerprint() == load_dataset("digits").fingerprint()
 
 
+def test_unreachable_locations_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache that cannot be created and an --out pyarrow cannot stat gave raw OSError tracebacks."""
+    from idtl_ray.data.cache import ensure_prepared
+
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("IDTL_CACHE_DIR", str(tmp_path / "afile" / "cache"))
+    with pytest.raises(DataError) as e:
+        ensure_prepared("digits")
+    _one_line(e, "cannot write the dataset cache", "set IDTL_CACHE_DIR to a writable directory")
+    with pytest.raises(DataError) as e:
+        P.prepare_dataset("digits", str(tmp_path / ("a" * 300)), download=False)
+    _one_line(e, "cannot reach it", "check the path")
+
+
 def test_a_resized_dataset_keeps_its_augmentation_recipe(tmp_path: Path) -> None:
     """--image-size renames cifar10 to cifar10@16; the recipe lookup failed on that name (finetune refused,
     score's --drop auto trials silently trained without augmentation)."""

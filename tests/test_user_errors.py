@@ -119,6 +119,9 @@ def test_cli_refuses_bad_settings_before_ray_starts(tmp_path, monkeypatch) -> No
      "densenet121 cannot take 8px images (a feature map shrinks to nothing): pass --image-size 16 or more"),
     (["compare", "--weights", "imagenet", "--epochs", "0", "--out", "{tmp}/c"], "--epochs must be >= 1, got 0"),
     (["compare", "--dataset", "nosuch", "--weights", "imagenet", "--out", "{tmp}/c"], "unknown dataset 'nosuch'"),
+    # a path, not a name: say it does not exist (a shared mount missing on this node), not "unknown dataset"
+    (["compare", "--dataset", "{tmp}/mnt/cifar100", "--weights", "imagenet", "--out", "{tmp}/c"],
+     "--dataset {tmp}/mnt/cifar100 does not exist; check the path (is the shared storage mounted"),
     (["compare", "--weights", "{tmp}/none.pt", "--mask", "{tmp}/m", "--out", "{tmp}/c"], "weights file {tmp}/none.pt not found"),
     (["prepare", "--dataset", "digits", "--shard-mb", "-1", "--out", "{tmp}/p"], "--shard-mb must be >= 1"),
     (["score", "--curvature-samples", "-5"], "--curvature-samples must be >= 1, or 0 for all"),

@@ -38,7 +38,7 @@ def _files_stamp(root: Path, limit: int = 200_000) -> list[list[object]]:
         st = root.stat()
         return [[root.name, st.st_size, st.st_mtime_ns]]
     out: list[list[object]] = []
-    for dirpath, _, names in os.walk(root):
+    for dirpath, _, names in os.walk(root, followlinks=True):  # load_folder follows linked train/ and test/ too
         for n in names:
             p = Path(dirpath) / n
             try:
@@ -159,10 +159,18 @@ def check_source(name: str) -> None:
 @contextmanager
 def _waiting_lock(path: Path) -> Iterator[None]:
     """An exclusive flock on ``path`` that waits for its holder (released when this process ends)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise DataError(f"cannot write the dataset cache {path.parent} ({e.strerror or e}): set IDTL_CACHE_DIR to a "
+                        "writable directory (on shared storage for a cluster), or prepare the dataset with "
+                        "idtl-ray prepare --out DIR and pass --dataset DIR") from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock (Lustre without -o flock): prepare unguarded, as before
+            pass
         yield
     finally:
         os.close(fd)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -128,7 +129,7 @@ def _read_folder_split(root: Path, split: str, classes: list[str], size: int) ->
     xs: list[np.ndarray] = []
     ys: list[int] = []
     split_dir = root / split
-    for d in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+    for d in _class_dirs(split_dir):
         if d.name not in classes:
             raise DataError(
                 f"folder:{root}: class {d.name!r} in {split}/ is not in train/ ({classes}); "
@@ -138,14 +139,37 @@ def _read_folder_split(root: Path, split: str, classes: list[str], size: int) ->
         for f in sorted(q for q in d.iterdir() if q.suffix.lower() in IMAGE_EXTENSIONS):
             try:
                 with Image.open(f) as im:
-                    im = im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+                    im = _rgb8(im, f, root).resize((size, size), Image.Resampling.BILINEAR)
                     xs.append(np.asarray(im, dtype=np.uint8))
             except (OSError, UnidentifiedImageError) as e:
                 raise DataError(f"folder:{root}: cannot read image {f} ({e}); delete or replace it") from e
             ys.append(label)
     if not xs:
         raise DataError(f"folder:{root}: no images in {split_dir}; {_folder_layout_hint(root)}")
-    return ImageArrays(np.stack(xs), np.asarray(ys, dtype=np.int64))
+    y = np.asarray(ys, dtype=np.int64)
+    empty = [c for i, c in enumerate(classes) if not (y == i).any()]
+    if split == "train" and empty:  # a class with no example cannot be learned, and counts toward the 2 needed
+        raise DataError(f"folder:{root}: class folder(s) {empty} in train/ hold no images; add images or remove them")
+    return ImageArrays(np.stack(xs), y)
+
+
+def _class_dirs(split_dir: Path) -> list[Path]:
+    """The class sub-folders of a split, sorted; hidden ones (.ipynb_checkpoints, .DS_Store dirs) are not classes."""
+    return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _rgb8(im: Any, f: Path, root: Path) -> Any:
+    """``im`` as 8-bit RGB; 16-bit greyscale is scaled down (``convert`` clipped it: nearly all white)."""
+    from PIL import Image
+
+    if im.mode.startswith("I"):  # I;16, I;16B, I: 16-bit (or int32) greyscale
+        a = np.asarray(im, dtype=np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise DataError(f"folder:{root}: image {f} has values outside 0..65535 ({im.mode}); convert it to 8 or 16 bits")
+        return Image.fromarray(np.round(a / 257.0).astype(np.uint8), mode="L").convert("RGB")
+    if im.mode == "F":
+        raise DataError(f"folder:{root}: image {f} holds floating-point pixels; convert it to an 8-bit PNG or JPEG")
+    return im.convert("RGB")
 
 
 def load_folder(path: str | Path, image_size: int | None = None, name: str | None = None) -> TargetData:
@@ -161,7 +185,7 @@ def load_folder(path: str | Path, image_size: int | None = None, name: str | Non
     label = name or f"folder:{root}"
     if not (root / "train").is_dir() or not (root / "test").is_dir():
         raise DataError(f"{label}: dataset folder not found or incomplete at {root}; {_folder_layout_hint(root)}")
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    classes = [p.name for p in _class_dirs(root / "train")]
     if len(classes) < 2:
         raise DataError(f"{label}: found {len(classes)} class folder(s) in {root}/train; need at least 2; "
                         f"{_folder_layout_hint(root)}")  # fmt: skip

@@ -336,7 +336,11 @@ def prepare_dataset(
         raise DataError(f"--shard-mb must be >= 1 (MiB per Parquet shard), got {shard_bytes / 2**20:g}; "
                         "use 128-256 for large datasets")
     fs, base = open_location(out)  # a bad URI fails before the (possibly long) load
-    if fs.get_file_info(base).type == pafs.FileType.File:
+    try:
+        kind = fs.get_file_info(base).type
+    except OSError as e:  # S3 access denied or no credentials, a name too long: one line
+        raise DataError(f"--out {out}: cannot reach it ({e}); check the path and, for s3://, the credentials") from e
+    if kind == pafs.FileType.File:
         raise DataError(f"--out {out} is a file; give a directory (it is created if missing)")
     data = load_dataset(dataset, data_dir, download=download, image_size=image_size)
     return write_prepared(data, make_split(data, val_fraction, seed), out, source=dataset, shard_bytes=shard_bytes)

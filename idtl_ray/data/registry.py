@@ -331,6 +331,11 @@ DATASETS: dict[str, DatasetInfo] = {
 
 def unknown_dataset(name: str) -> DataError:
     """The error for a ``--dataset`` that is no registry name, ``npz:``/``folder:`` path or prepared directory."""
+    if "/" in name or "\\" in name:  # meant as a location: say what is wrong with it, not that it is no name
+        kind = ("is a file, not a directory written by idtl-ray prepare (an .npz file: give npz:PATH)"
+                if Path(name).expanduser().exists() else "does not exist")
+        return DataError(f"--dataset {name} {kind}; check the path (is the shared storage "
+                         "mounted on this node?), or write it with idtl-ray prepare --dataset NAME --out DIR")
     return DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}, or npz:PATH "
                      f"(x_train,y_train,x_test,y_test[,x_val,y_val]) or folder:PATH (train/<class>/*, test/<class>/*), "
                      f"or a directory written by idtl-ray prepare")
