@@ -195,7 +195,7 @@ def _load_target(cfg: ScoreConfig, out: Path) -> tuple[Any, Any, Any, Any, np.nd
     """
     from .data import Split, apply_split, make_split
     from .data.cache import ensure_prepared
-    from .data.samples import open_target
+    from .data.samples import open_target, split_note
 
     data = open_target(ensure_prepared(cfg.dataset, cfg.data_dir, cfg.image_size, say=_log))
     if cfg.target_classes:
@@ -208,6 +208,8 @@ def _load_target(cfg: ScoreConfig, out: Path) -> tuple[Any, Any, Any, Any, np.nd
         _check_resumed_split(cfg, split, data, out)
     else:
         split = make_split(data, cfg.val_fraction, cfg.seed)
+        if (note := split_note(data, cfg.val_fraction, cfg.seed)) is not None:
+            _log(note)
     train, val, train_ids = apply_split(data, split)
     _check_budgets_fit(cfg, len(train.y))
     if len(np.unique(train.y)) < 2:

@@ -99,6 +99,26 @@ def test_split_column_agrees_with_make_split(prepared: Path, digits: TargetData)
     assert np.array_equal(ids["test"].column("sample_id").to_numpy(), np.arange(len(digits.test)))
 
 
+def test_a_run_with_another_split_than_the_prepared_one_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """prepare --val-fraction 0.3 --seed 5, then finetune with the defaults: each command makes its own
+    split, which silently differed from the directory's split column (review, eleventh session)."""
+    from idtl_ray.data.cache import ensure_prepared
+    from idtl_ray.data.samples import open_target, split_note
+    from idtl_ray.finetune import FinetuneConfig
+    from idtl_ray.finetune.plan import make_plan
+
+    d = tmp_path / "d"
+    P.prepare_dataset("digits", str(d), val_fraction=0.3, seed=5, download=False)
+    data = open_target(str(d))
+    assert split_note(data, 0.3, 5) is None
+    assert "prepared with --val-fraction 0.3 --seed 5" in split_note(data, 0.1, 0)
+    heard: list[str] = []
+    make_plan(FinetuneConfig(dataset=str(d), strategy="scratch", out=str(tmp_path / "o")), say=heard.append, write=False)
+    assert any("this run splits with --val-fraction 0.1 --seed 0" in h for h in heard), heard
+    monkeypatch.setenv("IDTL_CACHE_DIR", str(tmp_path / "cache"))  # the cache's copies: 0.1 / 0, no note for seed 1
+    assert split_note(open_target(ensure_prepared("digits")), 0.1, 1) is None
+
+
 def test_png_images_and_a_shipped_validation_split_round_trip(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     arrays = {f"x_{s}": rng.integers(0, 256, (n, 70, 66, 3), dtype=np.uint8) for s, n in (("train", 30), ("test", 8), ("val", 5))}

@@ -98,6 +98,26 @@ class PreparedTarget:
         return [part]
 
 
+def split_note(data: PreparedTarget, val_fraction: float, seed: int) -> str | None:
+    """A note when ``data`` is a directory the user prepared with another split than this command makes.
+
+    Every command makes its seeded split from its own ``--val-fraction``/``--seed``; the ``split``
+    column of the shards records the one ``prepare`` was given (the cache's copies: always 0.1 / 0).
+    """
+    from pathlib import Path
+
+    from .cache import cache_root
+
+    s = data.manifest.split
+    if s.get("val_source") != "split" or (float(s["val_fraction"]), int(s["seed"])) == (val_fraction, seed):
+        return None
+    if "://" not in data.location and (cache_root() / "prepared").resolve() in Path(data.location).resolve().parents:
+        return None
+    return (f"note: {data.location} was prepared with --val-fraction {s['val_fraction']:g} --seed {s['seed']} (its "
+            f"split column); this run splits with --val-fraction {val_fraction:g} --seed {seed}: pass those to use "
+            "the stored split")
+
+
 def _labels(location: str, m: Manifest, splits: list[str], what: str) -> Labels:
     """The ``label`` column of the shards of ``splits``, placed at their sample ids (0..n-1 once each)."""
     fs, base = open_location(location)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ def make_plan(cfg: FinetuneConfig, *, say: Progress | None = None, write: bool =
     ``write=False`` (a dry run) leaves ``--out`` untouched: a split it has to make stays in memory.
     """
     from ..data.cache import ensure_prepared
-    from ..data.samples import open_target
+    from ..data.samples import open_target, split_note
 
     mask_path = existing_mask_file(cfg.mask) if cfg.mask and cfg.strategy == "instance" else None
     data = open_target(ensure_prepared(cfg.dataset, cfg.data_dir, cfg.image_size, say=say))
@@ -76,6 +77,8 @@ def make_plan(cfg: FinetuneConfig, *, say: Progress | None = None, write: bool =
     if split_path is None:
         split_path = cfg.out_dir / "split.json"
         split = _own_split(cfg, data, split_path, write)
+        if (note := split_note(data, cfg.val_fraction, cfg.seed)) is not None:
+            say(note) if say is not None else warnings.warn(note, stacklevel=2)
     else:
         split = D.Split.load(split_path)
     _, _, ids = D.apply_split(data, split)  # refuses a split of another dataset
