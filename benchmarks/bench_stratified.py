@@ -37,11 +37,18 @@ from idtl_ray.selection import keep_least_harmful  # noqa: E402
 
 
 def stratified_keep(harm: np.ndarray, fraction: float, labels: np.ndarray) -> np.ndarray:
-    """Drop ``fraction`` of each given label's samples, the most harmful first within it."""
+    """Drop ``int(fraction * n)`` samples, as the global arms do, shared over the given labels in proportion
+    to their sizes (largest remainders; rounding each label's share on its own dropped 1-2 too many), the
+    most harmful first within each label."""
+    classes, sizes = np.unique(labels, return_counts=True)
+    quota = fraction * sizes
+    per = np.floor(quota).astype(int)
+    short = int(fraction * len(labels)) - int(per.sum())
+    per[np.argsort(-(quota - per), kind="stable")[:short]] += 1
     keep = np.ones(len(labels), bool)
-    for c in np.unique(labels):
+    for c, k in zip(classes, per):
         idx = np.flatnonzero(labels == c)
-        keep[idx[np.argsort(-harm[idx], kind="stable")[:int(round(fraction * len(idx)))]]] = False
+        keep[idx[np.argsort(-harm[idx], kind="stable")[:k]]] = False
     return keep
 
 
@@ -54,7 +61,7 @@ def run_seed(target: str, seed: int, work: Path, recipe: TrainRecipe, arms: list
              clean: bool = False) -> dict[str, list[float]]:
     t = TARGETS[target](work, seed)
     t = t.clean() if clean else t
-    model = adapted_model(t)
+    model = adapted_model(t, seed)
     pre = Preprocess(t.mean, t.std)
     harm = {"self": compute_influence(model, TensorDataset(pre(t.x_train), torch.as_tensor(t.y_train)), None,
                                       InfluenceConfig(seed=seed)).harm}
