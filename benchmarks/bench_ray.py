@@ -5,7 +5,8 @@ One run, one machine, one model, the same real images (a seeded random draw from
 Prints, for the in-process engine and for the Ray pipeline, for each score (self-influence, the
 default, and the paper's delta_val_loss), the time of each stage and the ratios that matter:
 
-  overhead   = Ray total / in-process total - 1
+  overhead   = Ray total / in-process total - 1, per repeat (the median of the repeats' ratios); Ray's
+               own start-up (`ray.init`) is printed apart and not counted in either total
   vs infer   = Ray scoring stage / one plain inference pass over the same training set, in PyTorch's
                default NCHW layout and in the channels-last layout the scoring itself uses
                (idtl_ray/layout.py; 1.7-2.1x faster for sample-cnn on these CPUs)
@@ -13,10 +14,13 @@ default, and the paper's delta_val_loss), the time of each stage and the ratios 
 Same settings in every path. In-process, one process (2 torch threads) does everything; through Ray,
 one pre-scoring task computes g_val and the solve (or the head factors), then a Ray Data actor pool
 scores and writes Parquet files, which are merged. Each Ray path starts a fresh local Ray, so its
-workers start cold (a first `idtl-ray score`, the worst case). With --warm, one local Ray serves every
-Ray path and a small untimed run (2,048 samples) goes first, as on a cluster that has already run a
-job: Ray's daemons, dashboard and Ray Data's helper actors are up; the scoring actors and the
-pre-scoring worker are new processes either way (Ray does not reuse an actor's process).
+workers start cold (a first `idtl-ray score`, the worst case). With --warm, each Ray path's local
+Ray first runs a small untimed pipeline (2,048 samples), as on a cluster that has already run a job:
+Ray's daemons, dashboard and Ray Data's helper actors are up; the scoring actors and the pre-scoring
+worker are new processes either way (Ray does not reuse an actor's process). Ray is shut down after
+each Ray path in both modes, so the in-process path and the inference passes never run beside a
+live Ray session (before the eleventh session, --warm kept one session for every repeat, and the
+later repeats' baselines shared the 2 CPUs with it).
 
     python benchmarks/bench_ray.py [--n-train 45000] [--n-val 5000] [--model sample-cnn]
                                    [--scores self paper] [--actors 2] [--repeat 3] [--cpu-accounting] [--warm]
@@ -95,9 +99,9 @@ def main() -> None:
         print(f"score={score}")
         print(f"{'path':<16}{'total s':>9}{'g_val s':>9}{'solve s':>9}{'scores s':>10}{'overhead':>10}{'scores/infer':>14}"
               f"{'/infer CL':>11}{'rel.err':>10}")
-        t_in = rows[0][1]
-        for name, tot, g, sv, sc, err in rows:
-            print(f"{name:<16}{tot:>9.1f}{g:>9.1f}{sv:>9.1f}{sc:>10.1f}{tot / t_in - 1:>9.1%}{sc / t_inf:>13.2f}x"
+        over = [float(np.median([run[i][1] / run[0][1] - 1 for run in runs])) for i in range(len(rows))]
+        for (name, tot, g, sv, sc, err), ov in zip(rows, over):
+            print(f"{name:<16}{tot:>9.1f}{g:>9.1f}{sv:>9.1f}{sc:>10.1f}{ov:>9.1%}{sc / t_inf:>13.2f}x"
                   f"{sc / t_cl:>10.2f}x{err:>10.1e}",
                   flush=True)
 
@@ -116,7 +120,7 @@ def run_paths(model: torch.nn.Module, train: ArraySet, val: ArraySet, cfg: Influ
               warm: bool = False) -> list[tuple]:
     """(path, total, g_val, solve, scores, rel. error against in-process) for in-process and each Ray path.
 
-    ``warm``: keep one Ray session and run a small untimed pipeline in it before each timed one.
+    ``warm``: run a small untimed pipeline in the fresh Ray session before the timed one.
     """
     import ray
 
@@ -133,7 +137,9 @@ def run_paths(model: torch.nn.Module, train: ArraySet, val: ArraySet, cfg: Influ
     rows = [("in-process", t_in, tm.get("validation_gradient", 0.0), tm.get("solve", tm.get("curvature", 0.0)),
              tm["scores"], 0.0)]
     for actors in actor_counts:
+        t = time.perf_counter()
         ensure_ray(num_cpus=2)  # the embedded local Ray as `idtl-ray score` starts it
+        print(f"  ray start: {time.perf_counter() - t:.1f} s (not in the totals)", flush=True)
         if warm:
             m = min(2048, len(train.y))
             run_pipeline(model, ArraySet(train.x[:m], train.y[:m], train.ids[:m]), val, cfg, preprocess=pre,
@@ -145,8 +151,7 @@ def run_paths(model: torch.nn.Module, train: ArraySet, val: ArraySet, cfg: Influ
         if acc is not None:
             print(f"  cpu-s, Ray with {actors} actors ({total:.1f} s): "
                   + ", ".join(f"{k} {v:.1f}" for k, v in acc.seconds.items()), flush=True)
-        if not warm:
-            ray.shutdown()
+        ray.shutdown()  # warm or not: the next repeat's baselines run without a live Ray beside them
         err = float(np.linalg.norm(r.scores - ref.scores) / np.linalg.norm(ref.scores))
         rows.append((f"ray{' warm' if warm else ''}, {actors} actor{'s' if actors > 1 else ''}", total, r.timings["validation_gradient_s"],
                      r.timings["solve_s"], r.timings["scores_s"], err))
