@@ -66,7 +66,18 @@ def test_gpu_cluster_solves_on_a_gpu_worker_and_matches_in_process(ray_with_a_lo
     inproc = score_samples(model, train, val, score="paper", solver=cfg.solver, damping=cfg.damping, batch_size=cfg.batch_size,
                            curvature_samples=cfg.curvature_samples, max_iter=cfg.max_iter, tol=cfg.tol, device="cpu").scores
     _on_a_gpu_worker(monkeypatch)
+    import idtl_ray.scoring.pipeline as pipeline
+
+    real_score_todo, started = pipeline._score_todo, []
+
+    def score_todo(*args, **kwargs):  # the GPU actors start only once pre-scoring has finished (and its GPU is free)
+        parts = args[8]
+        started.append((parts.load_prescored() is not None, args[-1] is None))
+        return real_score_todo(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_score_todo", score_todo)
     out = score(model, train, val, config=cfg, out=tmp_path / "run", shard_size=200)
+    assert started == [(True, True)]  # GPU actors waiting on the task could hold every GPU it needs: a hang
     err = float(np.linalg.norm(out.scores - inproc) / np.linalg.norm(inproc))
     assert err < 1e-9, err  # float64 model: s crosses the wire in float64
     assert (tmp_path / "run" / "mask.parquet").exists()

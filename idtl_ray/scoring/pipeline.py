@@ -340,7 +340,18 @@ def _run(model: nn.Module, train: ArraySet | RaySamples, val: ArraySet | RaySamp
     pre: Prescored | None = parts.load_prescored()
     waiter = None
     if pre is None:
-        waiter = _start_prescore(model_ref, train, val, config, preprocess, classes, params, pool, parts, say, bool(len(todo)))
+        # GPU pools do not overlap: actors that wait in their constructor for the task's result could hold
+        # every GPU of the cluster while the task itself waits for one (a hang at a quota or a fixed size)
+        overlap = bool(len(todo)) and not pool.gpu
+        waiter = _start_prescore(model_ref, train, val, config, preprocess, classes, params, pool, parts, say, overlap)
+        if not overlap:
+            try:
+                pre = waiter.get()
+            except KeyboardInterrupt:
+                waiter.cancel()
+                raise
+            timings.update(pre.timings)
+            waiter = None
     t = time.perf_counter()
     if len(todo):
         payload_ref = waiter.ref if waiter is not None else ray.put(pre.payload)

@@ -159,7 +159,10 @@ def start_on_worker(fn: Callable[..., Any], args: tuple[Any, ...], *, name: str,
     import ray
 
     gpu, threads = single_worker(gpu)
-    task = ray.remote(fn).options(num_cpus=cpus if cpus is not None else (0.5 if gpu else 1), num_gpus=1 if gpu else 0,
+    # a GPU task's process must end with it (max_calls=1, which Ray sets only when num_gpus is given to the
+    # decorator, not to .options): a reused process keeps its CUDA context and cached memory on the GPU a
+    # scoring actor gets next, and keeps using its first GPU when Ray hands it another one
+    task = (ray.remote(max_calls=1)(fn) if gpu else ray.remote(fn)).options(num_cpus=cpus if cpus is not None else (0.5 if gpu else 1), num_gpus=1 if gpu else 0,
                                   max_retries=PRESCORE_RETRIES, retry_exceptions=False, name=name)
     say(f"{what} on one {'GPU' if gpu else f'{threads}-thread CPU'} worker ...")
     return task.remote(*args, threads=threads)
