@@ -105,6 +105,8 @@ def test_every_node_starts_ray_with_the_shared_storage_declared(raw: dict) -> No
         assert env["IDTL_SHARED_STORAGE"] == "/mnt/cluster_storage", env
         assert env["TORCH_HOME"].startswith("/mnt/cluster_storage/"), env
         assert env["IDTL_CACHE_DIR"].startswith("/mnt/cluster_storage/"), env
+    # `ray job stop` kills the job 3 s after SIGTERM by default, before Ray Data / Ray Train wind down
+    assert int(_start_env(raw, "head_start_ray_commands")["RAY_JOB_STOP_WAIT_TIME_S"]) >= 30
 
 
 def test_a_dataset_given_by_name_is_prepared_on_shared_storage(raw: dict, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -416,15 +416,18 @@ def test_a_parquet_file_that_is_not_a_mask_names_either_score_column(tmp_path) -
 
 
 def test_sigterm_ends_a_command_through_its_finally_blocks(tmp_path) -> None:
-    """`ray job stop` sends SIGTERM: the command must end as on Ctrl-C (autoscaler request withdrawn,
-    temporary files removed), not at once, which Python's default for SIGTERM does."""
+    """`ray job stop` sends SIGTERM: the command must end as on Ctrl-C (temporary files removed), not at
+    once, which Python's default for SIGTERM does; and withdraw its autoscaler request at the signal,
+    since the job supervisor kills the process tree 3 s later, before slow finally blocks get there."""
     import signal
     import subprocess
     import sys
 
-    done = tmp_path / "finally-ran"
+    done, released = tmp_path / "finally-ran", tmp_path / "released"
     code = ("import sys, time\n"
+            "import idtl_ray.resources as R\n"
             "from idtl_ray.scoring.session import stop_on_sigterm\n"
+            f"R.release = lambda: open({str(released)!r}, 'w').write(str(time.time()))\n"
             "stop_on_sigterm()\n"
             "try:\n"
             "    print('ready', flush=True)\n"
@@ -432,8 +435,10 @@ def test_sigterm_ends_a_command_through_its_finally_blocks(tmp_path) -> None:
             "except KeyboardInterrupt:\n"
             "    sys.exit(130)\n"
             "finally:\n"
-            f"    open({str(done)!r}, 'w').write('yes')\n")
+            "    time.sleep(0.5)\n"  # a slow finally block: the request was withdrawn before it, at the signal
+            f"    open({str(done)!r}, 'w').write(str(time.time()))\n")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "ready"
     p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=30) == 130 and done.read_text() == "yes"
+    assert p.wait(timeout=30) == 130
+    assert float(released.read_text()) <= float(done.read_text()) - 0.4  # withdrawn first, not after the finally

@@ -126,7 +126,7 @@ def filter_ray_noise(patterns: tuple[bytes, ...] = KNOWN_RAY_NOISE) -> None:
 
 def stop_on_sigterm() -> None:
     """SIGTERM (``ray job stop``, a scheduler, ``kill``) ends the command as Ctrl-C does: its ``finally``
-    blocks run, so the autoscaler request is withdrawn and no temporary file stays. Python's default
+    blocks run, so no temporary file stays; the autoscaler request is withdrawn first, at once. Python's default
     for SIGTERM is to exit at once, skipping them. Main thread only, where Python delivers signals."""
     import signal
     import threading
@@ -135,6 +135,14 @@ def stop_on_sigterm() -> None:
         return
 
     def interrupt(signum: int, frame: object) -> None:
+        # withdraw the autoscaler request before anything else: `ray job stop` kills the whole process
+        # tree 3 s after its SIGTERM (RAY_JOB_STOP_WAIT_TIME_S), before slow finally blocks (Ray Data's
+        # shutdown, Ray Train's abort) reach theirs, and a request left standing keeps GPU nodes up
+        from .. import resources
+
+        t = threading.Thread(target=resources.release, name="idtl-release", daemon=True)
+        t.start()
+        t.join(2.0)  # a GCS that does not answer must not keep the command from ending
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
