@@ -135,8 +135,10 @@ def _arrays(x: Any, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _trial(config: dict[str, Any], model: nn.Module, data: dict[str, Any], recipe: TrainRecipe) -> None:
     import ray.tune
 
+    from .scoring.common import worker_device
+
     torch.set_num_threads(1)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(worker_device())  # a trial Ray gave no GPU must not take one it can see
     keep = keep_least_harmful(data["harm"], int(config["k"]))
     x, y = _arrays(data["x"], data["y"])  # a prepared dataset's images are read here, in the trial
     val_x, val_y = _arrays(data["val_x"], data["val_y"])

@@ -195,8 +195,9 @@ def _evaluate(model_path: str, x: np.ndarray, y: np.ndarray, mean: Any, std: Any
 
         from idtl_ray import data as D  # absolute: this function is shipped to a Ray worker by value
         from idtl_ray.models import load_checkpoint
+        from idtl_ray.scoring.common import worker_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = worker_device()  # with no GPU asked for, a GPU this worker can see belongs to another
         model, _ = load_checkpoint(path)
         model.to(device).eval()
         correct = 0

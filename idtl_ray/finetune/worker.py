@@ -241,10 +241,23 @@ def sync_optimizer(opt: torch.optim.Optimizer, steps: int, rank: int, world: int
     if len(set(by_rank)) == 1:
         return
     src = max(range(world), key=lambda r: (by_rank[r], r))
-    box = [opt.state_dict() if rank == src else None]
+    # a CPU copy: a pickled CUDA tensor is rebuilt on the sender's device index, which on another node may
+    # not exist (or is another rank's GPU); load_state_dict moves the state to each parameter's device
+    box = [_to_cpu(opt.state_dict()) if rank == src else None]
     dist.broadcast_object_list(box, src=src, device=device if device.type == "cuda" else None)
     if rank != src:
         opt.load_state_dict(box[0])
+
+
+def _to_cpu(obj: Any) -> Any:
+    """``obj`` (a state dict: nested dicts and lists of tensors) with every tensor copied to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def _epoch_row(run: _Run, epoch: int, lr: float, loss_sum: torch.Tensor, count: int,
