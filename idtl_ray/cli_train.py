@@ -57,11 +57,11 @@ COMPARE_OPTIONS = Options(FinetuneConfig, build=False, skip=(*_TEST_ONLY, "strat
     "mask": {"help": "Mask to use (default <out>/score/mask.parquet, scored now if missing)."},
 })  # fmt: skip
 # sweep: one trial per --frozen count (its freeze), each in its own directory under the sweep's --out.
-SWEEP_OPTIONS = Options(FinetuneConfig, skip=(*_TEST_ONLY, "freeze", "freeze_conv", "out"), override={
+# Its --gpus is the sweep's GPU budget, not one run's workers: declared below, beside --max-concurrent.
+SWEEP_OPTIONS = Options(FinetuneConfig, skip=(*_TEST_ONLY, "freeze", "freeze_conv", "out", "gpus"), override={
     "strategy": {**_STRATEGY, "default": "model"},
     "cpus_per_worker": {"default": 0.5},
-    "gpus": {"help": "GPUs to sweep on: N trials at once, each on one GPU worker, asked of the autoscaler at start "
-                     "on a cluster (instead of --max-concurrent; 0: CPU)."},
+    "workers": {"help": "Ray Train workers (DDP ranks) per trial; with --gpus, one GPU each."},
 })  # fmt: skip
 
 
@@ -163,14 +163,16 @@ def sweep_cmd(
     base: FinetuneConfig,
     frozen: list[str] = typer.Option(..., help="Frozen-layer counts: --frozen 20 30 40 (paper Table 3)."),
     out: str = typer.Option(..., help="Sweep directory (one run directory per count, sweep.md/csv)."),
-    max_concurrent: int = typer.Option(1, help="Trials at once (cluster GPUs // GPUs per trial; --gpus N runs N)."),
+    max_concurrent: int = typer.Option(1, help="Trials at once (cluster GPUs // GPUs per trial; --gpus N runs N // --workers)."),
+    gpus: int = typer.Option(0, help="GPUs to sweep on: trials of --workers GPU workers each, N // --workers at once, "
+                                     "asked of the autoscaler at start on a cluster (instead of --max-concurrent; 0: CPU)."),
 ) -> None:
     """Ray Tune sweep over frozen-layer counts; prints and saves sweep.md / sweep.csv."""
     from .sweep import check_frozen, run_sweep
 
     counts = _frozen_list(frozen, list(ctx.args))
     check_frozen(base, counts)
-    df = run_sweep(base, counts, out, max_concurrent=max_concurrent)  # starts Ray once its own checks pass
+    df = run_sweep(base, counts, out, max_concurrent=max_concurrent, gpus=gpus)  # starts Ray once its own checks pass
     if (df["status"] == "error").any():
         sys.exit(1)
 

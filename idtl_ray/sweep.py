@@ -114,13 +114,14 @@ def experiment_name(base: FinetuneConfig, frozen: list[int]) -> str:
 
 
 def run_sweep(base: FinetuneConfig, frozen: list[int], out: str | Path, max_concurrent: int = 1,
-              trial_failures: int = 2) -> pd.DataFrame:  # fmt: skip
+              trial_failures: int = 2, gpus: int = 0) -> pd.DataFrame:  # fmt: skip
     """Fine-tune once per frozen-layer count with Ray Tune; print and save the results table.
 
     ``base`` gives every other setting (its ``freeze`` and ``out`` are replaced per trial).
     ``max_concurrent`` should be the number of trials the cluster fits at once (GPUs // GPUs per trial).
-    ``base.gpus = N`` (``--gpus N``) declares it instead: N trials at once, each on one GPU worker; on a
-    cluster the autoscaler is asked for them at start, and ``out`` must be on shared storage.
+    ``gpus = N`` (``--gpus N``) declares it instead: trials of ``base.workers`` DDP workers with one GPU
+    each, N // workers at once; on a cluster the autoscaler is asked for them at start, and ``out`` must
+    be on shared storage. (``base.gpus = N``, as before: N trials of one GPU worker each.)
     ``trial_failures``: how often Tune retries a failed trial (its Train run continues from its last
     checkpoint; ``base.max_failures`` is the Train run's own retries of a lost worker, inside one attempt).
     A rerun into the same ``out`` restores the experiment: finished trials are kept, the others resume.
@@ -139,10 +140,7 @@ def run_sweep(base: FinetuneConfig, frozen: list[int], out: str | Path, max_conc
     from .resources import claim_cluster, release
     from .scoring import ensure_ray
 
-    if base.gpus and max_concurrent not in (1, base.gpus):
-        raise InputError(f"--gpus {base.gpus} runs {base.gpus} trials at once (one GPU each): leave out --max-concurrent")
-    if base.gpus:  # one GPU worker per trial, as many trials at once as GPUs declared
-        base, max_concurrent = replace(base, gpus=1, workers=1, gpus_per_worker=0.0), base.gpus
+    base, max_concurrent = _gpu_trials(base, gpus, max_concurrent)
     max_concurrent = _own_experiment(root, experiment_name(base, frozen), max_concurrent, trial_failures)
     trial_bundles = [{"CPU": _TRIAL_DRIVER_CPU}, *base.bundles()]
     claimed = claim_cluster(base.address, root, base.dataset, lambda: trial_bundles * max_concurrent)
@@ -152,6 +150,25 @@ def run_sweep(base: FinetuneConfig, frozen: list[int], out: str | Path, max_conc
     finally:
         if claimed:
             release()
+
+
+def _gpu_trials(base: FinetuneConfig, gpus: int, max_concurrent: int) -> tuple[FinetuneConfig, int]:
+    """The trial config and trials at once for a GPU budget: ``gpus`` over trials of ``base.workers`` GPU workers."""
+    if gpus < 0:
+        raise InputError(f"--gpus takes a GPU count >= 0, got {gpus}")
+    if not gpus and base.gpus:  # the Python API's older form: base.gpus = N, N trials of one GPU worker
+        gpus, base = base.gpus, replace(base, gpus=None, workers=1, gpus_per_worker=0.0)
+    if not gpus:
+        return base, max_concurrent
+    per = base.workers
+    if base.gpus_per_worker not in (0.0, 1.0):
+        raise InputError(f"--gpus gives each trial worker one GPU: leave out --gpus-per-worker {base.gpus_per_worker:g}")
+    if gpus < per or gpus % per:
+        raise InputError(f"--gpus {gpus} does not split into trials of --workers {per} GPU workers: give a multiple "
+                         f"of {per} (e.g. --gpus {per * max(1, gpus // per)})")
+    if max_concurrent not in (1, gpus // per):
+        raise InputError(f"--gpus {gpus} with --workers {per} runs {gpus // per} trial(s) at once: leave out --max-concurrent")
+    return replace(base, gpus=per, workers=per, gpus_per_worker=1.0), gpus // per
 
 
 def _own_experiment(root: Path, name: str, max_concurrent: int, trial_failures: int) -> int:

@@ -104,6 +104,45 @@ def test_another_sweep_into_the_same_out_is_refused_before_ray(tmp_path: Path, m
         run_sweep(four, [2], "/proc/nope")
 
 
+def test_sweep_gpus_is_a_budget_shared_by_trials_of_workers_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sweep --gpus 4 --workers 2` was refused ("--gpus 4 sets the Train workers"), and `--gpus 2 --workers 2`
+    ran 2 trials of 1 worker each: --gpus is the sweep's GPU budget, --workers each trial's DDP ranks."""
+    import typer
+    from typer.testing import CliRunner
+
+    import idtl_ray.scoring as scoring
+    import idtl_ray.sweep as S
+    from idtl_ray.cli_train import register
+
+    seen: list[tuple[int, int, float, int, list]] = []
+
+    def claim(address, root, dataset, bundles):
+        seen.append((0, 0, 0.0, 0, bundles()))
+        return False
+
+    monkeypatch.setattr(scoring, "ensure_ray", lambda *a, **k: None)
+    monkeypatch.setattr("idtl_ray.resources.claim_cluster", claim)
+    monkeypatch.setattr(S, "_tune", lambda base, frozen, root, k, failures: seen.append(
+        (base.workers, base.gpus, base.gpus_per_worker, k, [])) or pd.DataFrame({"status": ["ok"]}))
+    app = typer.Typer()
+    register(app)
+    run = CliRunner().invoke
+    for i, (argv, want) in enumerate(((["--gpus", "4", "--workers", "2"], (2, 2, 1.0, 2)),
+                                      (["--gpus", "2", "--workers", "2"], (2, 2, 1.0, 1)),
+                                      (["--gpus", "3"], (1, 1, 1.0, 3)))):
+        seen.clear()
+        res = run(app, ["sweep", "--strategy", "scratch", "--frozen", "1", "2", "--out", str(tmp_path / f"s{i}"), *argv])
+        assert res.exit_code == 0, res.output
+        assert seen[1] == (*want, []), seen
+        per_trial = [{"CPU": 0.5}] + [{"CPU": 0.5, "GPU": 1.0}] * want[0]
+        assert seen[0][4] == per_trial * want[3]  # the autoscaler request: every trial at once
+    for argv, msg in ((["--gpus", "3", "--workers", "2"], "--gpus 3 does not split into trials of --workers 2"),
+                      (["--gpus", "4", "--workers", "2", "--max-concurrent", "3"], "runs 2 trial(s) at once"),
+                      (["--gpus", "2", "--gpus-per-worker", "0.5"], "leave out --gpus-per-worker 0.5")):
+        res = run(app, ["sweep", "--strategy", "scratch", "--frozen", "1", "--out", str(tmp_path / "bad"), *argv])
+        assert res.exit_code == 2 and res.stderr.startswith("error: ") and msg in res.stderr, res.output
+
+
 # ── fault tolerance and reruns (issue 12 item 2): the trial's Train worker kills itself once in epoch 1 ──
 
 
