@@ -81,7 +81,7 @@ def datasets() -> None:
 @with_options(kw=PREPARE_OPTIONS)
 def prepare(
     kw: dict,
-    shard_mb: int = typer.Option(192, help="Target payload of one Parquet shard in MiB (small datasets give one per split)."),
+    shard_mb: int = typer.Option(192, help="Target payload of one Parquet shard in MiB, 1..1024 (small datasets give one per split)."),
 ) -> None:
     """Write a dataset as Parquet shards plus manifest.json; every command accepts the directory as --dataset."""
     from .data.prepare import format_summary, prepare_dataset

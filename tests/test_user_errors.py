@@ -123,7 +123,9 @@ def test_cli_refuses_bad_settings_before_ray_starts(tmp_path, monkeypatch) -> No
     (["compare", "--dataset", "{tmp}/mnt/cifar100", "--weights", "imagenet", "--out", "{tmp}/c"],
      "--dataset {tmp}/mnt/cifar100 does not exist; check the path (is the shared storage mounted"),
     (["compare", "--weights", "{tmp}/none.pt", "--mask", "{tmp}/m", "--out", "{tmp}/c"], "weights file {tmp}/none.pt not found"),
-    (["prepare", "--dataset", "digits", "--shard-mb", "-1", "--out", "{tmp}/p"], "--shard-mb must be >= 1"),
+    (["prepare", "--dataset", "digits", "--shard-mb", "-1", "--out", "{tmp}/p"], "--shard-mb must be in 1..1024"),
+    # Arrow cannot concatenate a binary column over 2 GiB: such a shard read back as "damaged"
+    (["prepare", "--dataset", "digits", "--shard-mb", "4096", "--out", "{tmp}/p"], "--shard-mb must be in 1..1024"),
     (["score", "--curvature-samples", "-5"], "--curvature-samples must be >= 1, or 0 for all"),
     # outputs are files: an s3:// --out would become a local folder s3:/...; refused, and not advised by the refusal
     (["score", "--out", "s3://b/run"], "--out s3://b/run: outputs are written as files, so --out must be a local path"),

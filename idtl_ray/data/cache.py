@@ -138,7 +138,10 @@ def _rekey(out: Path, final: Path) -> Path:
 
         shutil.rmtree(out, ignore_errors=True)
         return final
-    os.replace(out, final)
+    try:
+        os.replace(out, final)
+    except OSError:  # another run is preparing into `final` under its own lock: this complete copy serves this run
+        return out
     return final
 
 

@@ -78,6 +78,7 @@ SPLITS = ("train", "val", "test")
 RAW_MAX_SIDE = 64
 DEFAULT_SHARD_BYTES = 192 * 2**20
 MIN_SHARD_BYTES = 2**20
+MAX_SHARD_BYTES = 2**30  # Arrow's binary columns hold < 2 GiB: a larger shard could not be read back whole
 COLUMNS = ("sample_id", "label", "split", "image")
 SHARD_NAME = re.compile(r"^(train|val|test)-\d{5}\.parquet$")
 TEMP_NAME = re.compile(r"^\.((train|val|test)-\d{5}\.parquet|manifest\.json)\.tmp-[0-9a-f]+$")
@@ -332,8 +333,8 @@ def prepare_dataset(
         raise DataError(f"--val-fraction must be in (0, 1), got {val_fraction}; e.g. 0.1 for the paper's 10%")
     if seed < 0:  # numpy's generators take none
         raise DataError(f"--seed must be >= 0, got {seed}")
-    if shard_bytes < MIN_SHARD_BYTES:
-        raise DataError(f"--shard-mb must be >= 1 (MiB per Parquet shard), got {shard_bytes / 2**20:g}; "
+    if not MIN_SHARD_BYTES <= shard_bytes <= MAX_SHARD_BYTES:
+        raise DataError(f"--shard-mb must be in 1..1024 (MiB per Parquet shard), got {shard_bytes / 2**20:g}; "
                         "use 128-256 for large datasets")
     fs, base = open_location(out)  # a bad URI fails before the (possibly long) load
     try:
