@@ -146,6 +146,9 @@ def run_sweep(base: FinetuneConfig, frozen: list[int], out: str | Path, max_conc
     claimed = claim_cluster(base.address, root, base.dataset, lambda: trial_bundles * max_concurrent)
     try:
         ensure_ray(base.address)
+        from .finetune.run import check_local_resources
+
+        check_local_resources(base)  # once, here: in a trial a cluster's RAY_ADDRESS is unset, so it looks local
         return _tune(base, frozen, root, max_concurrent, trial_failures)
     finally:
         if claimed:
@@ -211,8 +214,14 @@ def _tune(base: FinetuneConfig, frozen: list[int], root: Path, max_concurrent: i
     """:func:`run_sweep` once the cluster is claimed: run (or restore) the Tune experiment, write the table."""
     import ray.tune
 
-    base_dict = replace(base, freeze=None, out=None).to_dict()
-    name = experiment_name(base, frozen)
+    from .data.cache import ensure_prepared
+
+    name = experiment_name(base, frozen)  # of the dataset as given: a rerun finds its experiment
+    # prepared here, once, into the shared cache: a trial on a GPU node preparing it itself would hash that
+    # node's view of the source files (another key, another copy), or miss a --data-dir only this node has
+    where = ensure_prepared(base.dataset, base.data_dir, base.image_size,
+                            say=lambda m: print(f"sweep: {m}", file=sys.stderr, flush=True))
+    base_dict = {**replace(base, freeze=None, out=None).to_dict(), "dataset": where}
     storage = root / "ray"
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(_trial, base=base_dict, out=str(root)), {"cpu": _TRIAL_DRIVER_CPU})

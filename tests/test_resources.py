@@ -147,15 +147,15 @@ def test_training_on_a_cluster_is_never_refused_for_what_it_has_now(monkeypatch)
     import ray
 
     import idtl_ray.finetune as F
-    from idtl_ray.finetune.run import _check_resources
+    from idtl_ray.finetune.run import check_local_resources
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 0.0})  # a head with no CPU, scaled to zero
     cfg = F.FinetuneConfig(strategy="scratch", gpus=2)
     monkeypatch.setattr(R, "joined_cluster", lambda: True)
-    _check_resources(cfg)  # Train's placement group makes the cluster scale up
+    check_local_resources(cfg)  # Train's placement group makes the cluster scale up
     monkeypatch.setattr(R, "joined_cluster", lambda: False)
     with pytest.raises(InputError, match="local Ray has 0"):
-        _check_resources(cfg)
+        check_local_resources(cfg)
 
 
 def test_a_job_on_a_cluster_refuses_out_off_shared_storage_before_any_work(fake_cluster_calls, monkeypatch, tmp_path):

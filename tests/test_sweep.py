@@ -91,6 +91,7 @@ def test_another_sweep_into_the_same_out_is_refused_before_ray(tmp_path: Path, m
 
     ran: list[int] = []
     monkeypatch.setattr(scoring, "ensure_ray", lambda *a, **k: None)
+    monkeypatch.setattr("idtl_ray.finetune.run.check_local_resources", lambda cfg: None)
     monkeypatch.setattr(S, "_tune", lambda base, frozen, root, k, failures: ran.append(k) or pd.DataFrame())
     four = FinetuneConfig(strategy="scratch", epochs=4)
     assert S.experiment_name(four, [2, 3]) == S.experiment_name(four, [3, 2])  # the order of --frozen is no new sweep
@@ -121,6 +122,8 @@ def test_sweep_gpus_is_a_budget_shared_by_trials_of_workers_gpus(tmp_path: Path,
         return False
 
     monkeypatch.setattr(scoring, "ensure_ray", lambda *a, **k: None)
+    checked: list[int] = []
+    monkeypatch.setattr("idtl_ray.finetune.run.check_local_resources", lambda cfg: checked.append(cfg.workers))
     monkeypatch.setattr("idtl_ray.resources.claim_cluster", claim)
     monkeypatch.setattr(S, "_tune", lambda base, frozen, root, k, failures: seen.append(
         (base.workers, base.gpus, base.gpus_per_worker, k, [])) or pd.DataFrame({"status": ["ok"]}))
@@ -136,6 +139,7 @@ def test_sweep_gpus_is_a_budget_shared_by_trials_of_workers_gpus(tmp_path: Path,
         assert seen[1] == (*want, []), seen
         per_trial = [{"CPU": 0.5}] + [{"CPU": 0.5, "GPU": 1.0}] * want[0]
         assert seen[0][4] == per_trial * want[3]  # the autoscaler request: every trial at once
+        assert checked[-1] == want[0]  # one trial's workers checked once, by the driver (not in every trial)
     for argv, msg in ((["--gpus", "3", "--workers", "2"], "--gpus 3 does not split into trials of --workers 2"),
                       (["--gpus", "4", "--workers", "2", "--max-concurrent", "3"], "runs 2 trial(s) at once"),
                       (["--gpus", "2", "--gpus-per-worker", "0.5"], "leave out --gpus-per-worker 0.5")):
@@ -210,3 +214,11 @@ def test_a_rerun_restores_the_sweep_and_never_trains_an_epoch_twice(ray_session,
     [finished] = [t for t in before if "freeze=4" in t]
     assert after[finished] == before[finished]  # the finished trial did not run again: not one more report
     pd.testing.assert_frame_equal(second.iloc[[1]], first.iloc[[1]])  # and its numbers are kept
+    # the driver prepared the dataset once; the trials read that directory (on a cluster a GPU node
+    # preparing "digits" itself would hash its own view of the source files: another key, another copy)
+    import json
+
+    from idtl_ray.data.readers import is_prepared_location
+
+    trained_on = json.loads((tmp_path / "frozen-4" / "config.json").read_text())["dataset"]
+    assert trained_on != "digits" and is_prepared_location(trained_on), trained_on

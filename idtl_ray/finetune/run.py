@@ -38,7 +38,7 @@ def _check_out_dir(cfg: FinetuneConfig) -> Path:
     return out
 
 
-def _check_resources(cfg: FinetuneConfig) -> None:
+def check_local_resources(cfg: FinetuneConfig) -> None:
     """Refuse up front what would otherwise hang on the embedded local Ray: workers that can never be
     scheduled. A cluster is never refused for what it has now: it scales up for the request."""
     import ray
@@ -187,15 +187,16 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None, run
     out = _check_out_dir(cfg)
     claimed = claim and claim_cluster(cfg.address, out, cfg.dataset, cfg.bundles)
     try:
-        return _run(cfg, out, callbacks, run_name, emitter(progress))
+        return _run(cfg, out, callbacks, run_name, emitter(progress), check=claim)
     finally:
         if claimed:
             release()
 
 
 def _run(cfg: FinetuneConfig, out: Path, callbacks: list[Any] | None, run_name: str | None,
-         emit: Progress | None) -> dict[str, Any]:  # fmt: skip
-    """:func:`run_finetune` once the cluster is claimed."""
+         emit: Progress | None, check: bool = True) -> dict[str, Any]:  # fmt: skip
+    """:func:`run_finetune` once the cluster is claimed. ``check``: refuse what the local Ray cannot place
+    (a sweep's trial does not: its driver checked, and inside a trial a joined cluster looks local)."""
     plan = make_plan(cfg, say=emit)
     ids_sha, final = _finished_run(cfg, out, plan, emit)
     if final is not None:
@@ -219,7 +220,8 @@ def _run(cfg: FinetuneConfig, out: Path, callbacks: list[Any] | None, run_name: 
     from ..scoring import ensure_ray
 
     ensure_ray(cfg.address)
-    _check_resources(cfg)
+    if check:
+        check_local_resources(cfg)
     relay = Relay(emit, cfg.epochs) if emit else None
     if emit:
         emit(f"training {cfg.model} on {len(plan.train_ids)} samples of {cfg.dataset} for {cfg.epochs} epoch"
