@@ -200,7 +200,8 @@ def recipe_name(name: str) -> str:
     """The dataset whose augmentation recipe ``name`` takes: ``cifar10@16`` (resized by ``--image-size``)
     is still CIFAR-10; names with ``:`` or ``/`` (npz:, folder:, a prepared directory) stay as they are."""
     m = re.fullmatch(r"([^:/@]+)(?:@\d+)+", name)
-    return m.group(1) if m else name
+    known = ("cifar10", "cifar100", "svhn", "cats-vs-dogs", *_DIGIT_SETS)  # not a directory named data@16
+    return m.group(1) if m and m.group(1) in known else name
 
 
 def augmentation(name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
