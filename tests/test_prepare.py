@@ -214,7 +214,7 @@ def test_unreachable_locations_are_one_line(tmp_path: Path, monkeypatch: pytest.
     _one_line(e, "cannot reach it", "check the path")
 
 
-def test_a_resized_dataset_keeps_its_augmentation_recipe(tmp_path: Path) -> None:
+def test_a_resized_dataset_keeps_its_augmentation_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--image-size renames cifar10 to cifar10@16; the recipe lookup failed on that name (finetune refused,
     score's --drop auto trials silently trained without augmentation)."""
     from idtl_ray.data.augment import batch_augmentation
@@ -224,8 +224,11 @@ def test_a_resized_dataset_keeps_its_augmentation_recipe(tmp_path: Path) -> None
     out = tmp_path / "d16"
     assert P.prepare_dataset("digits", str(out), image_size=16, download=False).dataset == "digits@16"
     assert batch_augmentation(str(out)) is None and augmentation(str(out)) is None  # the digits recipe, no error
-    with pytest.raises(DataError, match="unknown dataset 'nosuch'"):
+    with pytest.raises(DataError, match="unknown dataset 'nosuch@16'"):
         batch_augmentation("nosuch@16")
+    out.rename(tmp_path / "data@16")  # a prepared directory whose name looks resized is still a directory
+    monkeypatch.chdir(tmp_path)
+    assert batch_augmentation("data@16") is None
 
 
 def test_directory_without_manifest_is_incomplete(tmp_path: Path) -> None:
