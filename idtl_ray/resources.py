@@ -33,9 +33,10 @@ def joined_cluster() -> bool:
     return session.joined_cluster()
 
 
-def work_runs_elsewhere() -> bool:
-    """On a joined cluster: whether workers run on other nodes than this one (more than one node, or
-    this node offers no CPU and no GPU, as the head of ``cluster.yaml`` does)."""
+def work_runs_elsewhere(bundles: list[dict[str, float]] | None = None) -> bool:
+    """On a joined cluster: whether workers run on other nodes than this one (more than one node, this
+    node offers no CPU and no GPU, as the head of ``cluster.yaml`` does, or it cannot hold ``bundles``,
+    what the command declares: a one-node cluster whose head has CPUs scales up for ``--gpus 2``)."""
     import ray
 
     if not joined_cluster():
@@ -45,7 +46,10 @@ def work_runs_elsewhere() -> bool:
         return True
     here = ray.get_runtime_context().get_node_id()
     mine = next((n["Resources"] for n in alive if n.get("NodeID") == here), {})
-    return mine.get("CPU", 0) == 0 and mine.get("GPU", 0) == 0
+    if mine.get("CPU", 0) == 0 and mine.get("GPU", 0) == 0:
+        return True
+    need = {k: sum(b.get(k, 0.0) for b in bundles or []) for k in ("CPU", "GPU")}
+    return any(v > mine.get(k, 0) for k, v in need.items())
 
 
 def shared_roots() -> list[Path]:
@@ -63,13 +67,14 @@ def is_shared(path: str | os.PathLike[str]) -> bool:
     return any(p == root or root in p.parents for root in shared_roots())
 
 
-def check_shared_storage(paths: Mapping[str, str | os.PathLike[str] | None]) -> None:
+def check_shared_storage(paths: Mapping[str, str | os.PathLike[str] | None],
+                         bundles: list[dict[str, float]] | None = None) -> None:
     """Refuse, in one line, a path workers on other nodes could not see (see the module docstring).
 
     ``paths``: option name -> path (None: not used). Does nothing off a cluster, or when every worker
-    runs on this node.
+    runs on this node (which must hold ``bundles``, what the command declares).
     """
-    if not work_runs_elsewhere():
+    if not work_runs_elsewhere(bundles):
         return
     roots = shared_roots()
     for option, path in paths.items():
@@ -149,8 +154,9 @@ def claim_cluster(address: str | None, out: str | os.PathLike[str], dataset: str
     from .scoring import ensure_ray
 
     ensure_ray(address)
-    check_shared_storage({"--out": out, **dict([dataset_location(dataset)])})
-    request(bundles())
+    wanted = bundles()
+    check_shared_storage({"--out": out, **dict([dataset_location(dataset)])}, wanted)
+    request(wanted)
     return True
 
 

@@ -43,7 +43,7 @@ def test_score_config_refuses_more_actors_than_gpus():
 
 
 def test_paths_off_shared_storage_are_refused_in_one_line_on_a_multi_node_cluster(monkeypatch, tmp_path):
-    monkeypatch.setattr(R, "work_runs_elsewhere", lambda: True)
+    monkeypatch.setattr(R, "work_runs_elsewhere", lambda bundles=None: True)
     shared = tmp_path / "shared"
     monkeypatch.setenv(R.SHARED_ENV, str(shared))
     R.check_shared_storage({"--out": shared / "runs" / "a", "--dataset": "s3://bucket/cifar", "--data-dir": None})
@@ -56,6 +56,21 @@ def test_paths_off_shared_storage_are_refused_in_one_line_on_a_multi_node_cluste
     monkeypatch.delenv(R.SHARED_ENV)
     with pytest.raises(InputError, match="IDTL_SHARED_STORAGE=/mnt/cluster_storage"):
         R.check_shared_storage({"--out": shared})
+
+
+def test_a_one_node_cluster_that_must_scale_up_for_the_command_checks_the_paths(monkeypatch) -> None:
+    """A cluster of one head with CPUs skipped the shared-storage check; `--gpus 2` then ran on GPU nodes
+    that joined later, which could not see a local --out (left open in the ninth session)."""
+    import types
+
+    import ray
+
+    monkeypatch.setattr(R, "joined_cluster", lambda: True)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "NodeID": "head", "Resources": {"CPU": 4.0}}])
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: types.SimpleNamespace(get_node_id=lambda: "head"))
+    assert not R.work_runs_elsewhere() and not R.work_runs_elsewhere([{"CPU": 2.0}] * 2)  # fits here
+    assert R.work_runs_elsewhere([{"CPU": 0.5, "GPU": 1.0}])  # no GPU here: the work goes to a new node
+    assert R.work_runs_elsewhere([{"CPU": 2.0}] * 3)  # more CPUs than this node has
 
 
 def test_no_check_and_no_request_off_a_cluster(monkeypatch, tmp_path):
@@ -91,7 +106,7 @@ def fake_cluster_calls(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     monkeypatch.setattr(idtl_ray.scoring, "ensure_ray", lambda address=None: None)
     monkeypatch.setattr(R, "joined_cluster", lambda: True)
-    monkeypatch.setattr(R, "work_runs_elsewhere", lambda: True)
+    monkeypatch.setattr(R, "work_runs_elsewhere", lambda bundles=None: True)
     monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda bundles=None, **_: calls.append(bundles))
     return calls
 

@@ -312,7 +312,7 @@ def run_table(n: int, smoke: bool = False, data_dir: str | None = None, out: str
     if _cluster_address() is not None:  # before any work: paths the workers on other nodes could not see
         from ..resources import check_shared_storage
 
-        check_shared_storage({"--out": root, "--data-dir": data_dir})
+        check_shared_storage({"--out": root, "--data-dir": data_dir}, (resources or Resources.default(smoke)).bundles())
     table = preflight(n, smoke, data_dir) if spec is None else check_files(spec, data_dir)
     n = table.number
     _refuse_replacing_report(root, table)
