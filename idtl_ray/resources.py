@@ -35,8 +35,9 @@ def joined_cluster() -> bool:
 
 def work_runs_elsewhere(bundles: list[dict[str, float]] | None = None) -> bool:
     """On a joined cluster: whether workers run on other nodes than this one (more than one node, this
-    node offers no CPU and no GPU, as the head of ``cluster.yaml`` does, or it cannot hold ``bundles``,
-    what the command declares: a one-node cluster whose head has CPUs scales up for ``--gpus 2``)."""
+    node offers no CPU and no GPU, as the head of ``cluster.yaml`` does, or one of ``bundles``, what the
+    command declares, does not fit it: a one-node cluster whose head has no GPU scales up for ``--gpus 2``).
+    Bundles are judged one by one: those that fit here may queue here (a sweep's second trial)."""
     import ray
 
     if not joined_cluster():
@@ -48,8 +49,7 @@ def work_runs_elsewhere(bundles: list[dict[str, float]] | None = None) -> bool:
     mine = next((n["Resources"] for n in alive if n.get("NodeID") == here), {})
     if mine.get("CPU", 0) == 0 and mine.get("GPU", 0) == 0:
         return True
-    need = {k: sum(b.get(k, 0.0) for b in bundles or []) for k in ("CPU", "GPU")}
-    return any(v > mine.get(k, 0) for k, v in need.items())
+    return any(b.get(k, 0.0) > mine.get(k, 0) for b in bundles or [] for k in ("CPU", "GPU"))
 
 
 def shared_roots() -> list[Path]:

@@ -51,7 +51,7 @@ def check_frozen(base: FinetuneConfig, frozen: list[int]) -> list[int]:
     return [int(f) for f in frozen]
 
 
-def _trial(config: dict[str, Any], base: dict[str, Any], out: str) -> None:
+def _trial(config: dict[str, Any], base: dict[str, Any], out: str, prepared: str | None = None) -> None:
     """Tune trial (driver function): fine-tune with ``config["freeze"]`` frozen layers."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -59,7 +59,8 @@ def _trial(config: dict[str, Any], base: dict[str, Any], out: str) -> None:
     n = int(config["freeze"])
     cfg = FinetuneConfig(**{**base, "freeze": n, "out": str(Path(out) / f"frozen-{n}")})
     trial_id = ray.tune.get_context().get_trial_id()
-    final = run_finetune(cfg, callbacks=[TuneReportCallback()], run_name=f"train-trial_id={trial_id}", claim=False)
+    final = run_finetune(cfg, callbacks=[TuneReportCallback()], run_name=f"train-trial_id={trial_id}", claim=False,
+                         prepared=prepared)
     # also report the run's final numbers: a trial whose run had already finished trains nothing,
     # so the callback would forward nothing and the table would lose it
     ray.tune.report({k: final[k] for k in ("test_error", "val_acc", "train_loss", "epochs") if final[k] is not None})
@@ -148,7 +149,7 @@ def run_sweep(base: FinetuneConfig, frozen: list[int], out: str | Path, max_conc
         ensure_ray(base.address)
         from .finetune.run import check_local_resources
 
-        check_local_resources(base)  # once, here: in a trial a cluster's RAY_ADDRESS is unset, so it looks local
+        check_local_resources(base, _TRIAL_DRIVER_CPU)  # once, here: in a trial a cluster looks local
         return _tune(base, frozen, root, max_concurrent, trial_failures)
     finally:
         if claimed:
@@ -221,10 +222,14 @@ def _tune(base: FinetuneConfig, frozen: list[int], root: Path, max_concurrent: i
     # node's view of the source files (another key, another copy), or miss a --data-dir only this node has
     where = ensure_prepared(base.dataset, base.data_dir, base.image_size,
                             say=lambda m: print(f"sweep: {m}", file=sys.stderr, flush=True))
-    base_dict = {**replace(base, freeze=None, out=None).to_dict(), "dataset": where}
+    if "://" not in where:  # absolute: each trial runs in its own directory (a relative IDTL_CACHE_DIR)
+        where = str(Path(where).expanduser().resolve())
+    # the dataset stays as given in each trial's config (its identity, checked on every rerun): only where
+    # it is read from is passed apart, so a re-keyed cache copy does not make a resumed trial "another run"
+    base_dict = replace(base, freeze=None, out=None).to_dict()
     storage = root / "ray"
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(_trial, base=base_dict, out=str(root)), {"cpu": _TRIAL_DRIVER_CPU})
+        ray.tune.with_parameters(_trial, base=base_dict, out=str(root), prepared=where), {"cpu": _TRIAL_DRIVER_CPU})
     if ray.tune.Tuner.can_restore(str(storage / name)):
         # same sweep, same out: finished trials stay finished; unfinished and failed ones resume with their
         # trial ids, so their Train runs (named after the trial id) continue from their last checkpoints

@@ -68,9 +68,9 @@ def test_a_one_node_cluster_that_must_scale_up_for_the_command_checks_the_paths(
     monkeypatch.setattr(R, "joined_cluster", lambda: True)
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "NodeID": "head", "Resources": {"CPU": 4.0}}])
     monkeypatch.setattr(ray, "get_runtime_context", lambda: types.SimpleNamespace(get_node_id=lambda: "head"))
-    assert not R.work_runs_elsewhere() and not R.work_runs_elsewhere([{"CPU": 2.0}] * 2)  # fits here
+    assert not R.work_runs_elsewhere() and not R.work_runs_elsewhere([{"CPU": 2.0}] * 3)  # each fits: may queue here
     assert R.work_runs_elsewhere([{"CPU": 0.5, "GPU": 1.0}])  # no GPU here: the work goes to a new node
-    assert R.work_runs_elsewhere([{"CPU": 2.0}] * 3)  # more CPUs than this node has
+    assert R.work_runs_elsewhere([{"CPU": 8.0}])  # a bundle larger than this node
 
 
 def test_no_check_and_no_request_off_a_cluster(monkeypatch, tmp_path):

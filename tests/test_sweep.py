@@ -91,7 +91,7 @@ def test_another_sweep_into_the_same_out_is_refused_before_ray(tmp_path: Path, m
 
     ran: list[int] = []
     monkeypatch.setattr(scoring, "ensure_ray", lambda *a, **k: None)
-    monkeypatch.setattr("idtl_ray.finetune.run.check_local_resources", lambda cfg: None)
+    monkeypatch.setattr("idtl_ray.finetune.run.check_local_resources", lambda cfg, driver: None)
     monkeypatch.setattr(S, "_tune", lambda base, frozen, root, k, failures: ran.append(k) or pd.DataFrame())
     four = FinetuneConfig(strategy="scratch", epochs=4)
     assert S.experiment_name(four, [2, 3]) == S.experiment_name(four, [3, 2])  # the order of --frozen is no new sweep
@@ -123,7 +123,7 @@ def test_sweep_gpus_is_a_budget_shared_by_trials_of_workers_gpus(tmp_path: Path,
 
     monkeypatch.setattr(scoring, "ensure_ray", lambda *a, **k: None)
     checked: list[int] = []
-    monkeypatch.setattr("idtl_ray.finetune.run.check_local_resources", lambda cfg: checked.append(cfg.workers))
+    monkeypatch.setattr("idtl_ray.finetune.run.check_local_resources", lambda cfg, driver: checked.append(cfg.workers))
     monkeypatch.setattr("idtl_ray.resources.claim_cluster", claim)
     monkeypatch.setattr(S, "_tune", lambda base, frozen, root, k, failures: seen.append(
         (base.workers, base.gpus, base.gpus_per_worker, k, [])) or pd.DataFrame({"status": ["ok"]}))
@@ -145,6 +145,41 @@ def test_sweep_gpus_is_a_budget_shared_by_trials_of_workers_gpus(tmp_path: Path,
                       (["--gpus", "2", "--gpus-per-worker", "0.5"], "leave out --gpus-per-worker 0.5")):
         res = run(app, ["sweep", "--strategy", "scratch", "--frozen", "1", "--out", str(tmp_path / "bad"), *argv])
         assert res.exit_code == 2 and res.stderr.startswith("error: ") and msg in res.stderr, res.output
+
+
+def test_the_trial_drivers_cpu_counts_in_the_local_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sweep --workers 4 (x 0.5 CPU) on 2 local CPUs passed the check, then waited forever: each trial's driver
+    holds 0.5 CPU beside its workers."""
+    import ray
+
+    from idtl_ray.finetune.run import check_local_resources
+
+    monkeypatch.setattr("idtl_ray.resources.joined_cluster", lambda: False)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    cfg = FinetuneConfig(strategy="scratch", workers=4, cpus_per_worker=0.5)
+    check_local_resources(cfg)  # a finetune run: 2 CPUs for its 4 workers
+    with pytest.raises(InputError, match=r"4 workers x 0.5 CPUs \+ 0.5 for the trial's driver need 2.5 CPUs"):
+        check_local_resources(cfg, 0.5)
+
+
+def test_a_trial_reads_the_copy_its_driver_prepared(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trial gets the driver's prepared location apart from its config, whose dataset stays as given."""
+    import ray.tune
+
+    import idtl_ray.sweep as S
+
+    seen: dict = {}
+    monkeypatch.setattr(S, "run_finetune", lambda cfg, **kw: seen.update(cfg=cfg, **kw) or
+                        {"test_error": 1.0, "val_acc": 2.0, "train_loss": 0.1, "epochs": 1})
+    monkeypatch.setattr(ray.tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t1"))
+    monkeypatch.setattr(ray.tune, "report", lambda metrics: seen.update(reported=metrics))
+    import ray.tune.integration.ray_train as tune_train
+
+    monkeypatch.setattr(tune_train, "TuneReportCallback", lambda: "callback")  # needs a Tune session
+    base = FinetuneConfig(strategy="scratch").to_dict()
+    S._trial({"freeze": 2}, base, "/tmp/sweep-out", prepared="/shared/cache/prepared/digits-abc")
+    assert seen["prepared"] == "/shared/cache/prepared/digits-abc" and seen["cfg"].dataset == "digits"
+    assert seen["cfg"].freeze == 2 and seen["reported"]["test_error"] == 1.0
 
 
 # ── fault tolerance and reruns (issue 12 item 2): the trial's Train worker kills itself once in epoch 1 ──
@@ -214,11 +249,9 @@ def test_a_rerun_restores_the_sweep_and_never_trains_an_epoch_twice(ray_session,
     [finished] = [t for t in before if "freeze=4" in t]
     assert after[finished] == before[finished]  # the finished trial did not run again: not one more report
     pd.testing.assert_frame_equal(second.iloc[[1]], first.iloc[[1]])  # and its numbers are kept
-    # the driver prepared the dataset once; the trials read that directory (on a cluster a GPU node
-    # preparing "digits" itself would hash its own view of the source files: another key, another copy)
+    # each trial's config keeps the dataset as given (its identity, compared on every rerun), while the
+    # driver prepared it once and the trials read that copy (a GPU node preparing "digits" itself would hash
+    # its own view of the source files: another key, another copy)
     import json
 
-    from idtl_ray.data.readers import is_prepared_location
-
-    trained_on = json.loads((tmp_path / "frozen-4" / "config.json").read_text())["dataset"]
-    assert trained_on != "digits" and is_prepared_location(trained_on), trained_on
+    assert json.loads((tmp_path / "frozen-4" / "config.json").read_text())["dataset"] == "digits"

@@ -50,17 +50,19 @@ def existing_mask_file(mask: str) -> Path:
     return p
 
 
-def make_plan(cfg: FinetuneConfig, *, say: Progress | None = None, write: bool = True) -> Plan:
+def make_plan(cfg: FinetuneConfig, *, say: Progress | None = None, write: bool = True,
+              prepared: str | None = None) -> Plan:
     """Open the data's labels, load the split and pick the training samples (every training id, or those
     the mask keeps). A dataset given by name is prepared into the cache first (``say`` hears about it).
 
     ``write=False`` (a dry run) leaves ``--out`` untouched: a split it has to make stays in memory.
+    ``prepared``: where ``cfg.dataset`` was already prepared (a sweep's driver does it for its trials).
     """
     from ..data.cache import ensure_prepared
     from ..data.samples import open_target, split_note
 
     mask_path = existing_mask_file(cfg.mask) if cfg.mask and cfg.strategy == "instance" else None
-    data = open_target(ensure_prepared(cfg.dataset, cfg.data_dir, cfg.image_size, say=say))
+    data = open_target(prepared or ensure_prepared(cfg.dataset, cfg.data_dir, cfg.image_size, say=say))
     shipped = Rows("val", np.arange(len(data.val), dtype=np.int64)) if data.val is not None else None
     if cfg.split == "none":
         if cfg.strategy == "instance":

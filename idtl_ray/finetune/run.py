@@ -38,9 +38,10 @@ def _check_out_dir(cfg: FinetuneConfig) -> Path:
     return out
 
 
-def check_local_resources(cfg: FinetuneConfig) -> None:
+def check_local_resources(cfg: FinetuneConfig, driver_cpus: float = 0.0) -> None:
     """Refuse up front what would otherwise hang on the embedded local Ray: workers that can never be
-    scheduled. A cluster is never refused for what it has now: it scales up for the request."""
+    scheduled. A cluster is never refused for what it has now: it scales up for the request.
+    ``driver_cpus``: what the run's own driver holds beside its workers (a sweep trial's 0.5)."""
     import ray
 
     from ..resources import joined_cluster
@@ -48,10 +49,11 @@ def check_local_resources(cfg: FinetuneConfig) -> None:
     if joined_cluster():
         return
     res = ray.cluster_resources()
-    need_cpu = cfg.workers * cfg.cpus_per_worker
+    need_cpu = cfg.workers * cfg.cpus_per_worker + driver_cpus
     if need_cpu > res.get("CPU", 0.0):
-        raise InputError(f"{cfg.workers} workers x {cfg.cpus_per_worker} CPUs need {need_cpu:g} CPUs but the local Ray "
-                         f"has {res.get('CPU', 0.0):g}; lower --workers or --cpus-per-worker (e.g. 0.5)")  # fmt: skip
+        extra = f" + {driver_cpus:g} for the trial's driver" if driver_cpus else ""
+        raise InputError(f"{cfg.workers} workers x {cfg.cpus_per_worker:g} CPUs{extra} need {need_cpu:g} CPUs but the "
+                         f"local Ray has {res.get('CPU', 0.0):g}; lower --workers or --cpus-per-worker (e.g. 0.5)")  # fmt: skip
     need_gpu = cfg.workers * cfg.gpus_per_worker
     if need_gpu > res.get("GPU", 0.0):
         raise InputError(f"{cfg.workers} workers x {cfg.gpus_per_worker:g} GPUs need {need_gpu:g} GPUs but the local Ray "
@@ -170,7 +172,7 @@ def _fit(trainer: Any, name: str, out: Path, relay: Relay | None) -> tuple[dict[
 
 
 def run_finetune(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None, run_name: str | None = None,
-                 progress: bool | Progress = False, claim: bool = True) -> dict[str, Any]:
+                 progress: bool | Progress = False, claim: bool = True, prepared: str | None = None) -> dict[str, Any]:
     """Train one strategy with Ray Train and write the run directory; returns the ``final.json`` dict.
 
     Running it again with the same ``out`` and config resumes: a finished run returns its saved
@@ -181,23 +183,24 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None, run
     The images never enter this process: Ray Data reads them into the object store for the workers.
     On a cluster (``--address``, ``RAY_ADDRESS``) the paths workers use must be shared storage, and the
     workers' resources are asked of the autoscaler at start (``claim``; a sweep asks for its trials).
+    ``prepared``: where ``cfg.dataset`` is prepared already (a sweep's trials: their driver prepared it).
     """
     from ..resources import claim_cluster, release
 
     out = _check_out_dir(cfg)
     claimed = claim and claim_cluster(cfg.address, out, cfg.dataset, cfg.bundles)
     try:
-        return _run(cfg, out, callbacks, run_name, emitter(progress), check=claim)
+        return _run(cfg, out, callbacks, run_name, emitter(progress), check=claim, prepared=prepared)
     finally:
         if claimed:
             release()
 
 
 def _run(cfg: FinetuneConfig, out: Path, callbacks: list[Any] | None, run_name: str | None,
-         emit: Progress | None, check: bool = True) -> dict[str, Any]:  # fmt: skip
+         emit: Progress | None, check: bool = True, prepared: str | None = None) -> dict[str, Any]:  # fmt: skip
     """:func:`run_finetune` once the cluster is claimed. ``check``: refuse what the local Ray cannot place
     (a sweep's trial does not: its driver checked, and inside a trial a joined cluster looks local)."""
-    plan = make_plan(cfg, say=emit)
+    plan = make_plan(cfg, say=emit, prepared=prepared)
     ids_sha, final = _finished_run(cfg, out, plan, emit)
     if final is not None:
         return final
