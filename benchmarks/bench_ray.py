@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="run every path this many times, alternating; report medians "
                     "(this machine's speed drifts by up to 2x between minutes)")
     ap.add_argument("--cpu-accounting", action="store_true", help="print the CPU-seconds of every kind of process per path")
-    ap.add_argument("--warm", action="store_true", help="one Ray session for every Ray path, warmed by a small untimed run")
+    ap.add_argument("--warm", action="store_true", help="warm each Ray path's fresh session with a small untimed run first")
     args = ap.parse_args()
     got = load_cifar_jpeg(args.n_train + args.n_val)
     if got is None:

@@ -278,6 +278,24 @@ def test_folder_hidden_dirs_empty_classes_and_16_bit_images(tmp_path: Path) -> N
         load_dataset(f"folder:{root}", image_size=16)
 
 
+def test_the_cache_key_sees_files_in_linked_folders_and_survives_a_link_loop(tmp_path: Path) -> None:
+    """os.walk did not follow links, so a folder dataset with linked train/ and test/ had an empty stamp and
+    a changed image kept the stale prepared copy; a link back up the tree is walked once."""
+    import os
+
+    from idtl_ray.data.cache import _files_stamp
+
+    _write_folder(tmp_path / "real")
+    (tmp_path / "pets").mkdir()
+    for split in ("train", "test"):
+        os.symlink(tmp_path / "real" / split, tmp_path / "pets" / split)
+    os.symlink(tmp_path / "pets", tmp_path / "pets" / "latest")  # a loop
+    stamp = _files_stamp(tmp_path / "pets")
+    assert [p for p, *_ in stamp if p.startswith("train/dog/")] == ["train/dog/0.png", "train/dog/1.png", "train/dog/2.png"]
+    (tmp_path / "real" / "train" / "dog" / "3.png").write_bytes((tmp_path / "real" / "train" / "dog" / "0.png").read_bytes())
+    assert _files_stamp(tmp_path / "pets") != stamp
+
+
 def test_missing_folder_describes_layout(tmp_path: Path) -> None:
     with pytest.raises(DataError) as e:
         load_dataset(f"folder:{tmp_path / 'none'}")

@@ -38,7 +38,13 @@ def _files_stamp(root: Path, limit: int = 200_000) -> list[list[object]]:
         st = root.stat()
         return [[root.name, st.st_size, st.st_mtime_ns]]
     out: list[list[object]] = []
-    for dirpath, _, names in os.walk(root, followlinks=True):  # load_folder follows linked train/ and test/ too
+    seen: set[str] = set()
+    for dirpath, dirs, names in os.walk(root, followlinks=True):  # load_folder follows linked train/ and test/ too
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back up the tree (root/latest -> .): counted once, not walked in a loop
+            dirs[:] = []
+            continue
+        seen.add(real)
         for n in names:
             p = Path(dirpath) / n
             try:
