@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.error import URLError
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -186,6 +187,8 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     assert not path.with_name("emnist.pt.tmp").exists()
     back, meta = load_checkpoint(path)
     assert meta == {"epochs": 2, "dataset": "emnist-letters"}
+    save_checkpoint(path, model, {"test_error": np.float64(1.5)})  # passed json.dumps, then could not be loaded
+    assert load_checkpoint(path)[1] == {"test_error": 1.5}
     assert back.idtl_config == model.idtl_config and back.head_name == "fc2"
     x = torch.randn(3, 1, 28, 28)
     assert torch.equal(back(x), model(x))
@@ -212,7 +215,7 @@ def test_corrupt_and_missing_weights_files(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "sd.pt")
 
 
-def test_imagenet_offline_error_names_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_imagenet_offline_error_names_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     def offline(self, *a, **k):
         raise URLError("no network")
 
@@ -222,6 +225,13 @@ def test_imagenet_offline_error_names_cache(monkeypatch: pytest.MonkeyPatch) -> 
     msg = str(e.value)
     assert "resnet50-0676ba61.pth" in msg and str(Path(torch.hub.get_dir()) / "checkpoints") in msg
     assert "--weights PATH" in msg
+    # there but unreadable (a partial download): say so, not "put it there"
+    cache = tmp_path / "hub"
+    (cache / "checkpoints").mkdir(parents=True)
+    (cache / "checkpoints" / "resnet50-0676ba61.pth").write_bytes(b"partial")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(cache))
+    with pytest.raises(WeightsError, match="resnet50-0676ba61.pth cannot be read .*partial or corrupt.*delete it"):
+        load_weights(build_model("resnet18", 10), "resnet50", "imagenet")
     with pytest.raises(WeightsError, match="no ImageNet weights"):
         load_weights(build_model("sample-cnn", 10, 1, 8), "sample-cnn", "imagenet")
 
@@ -241,6 +251,21 @@ def test_imagenet_loaded_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
     grey = build_model("resnet18", 10, in_channels=1, image_size=28)
     load_weights(grey, "resnet18", "imagenet")
     assert torch.allclose(grey.conv1.weight, fake["conv1.weight"].sum(1, keepdim=True))
+
+
+def test_torchvisions_imagenet_file_given_by_path_loads_as_imagenet(tmp_path: Path) -> None:
+    """The offline message says to pass the file as --weights PATH: it was then loaded by the strict rules
+    of a user's file and refused for a grey model (3-channel conv1) and for VGG-16 below 64 px."""
+    torch.manual_seed(3)
+    fake = torchvision.models.resnet18(weights=None).state_dict()
+    path = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(fake, path)
+    grey = build_model("resnet18", 10, in_channels=1, image_size=28)
+    report = load_weights(grey, "resnet18", str(path))
+    assert report["head_replaced"] and torch.allclose(grey.conv1.weight, fake["conv1.weight"].sum(1, keepdim=True))
+    torch.save(fake, tmp_path / "mine.pt")  # the same tensors under another name: a user's file, strict
+    with pytest.raises(WeightsError, match="conv1.weight has shape"):
+        load_weights(build_model("resnet18", 10, in_channels=1, image_size=28), "resnet18", str(tmp_path / "mine.pt"))
 
 
 def test_imagenet_densenet_legacy_keys_and_vgg_first_fc(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -265,6 +290,7 @@ def test_imagenet_densenet_legacy_keys_and_vgg_first_fc(monkeypatch: pytest.Monk
     fresh = build_model("vgg16", 10)
     report = load_weights(fresh, "vgg16", "imagenet")
     assert "classifier.0.weight" in report["skipped"] and "classifier.3.weight" in report["loaded"]
+    assert "classifier.0.bias" in report["skipped"] and "classifier.0.bias" not in report["loaded"]  # re-initialised
     assert torch.all(fresh.classifier[3].weight == 0.5) and torch.all(fresh.classifier[0].bias == 0)
     assert imagenet_state_dict("vgg16").keys() == state.keys()
 

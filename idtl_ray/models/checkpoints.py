@@ -41,9 +41,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
     cfg = getattr(model, "idtl_config", None)
     if cfg is None:
         raise ValueError("model has no idtl_config; build it with build_model()")
-    try:
-        json.dumps(meta)
-    except TypeError as e:
+    try:  # through JSON: a numpy float64 passes json.dumps (a float subclass) but not weights_only loading
+        meta = json.loads(json.dumps(meta))
+    except (TypeError, ValueError) as e:
         raise ValueError(f"checkpoint meta must be JSON-like: {e}") from e
     obj = {
         "format": CHECKPOINT_FORMAT,

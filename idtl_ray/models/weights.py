@@ -58,13 +58,24 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
         state = w.get_state_dict(progress=False)
     except Exception as e:
         cache = Path(torch.hub.get_dir()) / "checkpoints"
+        if (cache / fname).is_file():  # there, but unreadable: asking to put it there would not help
+            raise WeightsError(f"ImageNet weights for {name}: {cache / fname} cannot be read ({type(e).__name__}; a "
+                               f"partial or corrupt download): delete it and put a fresh copy of {w.url} there") from e
         raise WeightsError(
             f"ImageNet weights for {name} could not be loaded ({type(e).__name__}: "
             f"{str(e).strip().splitlines()[0][:100] if str(e).strip() else 'no detail'}); "
             f"put {fname} (from {w.url}) into {cache}/ ($TORCH_HOME/hub/checkpoints, see "
-            f"torch.hub.get_dir()), or pass --weights PATH"
+            f"torch.hub.get_dir()), or pass that file as --weights PATH"
         ) from e
     return normalise_keys(dict(state))
+
+
+def _imagenet_file_name(name: str) -> str | None:
+    """torchvision's file name of ``name``'s ImageNet weights (e.g. resnet18-f37072fd.pth), None if it has none."""
+    try:
+        return os.path.basename(urlparse(imagenet_enum(name).url).path)
+    except WeightsError:
+        return None
 
 
 def extract_state(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
@@ -147,6 +158,10 @@ def _load_state(
         else:
             copies.append((key, src))
     unexpected = [k for k in state if k not in target and not k.startswith(head)]
+    # a module re-initialised for one tensor that did not fit is re-initialised whole: its other tensors
+    # (VGG's classifier.0 bias below 64 px) are not loaded, and not reported as loaded
+    skipped += [k for k, _ in copies if _module_of(k) in reinit]
+    copies = [(k, s) for k, s in copies if _module_of(k) not in reinit]
     if not imagenet:
         _refuse_partial(source, missing, unexpected)
     with torch.no_grad():
@@ -192,6 +207,9 @@ def load_weights(model: nn.Module, name: str, weights: str | None) -> dict[str, 
         return _load_state(model, imagenet_state_dict(name), source=f"imagenet:{name}", imagenet=True)
     path = Path(weights).expanduser()
     state, header = extract_state(read_torch_file(path), path)
+    if header is None and path.name == _imagenet_file_name(name):  # torchvision's own file, given by path
+        _check_finite_state(state, model, path)
+        return _load_state(model, state, source=f"imagenet:{name} ({path})", imagenet=True)
     if header is not None and header.get("model_name") not in (None, name):
         raise WeightsError(
             f"{path} is a {header.get('model_name')} checkpoint but the model is {name}; "
