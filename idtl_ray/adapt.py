@@ -56,7 +56,7 @@ def adapt_model(cfg: ScoreConfig, data: Any) -> tuple[nn.Module, dict[str, Any]]
     n = data.num_classes
     head_out = head_module(model).out_features
     fits = head_out == n and not report["head_replaced"] and source_classes == n
-    same, why = _head_match(cfg, data, source, source_classes, fits)
+    same, why = _head_match(cfg, data, source, source_classes, fits, head_module(model).in_features)
     head_info: dict[str, Any] = {"mode": cfg.head}
     new_head, reason = _head_decision(cfg, data, same, why, fits, source["num_classes"] is None, source_classes,
                                       head_info)
@@ -99,7 +99,7 @@ def _load_source(cfg: ScoreConfig, data: Any) -> tuple[nn.Module, dict[str, Any]
 
 
 def _head_match(cfg: ScoreConfig, data: Any, source: dict[str, Any], source_classes: int,
-                fits: bool) -> tuple[bool | None, str]:
+                fits: bool, model_in: int | None = None) -> tuple[bool | None, str]:
     """Whether the weights' head predicts the target's classes (same names, same order: a count is not
     enough), None when unknown, and why in words."""
     n = data.num_classes
@@ -109,6 +109,11 @@ def _head_match(cfg: ScoreConfig, data: Any, source: dict[str, Any], source_clas
         return False, f"ImageNet weights have 1000 classes, {data.name} has {n}"
     if not fits and source["num_classes"] is None:
         return False, f"the weights hold no {cfg.model} head"
+    if not fits and source.get("head_in") not in (None, model_in):  # same classes, another feature width
+        made = f" (the checkpoint was made at {source['image_size']} px)" if source.get("image_size") else ""
+        return False, (f"the weights' head takes {source['head_in']} features but {cfg.model} at "
+                       f"{data.image_shape[0]} px gives {model_in}{made}: pass the --image-size the weights were "
+                       "made at, or let a new head be fitted")
     if not fits:
         return False, f"the weights' head has {source_classes} classes, {data.name} has {n}"
     if source["classes"] is None:
@@ -128,6 +133,8 @@ def _head_decision(cfg: ScoreConfig, data: Any, same: bool | None, why: str, fit
     cannot fit, and records a warning in ``head_info`` when ``keep`` keeps a head of other classes."""
     if cfg.head == "keep" and not fits:
         no_head = no_source_head and cfg.weights != "imagenet"
+        if "features but" in why:  # the class count fits; the head's input width does not
+            raise WeightsError(f"--head keep: {why}")
         what = why if no_head else f"the weights' head has {source_classes} classes"
         raise WeightsError(
             f"{what} but {data.name} has {data.num_classes}: "
@@ -172,13 +179,17 @@ def _checkpoint_classes(path: Path, head_name: str | None = None) -> dict[str, A
     from .models import extract_state, normalise_keys, read_torch_file
 
     state, header = extract_state(read_torch_file(path), path)
-    out: dict[str, Any] = {"num_classes": None, "classes": None, "dataset": None, "kind": "state_dict"}
+    out: dict[str, Any] = {"num_classes": None, "classes": None, "dataset": None, "kind": "state_dict",
+                           "head_in": None, "image_size": None}
+    w = normalise_keys(state).get(f"{head_name}.weight") if head_name else None
+    if torch.is_tensor(w) and w.ndim == 2:
+        out["head_in"] = int(w.shape[1])
     if header is None:
-        w = normalise_keys(state).get(f"{head_name}.weight") if head_name else None
         if torch.is_tensor(w) and w.ndim == 2:
             out["num_classes"] = int(w.shape[0])
         return out
     out["kind"] = "checkpoint"
+    out["image_size"] = header.get("image_size")
     if header.get("num_classes"):
         out["num_classes"] = int(header["num_classes"])
     meta = header.get("meta") if isinstance(header.get("meta"), dict) else {}

@@ -39,7 +39,7 @@ def _materialise(ds: Dataset, batch_size: int = 512) -> tuple[np.ndarray, np.nda
 def score(
     model: nn.Module,
     train: Dataset,
-    val: Dataset,
+    val: Dataset | None = None,
     *,
     config: InfluenceConfig | None = None,
     classes: Sequence[int] | None = None,
@@ -57,7 +57,8 @@ def score(
 
     The inputs are gathered into arrays, shipped to Ray Data and scored exactly like
     :func:`run_score`; the result matches :func:`idtl_ray.score_samples` run in-process. With ``out``,
-    a mask is written to ``out/mask.parquet`` (sample ids = positions in ``train``).
+    a mask is written to ``out/mask.parquet`` (sample ids = positions in ``train``). ``val`` is the
+    paper's validation reference; self-influence (the default) uses none, and ignores one given.
 
     Drop rule: with ``config.score == "paper"`` the paper's (``delta_val_loss < drop_threshold``, at most
     ``drop_budget``); with self-influence (the default) exactly ``drop_budget`` samples (default 0.1),
@@ -76,13 +77,19 @@ def score(
     if drop_threshold != 0.0 and config.score != "paper":
         raise InputError("drop_threshold is the paper's rule (delta_val_loss < threshold); self-influence (the default) "
                          "drops exactly drop_budget samples: pass drop_budget, or config=InfluenceConfig(score='paper')")
+    paper = config.score == "paper"
+    if paper and val is None:
+        raise InputError("the paper's score measures each sample against a validation set: pass val")
     check_pairs(train, "train")  # dict items etc.: one clear error, not the DataLoader's TypeError
-    check_pairs(val, "val")
     tx, ty = _materialise(train, config.batch_size)
-    vx, vy = _materialise(val, config.batch_size)
+    if paper:
+        check_pairs(val, "val")
+        vx, vy = _materialise(val, config.batch_size)
+    else:  # self-influence needs no validation set: none is read, and none changes the run's fingerprint
+        vx, vy = np.zeros((0,) + tx.shape[1:], tx.dtype), np.zeros(0, np.int64)
     if len(ty) == 0:
         raise InputError("the training set is empty: give at least one training sample")
-    if len(vy) == 0:
+    if paper and len(vy) == 0:
         raise InputError("the validation set is empty: pass a validation set with at least one sample")
     if config.score != "paper" and budget_count(0.1 if drop_budget is None else drop_budget, len(ty)) >= len(ty):
         raise InputError(f"drop_budget {drop_budget} would drop all {len(ty)} training samples: pass a smaller count "

@@ -127,6 +127,19 @@ def test_head_keep_and_new(digits, source_model, tmp_path, monkeypatch):
     assert "head:" not in W.format_summary(info)
 
 
+def test_a_head_made_at_another_image_size_is_named_as_such(digits, tmp_path):
+    """Same classes, another feature width (a resnet18 checkpoint made at 32 px, scored at 8 px): the message
+    said "the weights' head has 10 classes but digits has 10"."""
+    d, x, y, pre = digits
+    path = tmp_path / "r32.pt"
+    save_checkpoint(path, build_model("resnet18", 10, in_channels=1, image_size=32), {"dataset": "digits", "classes": DIGITS})
+    cfg = ScoreConfig(dataset="digits", model="resnet18", weights=str(path), head="keep", head_steps=1)
+    with pytest.raises(WeightsError, match="head takes 2048 features but resnet18 at 8 px gives 512 .*made at 32 px"):
+        W.prepare_model(cfg, d, x, y, pre)
+    _, info = W.prepare_model(ScoreConfig(dataset="digits", model="resnet18", weights=str(path), head_steps=1), d, x, y, pre)
+    assert info["head"]["new_head"] is True and "2048 features" in info["head"]["why"]
+
+
 def test_pretrain_checkpoint_records_dataset_and_classes(tmp_path, monkeypatch):
     """pretrain's checkpoint (and the finetune run's model.pt under it) carry dataset and class names.
 
@@ -151,8 +164,8 @@ def test_pretrain_checkpoint_records_dataset_and_classes(tmp_path, monkeypatch):
     assert ck["dataset"] == meta["dataset"] == "digits" and ck["classes"] == meta["classes"] == DIGITS
     _, run_ck = load_checkpoint(tmp_path / "src.pt.run" / "model.pt")
     assert run_ck["dataset"] == "digits" and run_ck["classes"] == DIGITS
-    assert A._checkpoint_classes(tmp_path / "src.pt") == {"num_classes": 10, "classes": DIGITS, "dataset": "digits",
-                                                          "kind": "checkpoint"}
+    assert A._checkpoint_classes(tmp_path / "src.pt", "fc2") == {"num_classes": 10, "classes": DIGITS, "dataset": "digits",
+                                                                 "kind": "checkpoint", "head_in": 128, "image_size": 8}
 
 
 def test_experiments_in_process_source_records_classes(tmp_path):

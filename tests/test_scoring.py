@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 from idtl_ray import score_samples
 from idtl_ray.config import ScoreConfig
 from idtl_ray.data import apply_split, load_dataset, make_split, to_tensor
-from idtl_ray.errors import MaskError
+from idtl_ray.errors import InputError, MaskError
 from idtl_ray.influence import InfluenceConfig
 from idtl_ray.mask import check_mask, read_mask
 from idtl_ray.models import build_model, save_checkpoint
@@ -284,6 +284,11 @@ def test_self_influence_takes_inputs_of_another_dtype_than_the_model(ray_session
     out = score(model, train64, val64, config=InfluenceConfig(batch_size=64, curvature_samples=256), actors=1,
                 out=tmp_path / "f64", drop_budget=0.1)
     assert rel_err(out.scores, inproc.scores) < 1e-5
+    # self-influence needs no validation set (val=None was a TypeError); the paper's score does
+    alone = score(model, train64, None, config=InfluenceConfig(batch_size=64, curvature_samples=256), actors=1)
+    assert np.array_equal(alone.scores, out.scores)
+    with pytest.raises(InputError, match="paper's score .* pass val"):
+        score(model, train64, None, config=InfluenceConfig(score="paper"))
 
 
 def test_run_score_budget_one_means_one_sample_and_auto_records_its_trials(ray_session, tmp_path):
