@@ -214,6 +214,19 @@ def test_unreachable_locations_are_one_line(tmp_path: Path, monkeypatch: pytest.
     _one_line(e, "cannot reach it", "check the path")
 
 
+def test_a_second_prepare_into_a_directory_in_use_refuses(tmp_path: Path) -> None:
+    """Two prepares into one directory deleted each other's temporary shards as stale; now the second one
+    refuses in one line while the first holds the directory."""
+    from idtl_ray.errors import InputError
+    from idtl_ray.storage import hold_directory
+
+    out = tmp_path / "d"
+    with hold_directory(out):  # as a first prepare holds it while writing
+        with pytest.raises(InputError, match="is in use by another idtl-ray run"):
+            P.prepare_dataset("digits", str(out), download=False)
+    assert P.prepare_dataset("digits", str(out), download=False).counts["train"] > 0  # free again
+
+
 def test_a_resized_dataset_keeps_its_augmentation_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--image-size renames cifar10 to cifar10@16; the recipe lookup failed on that name (finetune refused,
     score's --drop auto trials silently trained without augmentation)."""

@@ -52,6 +52,7 @@ complete; a previous manifest in ``DIR`` is deleted before the first shard is wr
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -343,8 +344,17 @@ def prepare_dataset(
         raise DataError(f"--out {out}: cannot reach it ({e}); check the path and, for s3://, the credentials") from e
     if kind == pafs.FileType.File:
         raise DataError(f"--out {out} is a file; give a directory (it is created if missing)")
-    data = load_dataset(dataset, data_dir, download=download, image_size=image_size)
-    return write_prepared(data, make_split(data, val_fraction, seed), out, source=dataset, shard_bytes=shard_bytes)
+    # a second prepare into the same local directory would delete this one's temporary shards as stale: it
+    # refuses in one line while this one holds the directory (an s3:// prefix cannot be locked)
+    from ..storage import LOCK_NAME, hold_directory
+
+    data = load_dataset(dataset, data_dir, download=download, image_size=image_size)  # before: a failed load leaves no folder
+    local = isinstance(fs, pafs.LocalFileSystem)
+    with hold_directory(base) if local else contextlib.nullcontext():
+        manifest = write_prepared(data, make_split(data, val_fraction, seed), out, source=dataset, shard_bytes=shard_bytes)
+        if local:  # the finished directory holds the shards and the manifest only
+            (Path(base) / LOCK_NAME).unlink(missing_ok=True)
+        return manifest
 
 
 def format_summary(manifest: Manifest, out: str) -> str:
