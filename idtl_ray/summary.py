@@ -59,6 +59,8 @@ def format_summary(meta: dict[str, Any], mask: Mask | None = None) -> str:
     lines.append(f"{'class':<16}{'kept':>8}{'dropped':>9}")
     for r in per[:100]:
         lines.append(f"{str(r['name'])[:15]:<16}{r['kept']:>8}{r['dropped']:>9}")
+    if len(per) > 100:  # a 1,000-class target: the rest are in summary.json's per_class
+        lines.append(f"... and {len(per) - 100} more classes (all in summary.json)")
     tm = meta.get("timings", {})
     if tm:
         lines.append("time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in tm.items()))

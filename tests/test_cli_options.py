@@ -201,3 +201,13 @@ def test_generator_overrides_and_checks() -> None:
         Options(_Toy, override={"nmae": {"help": "typo"}})
     with pytest.raises(ValueError, match="unknown option metadata"):
         Options(_Toy, override={"name": {"hlep": "typo"}})
+
+
+def test_the_summary_says_how_many_classes_it_leaves_out() -> None:
+    """It listed the first 100 classes and silently dropped the rest of a 1,000-class target."""
+    from idtl_ray.summary import format_summary
+
+    per = [{"label": c, "name": f"c{c}", "kept": 9, "dropped": 1} for c in range(150)]
+    text = format_summary({"dataset": "d", "model": "m", "per_class": per, "n_train": 1500})
+    assert "c99 " in text and "c100 " not in text and text.count("\n") < 120
+    assert "... and 50 more classes (all in summary.json)" in text
