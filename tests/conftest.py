@@ -36,11 +36,33 @@ def ray_session():
     """
     import ray
 
-    from idtl_ray.scoring.session import local_ray_options
-
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(**local_ray_options(2), object_store_memory=400 * 1024**2, log_to_driver=False, include_dashboard=True,
-             logging_level="ERROR")
+    _start_local_ray()
     yield ray
     ray.shutdown()
+
+
+def _start_local_ray() -> None:
+    import ray
+
+    from idtl_ray.scoring.session import local_ray_options
+
+    ray.init(**local_ray_options(2), object_store_memory=400 * 1024**2, log_to_driver=False, include_dashboard=True,
+             logging_level="ERROR")
+
+
+@pytest.fixture()
+def fresh_ray_after(ray_session):
+    """For a test that kills or interrupts Ray's workers: the module's Ray is restarted after it.
+
+    Ray Data ends an interrupted or failed run by cancelling its tasks, with a KeyboardInterrupt raised in
+    the worker. One that lands inside ``logging``'s module lock leaves it held in a worker that Ray keeps and
+    reuses: a later read task's threads then block on it forever (seen once in CI: a ListFiles task stuck in
+    ``import fsspec`` -> ``logging.getLogger``, the test timed out). Fresh workers keep the faults apart.
+    """
+    yield ray_session
+    import ray
+
+    ray.shutdown()
+    _start_local_ray()

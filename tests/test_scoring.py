@@ -133,7 +133,7 @@ def _same_scores(mask, ref) -> None:
     assert (rel < 1e-9).mean() > 0.8, (rel < 1e-9).mean()  # rows in batches of the usual size: the reference's
 
 
-def test_killed_prescore_worker_is_retried_and_the_run_completes(reference_run, tmp_path):
+def test_killed_prescore_worker_is_retried_and_the_run_completes(reference_run, tmp_path, fresh_ray_after):
     # The pre-scoring task (g_val, curvature, solve) runs in one worker; SIGKILL it mid-solve and Ray
     # runs it again: the run completes with the scores of an undisturbed run.
     import threading
@@ -169,7 +169,7 @@ def test_killed_prescore_worker_is_retried_and_the_run_completes(reference_run, 
     _same_scores(mask, ref)
 
 
-def test_an_actors_error_reaches_the_caller_with_its_type(ray_session, digits_tensors, tmp_path):
+def test_an_actors_error_reaches_the_caller_with_its_type(ray_session, digits_tensors, tmp_path, fresh_ray_after):
     # The actors build the engine (and choose the parameters) in their own processes; a bad choice
     # must come back as the InputError the in-process engine raises, not as a Ray actor death.
     from idtl_ray.errors import InputError
@@ -182,7 +182,7 @@ def test_an_actors_error_reaches_the_caller_with_its_type(ray_session, digits_te
     assert not _scorer_actors() - before, "a failed pre-scoring stage must not start the scoring actors"
 
 
-def test_killed_scoring_actor_loses_nothing(reference_run, tmp_path):
+def test_killed_scoring_actor_loses_nothing(reference_run, tmp_path, fresh_ray_after):
     ref, _ = reference_run
     import ray
     from ray.util.state import list_actors
@@ -207,7 +207,7 @@ def test_killed_scoring_actor_loses_nothing(reference_run, tmp_path):
     _same_scores(mask, ref)
 
 
-def test_interrupted_run_resumes_without_rescoring(reference_run, tmp_path):
+def test_interrupted_run_resumes_without_rescoring(reference_run, tmp_path, fresh_ray_after):
     import _thread
 
     ref, _ = reference_run
