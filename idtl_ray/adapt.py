@@ -133,7 +133,7 @@ def _head_decision(cfg: ScoreConfig, data: Any, same: bool | None, why: str, fit
     cannot fit, and records a warning in ``head_info`` when ``keep`` keeps a head of other classes."""
     if cfg.head == "keep" and not fits:
         no_head = no_source_head and cfg.weights != "imagenet"
-        if "features but" in why:  # the class count fits; the head's input width does not
+        if not no_head and source_classes == data.num_classes:  # the count fits: why names what does not
             raise WeightsError(f"--head keep: {why}")
         what = why if no_head else f"the weights' head has {source_classes} classes"
         raise WeightsError(
@@ -184,9 +184,9 @@ def _checkpoint_classes(path: Path, head_name: str | None = None) -> dict[str, A
     w = normalise_keys(state).get(f"{head_name}.weight") if head_name else None
     if torch.is_tensor(w) and w.ndim == 2:
         out["head_in"] = int(w.shape[1])
-    if header is None:
-        if torch.is_tensor(w) and w.ndim == 2:
+        if header is None:  # a plain state dict: the count read from its head
             out["num_classes"] = int(w.shape[0])
+    if header is None:
         return out
     out["kind"] = "checkpoint"
     out["image_size"] = header.get("image_size")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -61,14 +60,11 @@ def resolve_dataset(s: Setting, data_dir: str | None, cache: Path) -> str:
 
 def _check_imagenet(model: str) -> None:
     """ImageNet weights must already be in torch's cache: no download from inside a job."""
-    from urllib.parse import urlparse
-
     import torch
 
-    from ..models import imagenet_enum
+    from ..models import imagenet_enum, imagenet_file_name
 
-    url = imagenet_enum(model).url
-    fname = os.path.basename(urlparse(url).path)
+    url, fname = imagenet_enum(model).url, imagenet_file_name(model)
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     if not (cache / fname).is_file():
         raise WeightsError(f"ImageNet weights for {model} not found: put {fname} (from {url}) into {cache}/ "

@@ -61,6 +61,7 @@ from .weights import (
     extract_state,
     hybrid_init,
     imagenet_enum,
+    imagenet_file_name,
     imagenet_state_dict,
     load_weights,
     normalise_keys,
@@ -69,7 +70,7 @@ from .weights import (
 __all__ = [
     "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "LAYER_COUNTS", "MODELS", "SMALL_IMAGE_PX", "DenseNetSmall", "Layer",
     "SampleCNN", "VGG16Small", "build_model", "check_weights_file", "describe_layers", "extract_state",
-    "freeze_all_but_head", "freeze_first", "head_module", "hybrid_init", "imagenet_enum", "imagenet_state_dict",
+    "freeze_all_but_head", "freeze_first", "head_module", "hybrid_init", "imagenet_enum", "imagenet_file_name", "imagenet_state_dict",
     "last_k_layer_params", "layers", "load_checkpoint", "load_weights", "normalise_keys", "read_torch_file",
     "replace_head", "save_checkpoint", "xavier_init_",
 ]  # fmt: skip

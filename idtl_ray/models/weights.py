@@ -33,27 +33,26 @@ def normalise_keys(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# The models with torchvision ImageNet weights: model name -> torchvision's weights enum.
+IMAGENET_WEIGHTS = {"resnet50": "ResNet50_Weights", "resnet18": "ResNet18_Weights",
+                    "densenet121": "DenseNet121_Weights", "vgg16": "VGG16_Weights"}
+
+
 def imagenet_enum(name: str) -> Any:
     import torchvision.models as tvm
 
-    enums = {
-        "resnet50": tvm.ResNet50_Weights,
-        "resnet18": tvm.ResNet18_Weights,
-        "densenet121": tvm.DenseNet121_Weights,
-        "vgg16": tvm.VGG16_Weights,
-    }
-    if name not in enums:
+    if name not in IMAGENET_WEIGHTS:
         raise WeightsError(
             f"{name} has no ImageNet weights; pass --weights PATH (e.g. a checkpoint of this model "
             f"trained on emnist-letters) or --weights none"
         )
-    return enums[name].IMAGENET1K_V1
+    return getattr(tvm, IMAGENET_WEIGHTS[name]).IMAGENET1K_V1
 
 
 def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
     """torchvision's ImageNet state dict for ``name`` (cache or download); WeightsError offline."""
     w = imagenet_enum(name)
-    fname = os.path.basename(urlparse(w.url).path)
+    fname = imagenet_file_name(name)
     try:
         state = w.get_state_dict(progress=False)
     except Exception as e:
@@ -70,12 +69,9 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
     return normalise_keys(dict(state))
 
 
-def _imagenet_file_name(name: str) -> str | None:
-    """torchvision's file name of ``name``'s ImageNet weights (e.g. resnet18-f37072fd.pth), None if it has none."""
-    try:
-        return os.path.basename(urlparse(imagenet_enum(name).url).path)
-    except WeightsError:
-        return None
+def imagenet_file_name(name: str) -> str:
+    """torchvision's file name of ``name``'s ImageNet weights (e.g. resnet18-f37072fd.pth); WeightsError if none."""
+    return os.path.basename(urlparse(imagenet_enum(name).url).path)
 
 
 def extract_state(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
@@ -207,7 +203,7 @@ def load_weights(model: nn.Module, name: str, weights: str | None) -> dict[str, 
         return _load_state(model, imagenet_state_dict(name), source=f"imagenet:{name}", imagenet=True)
     path = Path(weights).expanduser()
     state, header = extract_state(read_torch_file(path), path)
-    if header is None and path.name == _imagenet_file_name(name):  # torchvision's own file, given by path
+    if header is None and name in IMAGENET_WEIGHTS and path.name == imagenet_file_name(name):  # torchvision's own file
         _check_finite_state(state, model, path)
         return _load_state(model, state, source=f"imagenet:{name} ({path})", imagenet=True)
     if header is not None and header.get("model_name") not in (None, name):
