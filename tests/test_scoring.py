@@ -127,9 +127,12 @@ def _same_scores(mask, ref) -> None:
     """The reference's scores, to float32 rounding (the model is float32). A run that is interrupted or loses a
     worker scores the same rows, but Ray Data may bundle a few into a shorter batch, and a float32 batch of 6
     rounds differently from one of 50 (seen under load: 2e-7 relative on 5 rows of one batch, every other row
-    within 1e-9). The mask's decisions are compared exactly by the callers."""
-    rel = np.abs(mask.delta_val_loss - ref.delta_val_loss) / np.abs(ref.delta_val_loss)
-    assert rel.max() < 1e-6, rel.max()
+    within 1e-9; a CI run saw 2.2e-6 on one row, a score whose terms cancel). The rounding is measured against
+    the scores' scale, not each score: a score near zero carries the absolute error of its large terms. The
+    mask's decisions are compared exactly by the callers."""
+    diff = np.abs(mask.delta_val_loss - ref.delta_val_loss)
+    assert diff.max() <= 1e-5 * np.abs(ref.delta_val_loss).max(), diff.max() / np.abs(ref.delta_val_loss).max()
+    rel = diff / np.abs(ref.delta_val_loss)
     assert (rel < 1e-9).mean() > 0.8, (rel < 1e-9).mean()  # rows in batches of the usual size: the reference's
 
 
