@@ -262,8 +262,12 @@ def test_a_smoke_run_refuses_to_replace_a_full_runs_report(tmp_path: Path, monke
 
 
 def test_a_job_refuses_a_negative_seed_before_ray(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import idtl_ray.scoring.session as session
     from idtl_ray.experiments.job import job_main
 
+    # a job's process-wide set-up (stderr through a filter, a SIGTERM handler) would outlive this test in pytest's process
+    monkeypatch.setattr(session, "filter_ray_noise", lambda: None)
+    monkeypatch.setattr(session, "stop_on_sigterm", lambda: None)
     code = job_main(3, None, init=lambda: pytest.fail("Ray started"), argv=["--smoke", "--seeds", "-1"])
     assert code == 2 and capsys.readouterr().err.strip().splitlines() == ["error: --seeds must be >= 0, got [-1]"]
 
@@ -275,15 +279,13 @@ def test_job_script_full_mode_stops_at_once_with_one_line(n: int, tmp_path: Path
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    t = time.perf_counter()
     p = subprocess.run([sys.executable, str(root / "jobs" / f"table{n}.py"), "--data-dir", str(tmp_path), "--out",
                         str(tmp_path / "out")], capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
     assert p.returncode == 2, p.stderr[-2000:]
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "not found" in last and str(tmp_path) in last
     assert "Traceback" not in p.stderr and "Started a local Ray" not in p.stderr
-    assert not (tmp_path / "out").exists()
-    assert time.perf_counter() - t < 60
+    assert not (tmp_path / "out").exists()  # and "Started a local Ray" not printed: it stopped before Ray
 
 
 def test_the_jobs_resource_flags_are_the_resources_fields():

@@ -3,6 +3,7 @@ mask provenance, and one-line errors from the CLI that leave no partial mask."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -151,15 +152,16 @@ def test_killed_prescore_worker_is_retried_and_the_run_completes(reference_run, 
     slow = InfluenceConfig(score="paper", curvature_samples=256, max_iter=10, tol=1e-3, batch_size=50)
 
     def kill_prescore() -> None:
+        # at once when seen running: a pause could let a short solve end first and the kill hit an idle worker
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
             for t in list_tasks(address=gcs, filters=[("name", "=", "idtl-prescore"), ("state", "=", "RUNNING")],
                                 detail=True):
                 if t.worker_pid:
-                    time.sleep(1.0)  # inside the solve (g_val takes a fraction of a second)
-                    os.kill(t.worker_pid, signal.SIGKILL)
-                    killed.append(t.worker_pid)
-                    return
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(t.worker_pid, signal.SIGKILL)
+                        killed.append(t.worker_pid)
+                        return
             time.sleep(0.1)
 
     th = threading.Thread(target=kill_prescore, daemon=True)
@@ -167,6 +169,10 @@ def test_killed_prescore_worker_is_retried_and_the_run_completes(reference_run, 
     summary = run_score(_cfg(tmp_path, "prekill", influence=slow), progress=False)
     th.join(5)
     assert killed, "the pre-scoring worker was not found running"
+    deadline = time.time() + 30  # task events reach the state API about once a second
+    while not any(t.attempt_number >= 1 for t in list_tasks(address=gcs, filters=[("name", "=", "idtl-prescore")])):
+        assert time.time() < deadline, "the killed pre-scoring task was not run again"
+        time.sleep(0.5)
     mask = read_mask(summary["mask"])
     assert np.array_equal(mask.sample_id, ref.sample_id) and np.array_equal(mask.keep, ref.keep)
     _same_scores(mask, ref)
@@ -196,7 +202,8 @@ def test_killed_scoring_actor_loses_nothing(reference_run, tmp_path, fresh_ray_a
         if killed:
             return
         gcs = ray.get_runtime_context().gcs_address
-        for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")]):
+        # any live state: the pool can score these 1,294 rows within a poll or two of its actors becoming ALIVE
+        for a in list_actors(address=gcs, filters=[("state", "!=", "DEAD")]):
             if "Scorer" in (a.class_name or "") and a.pid:
                 os.kill(a.pid, signal.SIGKILL)
                 killed.append(a.pid)
@@ -219,7 +226,7 @@ def test_interrupted_run_resumes_without_rescoring(reference_run, tmp_path, fres
     pressed = []
 
     def interrupt(rows: int) -> None:  # one Ctrl-C once some score files are complete
-        if rows >= 400 and not pressed:
+        if rows >= 200 and not pressed:
             pressed.append(rows)
             _thread.interrupt_main()
 

@@ -96,9 +96,13 @@ class Relay:
                 self.emit(epoch_line(row, self.epochs, time.monotonic() - self.t0))
 
     def _loop(self) -> None:
+        from ray.exceptions import GetTimeoutError
+
         while not self._stop.wait(self.poll_s):
             try:
                 self._drain()
+            except GetTimeoutError:  # a slow reply (a loaded node, a worker restarting): the rows wait on the board
+                continue
             except Exception:  # progress must never break training (e.g. Ray shutting down)
                 return
 
