@@ -142,7 +142,9 @@ def cross_validated_probs(features: np.ndarray, labels: np.ndarray, num_classes:
                           steps: int = 50, weight_decay: float = 1e-4) -> np.ndarray:  # fmt: skip
     """Out-of-fold softmax probabilities (N, num_classes) of a linear probe on frozen features.
 
-    The samples are split into ``folds`` seeded folds; each fold is predicted by a multinomial logistic
+    The samples are split into ``folds`` seeded, stratified folds (every class spread over the folds as
+    evenly as its count allows, as cleanlab's own cross-validation does, so a rare class is never missing
+    from the samples a fold's probe learns from); each fold is predicted by a multinomial logistic
     regression (features standardised with the other folds' statistics, L-BFGS for ``steps``
     iterations, L2 ``weight_decay``) fitted on the other folds only, so no sample's own label
     influences its probabilities (what cleanlab needs). Each row sums to 1.
@@ -156,15 +158,23 @@ def cross_validated_probs(features: np.ndarray, labels: np.ndarray, num_classes:
     if not 2 <= folds <= n:
         raise InputError(f"folds must be in 2..{n} (the number of samples), got {folds}; the default is 5")
     probs = np.zeros((n, num_classes), dtype=np.float64)
-    order = np.random.default_rng(seed).permutation(n)
+    order = np.arange(n)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: one thread is ~100x faster than a contended pool, and deterministic
     try:
-        for held in np.array_split(order, folds):
+        for held in stratified_folds(y_all, folds, seed):
             probs[held] = _fold_probs(f_all, y_all, order, held, num_classes, steps, weight_decay)
     finally:
         torch.set_num_threads(threads)
     return probs
+
+
+def stratified_folds(labels: np.ndarray, folds: int, seed: int = 0) -> list[np.ndarray]:
+    """``folds`` disjoint sets of positions covering ``labels``, each holding every class's floor or ceiling
+    share: the samples are shuffled (seeded), grouped by label and dealt to the folds in turn."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    grouped = order[np.argsort(labels[order], kind="stable")]  # by class, in shuffled order within each
+    return [np.sort(grouped[j::folds]) for j in range(folds)]
 
 
 def _fold_probs(f_all: np.ndarray, y_all: np.ndarray, order: np.ndarray, held: np.ndarray, num_classes: int,

@@ -19,6 +19,7 @@ from idtl_ray.baselines import (
     loss_drop,
     parse_methods,
     random_drop,
+    stratified_folds,
 )
 from idtl_ray.errors import InputError, MaskError
 from idtl_ray.finetune import FinetuneConfig, make_plan, run_compare
@@ -76,6 +77,26 @@ def test_cross_validated_probs_sum_to_one_and_are_out_of_fold() -> None:
     with torch.no_grad():
         assert torch.softmax(probe(f), 1)[np.arange(n), labels].mean() > 0.9
     assert np.array_equal(probs, cross_validated_probs(feats, labels, classes, folds=3, seed=0, steps=20))
+
+
+def test_folds_are_stratified_so_a_rare_class_is_learnt_in_every_fold() -> None:
+    labels = np.array([0] * 50 + [1] * 3 + [2] * 7)
+    folds = stratified_folds(labels, 3, seed=1)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(len(labels)))  # disjoint, all covered
+    for held in folds:
+        counts = np.bincount(labels[held], minlength=3)
+        assert all(c // 3 <= got <= -(-c // 3) for c, got in zip((50, 3, 7), counts)), counts
+    assert all(np.array_equal(a, b) for a, b in zip(folds, stratified_folds(labels, 3, seed=1)))  # seeded
+    assert not all(np.array_equal(a, b) for a, b in zip(folds, stratified_folds(labels, 3, seed=2)))
+    # the outcome: a class of 2 samples, 2 folds. Each sample is predicted by a probe that learnt the class from
+    # the other one; the former unstratified folds of seed 2 held both in one fold, and a probe that never saw the
+    # class gives its own label a probability near 0, which cleanlab reads as a label error
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 98 + [1] * 2)
+    order = np.random.default_rng(2).permutation(100)
+    assert {98, 99} <= set(np.array_split(order, 2)[1].tolist())  # the former folds' bad draw
+    probs = cross_validated_probs(rng.normal(size=(100, 4)) + 4.0 * np.eye(4)[y], y, 2, folds=2, seed=2, steps=50)
+    assert probs[y == 1, 1].min() > 0.2, probs[y == 1, 1]
 
 
 def test_features_and_logits_are_the_heads_input_and_output_in_eval_mode() -> None:
