@@ -182,3 +182,54 @@ def test_a_job_on_a_cluster_refuses_out_off_shared_storage_before_any_work(fake_
     with pytest.raises(InputError, match="--out .* not on shared storage"):
         E.run_table(5, smoke=True, out=tmp_path / "local")
     assert fake_cluster_calls == []
+
+
+def test_requests_of_two_drivers_add_up_nest_and_a_killed_drivers_is_dropped(ray_session, monkeypatch) -> None:
+    """Ray's request is one value per cluster: one command's request or release replaced every other's (a job
+    waiting for its GPUs lost them when another command ended). The registry keeps each driver's."""
+    import subprocess
+    import sys
+    import time
+
+    import ray.autoscaler.sdk
+
+    from idtl_ray import autoscaler_requests
+
+    calls: list[list[dict[str, float]]] = []
+    monkeypatch.setattr(R, "joined_cluster", lambda: True)
+    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda bundles=None, **_: calls.append(bundles))
+    gpu, cpu, theirs = {"CPU": 0.5, "GPU": 1.0}, {"CPU": 2.0}, {"CPU": 1.0, "GPU": 2.0}
+
+    def key(bundles):  # the same bundles in any order
+        return sorted(map(str, bundles))
+
+    outer = R.request([gpu, gpu])  # a job's GPUs ...
+    inner = R.request([cpu])  # ... then its scoring stage's pool: this process asks for the innermost
+    assert calls == [[gpu, gpu], [cpu]]
+    R.release(inner)
+    assert calls[-1] == [gpu, gpu]  # the job's request is back, not withdrawn
+
+    gcs = ray.get_runtime_context().gcs_address
+    code = ("import time, ray\nimport idtl_ray.resources as R\n"
+            f"ray.init(address={gcs!r}, logging_level='ERROR')\n"
+            "R.joined_cluster = lambda: True\n"
+            f"R.request([{theirs!r}])\nprint('ready', flush=True)\ntime.sleep(300)\n")
+    other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "ready"
+        R.release(outer)
+        assert calls[-1] == [theirs]  # this command ended: the other one's request stays
+        mine = R.request([gpu])
+        assert key(calls[-1]) == key([theirs, gpu])  # both at once
+        other.kill()  # a driver killed without releasing
+        other.wait(30)
+        deadline = time.time() + 60
+        while key(calls[-1]) != key([gpu]):  # dropped once its token, an object it owned, is gone
+            assert time.time() < deadline, calls[-1]
+            time.sleep(1)
+            autoscaler_requests._publish()
+        R.release(mine)
+        assert calls[-1] == []
+    finally:
+        other.kill()
+        R.release(None)
