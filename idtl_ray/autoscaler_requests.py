@@ -109,6 +109,8 @@ def _everyones(mine: Bundles) -> Bundles:
     ctx = ray.get_runtime_context()
     if _mine.token is None or _mine.token[0] != ctx.gcs_address:
         _mine.token = (ctx.gcs_address, ray.put(None))
+    # on the head, which never scales down: an actor on a worker node would keep that node from going idle
     registry = ray.remote(RequestRegistry).options(name=REGISTRY_NAME, namespace=NAMESPACE, lifetime="detached",
-                                                   get_if_exists=True, num_cpus=0)  # fmt: skip
+                                                   get_if_exists=True, num_cpus=0,
+                                                   resources={"node:__internal_head__": 0.001})  # fmt: skip
     return ray.get(registry.remote().publish.remote(ctx.get_job_id(), [_mine.token[1]], mine), timeout=30)
