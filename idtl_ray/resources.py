@@ -107,26 +107,23 @@ def bundles_of(count: int, cpus: float, gpus: float) -> list[dict[str, float]]:
     return [{"CPU": float(cpus), "GPU": float(gpus)}] * count
 
 
-def request(bundles: list[dict[str, float]]) -> int:
-    """Ask the autoscaler of a joined cluster for ``bundles`` now, beside every other command's request
-    (:mod:`idtl_ray.autoscaler_requests`). Returns the handle to :func:`release`; 0, a no-op, on the
-    embedded local Ray or with nothing to ask."""
+def request(bundles: list[dict[str, float]]) -> None:
+    """Ask the autoscaler of a joined cluster for ``bundles`` now (a no-op on the embedded local Ray)."""
     if not joined_cluster() or not bundles:
-        return 0
-    from .autoscaler_requests import push
-
-    return push(bundles)
-
-
-def release(handle: int | None = None) -> None:
-    """Withdraw request ``handle`` (None: every request of this process, as on SIGTERM), so that idle
-    nodes can scale down again; the other commands' requests stay."""
-    if handle == 0 or not joined_cluster():
         return
-    from .autoscaler_requests import drop
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{k: float(v) for k, v in b.items() if v} for b in bundles])
+
+
+def release() -> None:
+    """Withdraw this command's request, so that idle nodes can scale down again."""
+    if not joined_cluster():
+        return
+    from ray.autoscaler.sdk import request_resources
 
     try:
-        drop(handle)
+        request_resources(bundles=[])
     except Exception:  # the cluster is gone: nothing to release
         pass
 
@@ -143,23 +140,24 @@ def dataset_location(dataset: str) -> tuple[str, str | os.PathLike[str]]:
 
 
 def claim_cluster(address: str | None, out: str | os.PathLike[str], dataset: str,
-                  bundles: Callable[[], list[dict[str, float]]]) -> int:  # fmt: skip
+                  bundles: Callable[[], list[dict[str, float]]]) -> bool:  # fmt: skip
     """On a cluster (``--address``, ``RAY_ADDRESS``, inside ``ray job submit``): join it, refuse paths
     other nodes cannot see, and ask the autoscaler for ``bundles()`` (called once joined) now, so that
-    nodes boot while the driver plans. Returns the request's handle for :func:`release` (0: nothing asked).
+    nodes boot while the driver plans. Returns whether it did (then call :func:`release` when done).
 
     Off a cluster it does nothing: the embedded local Ray starts later, after the checks that need no
     Ray. ``--data-dir`` is read only on this node (a named dataset is prepared here, into the cache), so
     it need not be shared.
     """
     if not (address or os.environ.get("RAY_ADDRESS")):
-        return 0
+        return False
     from .scoring import ensure_ray
 
     ensure_ray(address)
     wanted = bundles()
     check_shared_storage({"--out": out, **dict([dataset_location(dataset)])}, wanted)
-    return request(wanted)
+    request(wanted)
+    return True
 
 
 def describe(resources: Mapping[str, Any]) -> str:

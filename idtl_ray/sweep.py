@@ -153,7 +153,7 @@ def run_sweep(base: FinetuneConfig, frozen: list[int], out: str | Path, max_conc
         return _tune(base, frozen, root, max_concurrent, trial_failures)
     finally:
         if claimed:
-            release(claimed)
+            release()
 
 
 def _gpu_trials(base: FinetuneConfig, gpus: int, max_concurrent: int) -> tuple[FinetuneConfig, int]:

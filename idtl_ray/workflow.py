@@ -84,24 +84,23 @@ def run_score(cfg: ScoreConfig, *, progress: bool = True, on_progress: Any = Non
     created = not out.exists()
     ensure_writable(out / "mask.parquet")  # fail before any expensive work
     with hold_directory(out):
-        claimed = 0  # the autoscaler request's handle, withdrawn however the run ends
-        try:
-            claimed = _claim_cluster(cfg, out)
+        try:  # the claim inside: a refusal (another run holds out, storage not shared) withdraws it too
+            _claim_cluster(cfg, out)
             return _run_score(cfg, out, progress, on_progress)
         except BaseException:  # cleaned while still held: never a directory another run has just taken
             if created and out.exists() and {p.name for p in out.iterdir()} <= {LOCK_NAME}:
                 shutil.rmtree(out, ignore_errors=True)
             raise
         finally:
-            release(claimed)
+            release()
 
 
-def _claim_cluster(cfg: ScoreConfig, out: Path) -> int:
+def _claim_cluster(cfg: ScoreConfig, out: Path) -> None:
     """On a cluster: join it, check shared storage and ask for the scoring pool now (resources.claim_cluster)."""
     from .resources import claim_cluster
     from .scoring.pipeline import pool_bundles, scoring_pool
 
-    return claim_cluster(cfg.address, out, cfg.dataset, lambda: pool_bundles(scoring_pool(cfg.actors, cfg.gpus, cfg.cpus)))
+    claim_cluster(cfg.address, out, cfg.dataset, lambda: pool_bundles(scoring_pool(cfg.actors, cfg.gpus, cfg.cpus)))
 
 
 def _model_args(cfg: ScoreConfig) -> list[Any]:

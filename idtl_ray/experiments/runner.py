@@ -65,9 +65,8 @@ def _cluster_address() -> str | None:
     return os.environ.get("RAY_ADDRESS") or None
 
 
-def _request_gpus(res: Resources) -> int:
-    """Ask the autoscaler for the job's GPU workers when the cluster has fewer GPUs than declared; the
-    request's handle for :func:`_release_gpus` (0: nothing asked). :func:`_await_gpus` then waits.
+def _request_gpus(res: Resources, timeout_s: float = 900.0) -> None:
+    """Ask the autoscaler for the GPU workers up front and wait for them (full tables on a cluster).
 
     The scoring stage picks GPU actors only when the cluster has GPUs at that moment; with GPU workers
     at min 0 it would otherwise score on CPU. The request stays until :func:`_release_gpus`.
@@ -79,20 +78,11 @@ def _request_gpus(res: Resources) -> int:
     need = res.workers * res.gpus_per_worker
     have = ray.cluster_resources().get("GPU", 0.0)
     if need <= 0 or have >= need:
-        return 0
+        return
     if _cluster_address() is None:  # a local Ray has no autoscaler to bring GPUs
         raise ExperimentError(f"{res.workers} workers x {res.gpus_per_worker:g} GPUs need {need:g} GPUs but this Ray has "
                               f"{have:g}; pass --gpus 0 (or --gpus-per-worker 0) or submit the job to a GPU cluster")  # fmt: skip
-    return request(res.bundles())
-
-
-def _await_gpus(res: Resources, timeout_s: float = 900.0) -> None:
-    """Wait until the cluster has the job's declared GPUs (at once when it has)."""
-    import ray
-
-    need = res.workers * res.gpus_per_worker
-    if need <= 0 or ray.cluster_resources().get("GPU", 0.0) >= need:
-        return
+    request(res.bundles())
     _log(f"asked the autoscaler for {need:g} GPU(s); waiting for them to join the cluster (up to {timeout_s:.0f} s)")
     deadline = time.time() + timeout_s
     while (have := ray.cluster_resources().get("GPU", 0.0)) < need:
@@ -103,11 +93,12 @@ def _await_gpus(res: Resources, timeout_s: float = 900.0) -> None:
     _log(f"{have:g} GPU(s) in the cluster")
 
 
-def _release_gpus(handle: int) -> None:
-    """Withdraw the job's request (``handle`` from :func:`_request_gpus`), so idle GPU workers can go."""
-    from ..resources import release
+def _release_gpus(res: Resources) -> None:
+    """Withdraw the job's request (only a joined cluster has an autoscaler), so idle GPU workers can go."""
+    if res.bundles() and _cluster_address() is not None:
+        from ..resources import release
 
-    release(handle)
+        release()
 
 
 def _log(msg: str) -> None:
@@ -331,10 +322,8 @@ def run_table(n: int, smoke: bool = False, data_dir: str | None = None, out: str
     runs: list[dict[str, Any]] = []
     for s in table.settings:
         _per_worker_batch(s, ctx.res.workers)  # before any work
-    held = 0
     try:
-        held = _request_gpus(ctx.res)
-        _await_gpus(ctx.res)  # a wait cut short (timeout, Ctrl-C, SIGTERM) still withdraws the request
+        _request_gpus(ctx.res)  # inside: a wait cut short (timeout, Ctrl-C, SIGTERM) still withdraws the request
         for seed in seeds:
             weights_src = _pretrain_source(ctx, seed) if table.source is not None else None
             for s in table.settings:
@@ -343,7 +332,7 @@ def run_table(n: int, smoke: bool = False, data_dir: str | None = None, out: str
                     raise ExperimentError(f"{s.key} needs a source model but Table {n} defines none; fix its TableSpec")
                 runs.extend(_run_setting(ctx, s, seed, weights))
     finally:
-        _release_gpus(held)
+        _release_gpus(ctx.res)
     doc = _document(table, list(seeds), runs, time.perf_counter() - t0, ctx.res)
     write_results(doc, root, table)
     return doc

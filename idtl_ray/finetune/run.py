@@ -193,7 +193,7 @@ def run_finetune(cfg: FinetuneConfig, *, callbacks: list[Any] | None = None, run
         return _run(cfg, out, callbacks, run_name, emitter(progress), check=claim, prepared=prepared)
     finally:
         if claimed:
-            release(claimed)
+            release()
 
 
 def _run(cfg: FinetuneConfig, out: Path, callbacks: list[Any] | None, run_name: str | None,
