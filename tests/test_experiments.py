@@ -298,3 +298,28 @@ def test_the_jobs_resource_flags_are_the_resources_fields():
         assert flags[f.name].help == f.metadata["help"], f.name
     res = E.resources_from_args(parser.parse_args(["--smoke", "--score-actors", "2", "--cpus-per-worker", "0.5"]))
     assert (res.score_actors, res.cpus_per_worker, res.workers) == (2, 0.5, 1)
+
+
+def test_a_job_waiting_for_gpus_holds_a_pending_placement_group_until_they_join(ray_session, monkeypatch) -> None:
+    """Ray Data's autoscaling coordinator replaces any autoscaler request when a pipeline starts or ends and every
+    20 s (docs/cluster.md), so the job's wait for its GPUs holds a placement group of its bundles, which nothing
+    replaces: pending while the GPUs are missing, removed once they joined (its reservation would block the job)."""
+    import ray
+    from ray.util import placement_group_table
+
+    from idtl_ray.experiments import runner
+
+    monkeypatch.setattr(runner, "_cluster_address", lambda: "10.0.0.1:6379")  # a cluster with an autoscaler
+    real, seen = ray.cluster_resources, []
+
+    def gpus_join_on_the_fourth_look() -> dict[str, float]:
+        seen.append(sorted(v["state"] for v in placement_group_table().values() if v["name"] == "idtl-ray-await-gpus"))
+        return {**real(), "GPU": 2.0 if len(seen) >= 4 else 0.0}
+
+    monkeypatch.setattr(ray, "cluster_resources", gpus_join_on_the_fourth_look)
+    runner._request_gpus(E.Resources.default(False).declare_gpus(2))
+    assert seen[0] == [] and seen[1:3] == [["PENDING"], ["PENDING"]], seen  # held while the job waited
+    states = [v["state"] for v in placement_group_table().values() if v["name"] == "idtl-ray-await-gpus"]
+    assert states == ["REMOVED"]  # and gone once the GPUs joined
+    bundles = [v["bundles"] for v in placement_group_table().values() if v["name"] == "idtl-ray-await-gpus"][0]
+    assert list(bundles.values()) == [{"CPU": 4.0, "GPU": 1.0}] * 2  # the job's Train worker bundles

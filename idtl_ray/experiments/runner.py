@@ -69,9 +69,11 @@ def _request_gpus(res: Resources, timeout_s: float = 900.0) -> None:
     """Ask the autoscaler for the GPU workers up front and wait for them (full tables on a cluster).
 
     The scoring stage picks GPU actors only when the cluster has GPUs at that moment; with GPU workers
-    at min 0 it would otherwise score on CPU. The request stays until :func:`_release_gpus`.
+    at min 0 it would otherwise score on CPU. The request stays until :func:`_release_gpus` unless Ray Data
+    replaces it (docs/cluster.md); the wait holds a pending placement group, which nothing replaces.
     """
     import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
 
     from ..resources import request
 
@@ -82,14 +84,20 @@ def _request_gpus(res: Resources, timeout_s: float = 900.0) -> None:
     if _cluster_address() is None:  # a local Ray has no autoscaler to bring GPUs
         raise ExperimentError(f"{res.workers} workers x {res.gpus_per_worker:g} GPUs need {need:g} GPUs but this Ray has "
                               f"{have:g}; pass --gpus 0 (or --gpus-per-worker 0) or submit the job to a GPU cluster")  # fmt: skip
-    request(res.bundles())
-    _log(f"asked the autoscaler for {need:g} GPU(s); waiting for them to join the cluster (up to {timeout_s:.0f} s)")
-    deadline = time.time() + timeout_s
-    while (have := ray.cluster_resources().get("GPU", 0.0)) < need:
-        if time.time() > deadline:
-            raise ExperimentError(f"{have:g} of {need:g} GPU(s) joined the cluster within {timeout_s:.0f} s; check the "
-                                  f"gpu_worker type and your EC2 GPU quota, or pass fewer --gpus")  # fmt: skip
-        time.sleep(2)
+    request(res.bundles())  # at once; but Ray Data replaces it within 20 s on a cluster that has run a pipeline
+    # What the autoscaler must satisfy meanwhile: a placement group of the job's bundles, pending until the nodes
+    # join, then removed at once (its reservation would keep the job's own workers off those GPUs)
+    pg = placement_group([{k: v for k, v in b.items() if v} for b in res.bundles()], name="idtl-ray-await-gpus")
+    try:
+        _log(f"asked the autoscaler for {need:g} GPU(s); waiting for them to join the cluster (up to {timeout_s:.0f} s)")
+        deadline = time.time() + timeout_s
+        while (have := ray.cluster_resources().get("GPU", 0.0)) < need:
+            if time.time() > deadline:
+                raise ExperimentError(f"{have:g} of {need:g} GPU(s) joined the cluster within {timeout_s:.0f} s; check "
+                                      f"the gpu_worker type and your EC2 GPU quota, or pass fewer --gpus")  # fmt: skip
+            time.sleep(2)
+    finally:
+        remove_placement_group(pg)
     _log(f"{have:g} GPU(s) in the cluster")
 
 
