@@ -4,7 +4,9 @@ On a cluster that scales from zero, what Ray reports at start is not what the co
 fresh cluster has a head with no CPU and no GPU. So the commands size their work from what the user
 declares (``--gpus N``, ``--cpus N``), ask the autoscaler for it at once
 (:func:`ray.autoscaler.sdk.request_resources`), and let Ray place the work when the nodes arrive. Only
-the embedded local Ray, this machine, is sized from what it has.
+the embedded local Ray, this machine, is sized from what it has. The request is a head start: Ray Data's
+autoscaling coordinator replaces it when a pipeline starts or ends (docs/cluster.md); the work's own
+demand (actors, placement groups) is what keeps the nodes.
 
 On a cluster whose work runs on other nodes, every path a worker reads or writes (``--out``,
 ``--data-dir``, a prepared ``--dataset``, the dataset cache) must be on storage every node sees:
