@@ -622,3 +622,42 @@ def test_bf16_on_a_cpu_trains_through_the_batch_augmentation(ray_session, tmp_pa
     assert all(math.isfinite(v) and v > 0 for v in losses) and losses[1] < losses[0], losses
     assert final["epochs"] == 2 and 0.0 <= final["test_error"] < 90.0  # learnt something (chance: 90%)
     assert final["precision"] == "bf16"
+
+
+def test_progress_rows_of_a_slow_reply_are_read_on_the_next_poll(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A take() whose reply times out has emptied the board anyway: the relay reads that same reply next time
+    instead of asking again, which lost the epochs it held (a review of the twelfth session)."""
+    import threading
+    import time
+
+    import ray
+    from ray.exceptions import GetTimeoutError
+
+    from idtl_ray.finetune.progress import Relay
+
+    asked: list[str] = []
+
+    class Board:
+        class take:  # noqa: N801 - the actor method's shape: board.take.remote()
+            @staticmethod
+            def remote() -> str:
+                asked.append(f"take-{len(asked)}")
+                return asked[-1]
+
+    replies = iter([GetTimeoutError("slow"), [{"epoch": 0, "train_loss": 0.5}]])
+
+    def get(ref: str, timeout: float) -> list:
+        reply = next(replies)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    monkeypatch.setattr(ray, "get", get)
+    lines: list[str] = []
+    relay = Relay.__new__(Relay)  # without Ray: only the polling logic
+    relay.emit, relay.epochs, relay.board, relay.t0 = lines.append, 2, Board, time.monotonic()
+    relay._stop, relay._pending = threading.Event(), None
+    with pytest.raises(GetTimeoutError):
+        relay._drain()
+    relay._drain()
+    assert asked == ["take-0"] and len(lines) == 1 and lines[0].startswith("epoch 1/2: train loss 0.5000")

@@ -81,6 +81,7 @@ class Relay:
         self.callback = _epoch_callback(self.board)
         self.t0 = time.monotonic()
         self._stop = threading.Event()
+        self._pending: Any = None  # a take() not read yet
         self._thread = threading.Thread(target=self._loop, name="idtl-train-progress", daemon=True)
 
     def __enter__(self) -> Relay:
@@ -90,7 +91,12 @@ class Relay:
     def _drain(self) -> None:
         import ray
 
-        for row in ray.get(self.board.take.remote(), timeout=10):
+        # a take() whose reply timed out has still emptied the board: its rows are read on the next poll
+        if self._pending is None:
+            self._pending = self.board.take.remote()
+        rows = ray.get(self._pending, timeout=10)
+        self._pending = None
+        for row in rows:
             # a finished run started again re-reports its last epoch (start_epoch is past it): not news
             if int(row["epoch"]) >= int(row.get("start_epoch", 0)):
                 self.emit(epoch_line(row, self.epochs, time.monotonic() - self.t0))
@@ -101,7 +107,7 @@ class Relay:
         while not self._stop.wait(self.poll_s):
             try:
                 self._drain()
-            except GetTimeoutError:  # a slow reply (a loaded node, a worker restarting): the rows wait on the board
+            except GetTimeoutError:  # a slow reply (a loaded node, a worker restarting): read on the next poll
                 continue
             except Exception:  # progress must never break training (e.g. Ray shutting down)
                 return
