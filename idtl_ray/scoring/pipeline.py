@@ -35,6 +35,7 @@ from ..storage import json_digest
 from .common import ArraySet, PipelineResult, Preprocess, _get, device_batch_size, setup_worker, unwrap_ray_error
 from .parts import RunParts
 from .prescore import Prescored, PrescoreWaiter, log, start_prescore
+from .session import drop_embedded_ray, joined_cluster
 
 PROGRESS_EVERY_S = 2.0
 
@@ -226,11 +227,9 @@ def _wind_down(parts: RunParts, pool: Pool, limit_s: float = 30.0) -> None:
 
     import ray
 
-    from .session import joined_cluster
-
     parts.settle()
     gc.collect()  # the interrupted pipeline's objects hold the actor handles
-    if joined_cluster():  # other work may hold the cluster's resources: nothing to wait for
+    if drop_embedded_ray() or joined_cluster():  # a cluster: other work may hold its resources, nothing to wait for
         return
     key, need = ("GPU", float(pool.actors)) if pool.gpu else ("CPU", pool.actors * pool.cpus)
     deadline = time.monotonic() + limit_s
@@ -349,6 +348,7 @@ def _run(model: nn.Module, train: ArraySet | RaySamples, val: ArraySet | RaySamp
                 pre = waiter.get()
             except KeyboardInterrupt:
                 waiter.cancel()
+                drop_embedded_ray()  # the cancelled task's worker may be left unusable (session.py)
                 raise
             timings.update(pre.timings)
             waiter = None

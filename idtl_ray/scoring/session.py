@@ -34,9 +34,36 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         kwargs.update(local_ray_options(num_cpus))
     ray.init(**kwargs)
     _JOINED = kwargs.get("address") != "local"
+    global _EMBEDDED_GCS
+    _EMBEDDED_GCS = None if _JOINED else ray.get_runtime_context().gcs_address
 
 
 _JOINED = False
+_EMBEDDED_GCS: str | None = None  # the embedded local Ray this process started, while it runs
+
+
+def runs_embedded_ray() -> bool:
+    """Whether the Ray this process is connected to is the embedded local Ray :func:`ensure_ray` started
+    (not a cluster, and not a Ray the caller started with its own ``ray.init``)."""
+    import ray
+
+    return ray.is_initialized() and _EMBEDDED_GCS == ray.get_runtime_context().gcs_address
+
+
+def drop_embedded_ray() -> bool:
+    """After an interruption, shut down the embedded local Ray this process started (True if it did).
+
+    Ray cancels an interrupted run's tasks with a KeyboardInterrupt raised in their workers; one that lands
+    inside ``logging``'s module lock leaves it held in a worker Ray keeps, and a resume in this process
+    that reuses that worker hangs (seen in CI: the pre-scoring task's read threads blocked on the lock).
+    The next run then starts a fresh embedded Ray. A Ray the caller started is theirs to manage.
+    """
+    import ray
+
+    if not runs_embedded_ray():
+        return False
+    ray.shutdown()
+    return True
 
 
 def local_ray_options(num_cpus: int | None = None) -> dict[str, Any]:
