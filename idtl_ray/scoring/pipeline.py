@@ -401,5 +401,8 @@ def _score_todo(model_ref: Any, train: ArraySet | RaySamples, todo: np.ndarray, 
         bar.close()  # no more progress lines (nor test hooks) while the pipeline winds down
         _wind_down(parts, pool)
         raise KeyboardInterrupt
+    except BaseException:
+        drop_embedded_ray()  # a failed run's tasks are cancelled too: the next run gets fresh workers (session.py)
+        raise
     finally:
         bar.close()
