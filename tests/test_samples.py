@@ -135,3 +135,36 @@ def test_run_score_never_loads_the_images_into_the_driver(ray_session, tmp_path,
                                 influence=InfluenceConfig(batch_size=256)), progress=False)
     assert out["n_train"] == len(make_split(data, 0.1, 0).train_ids) and out["n_dropped"] == int(0.1 * out["n_train"])
     assert out["head"]["new_head"] is True
+
+
+def test_a_read_is_run_again_when_a_node_left_the_cluster_and_only_then(capsys) -> None:
+    """An autoscaler scaled a worker node down while the job read its dataset (CI's fake cluster: Ray Data's
+    FooterReader actor died with its node, re-raised as an unserialisable exception): read again."""
+    from ray.exceptions import ActorDiedError
+
+    from idtl_ray.data.samples import lost_a_node, materialize_surviving_node_loss
+
+    class Dataset:
+        def __init__(self, errors: list[BaseException]):
+            self.errors, self.calls = errors, 0
+
+        def materialize(self) -> str:
+            self.calls += 1
+            if self.errors:
+                raise self.errors.pop(0)
+            return "blocks"
+
+    wrapped = RuntimeError("Failed to deserialize exception.\nray.exceptions.ActorDiedError: The actor died because "
+                           "its node has died.")
+    ds = Dataset([wrapped, ActorDiedError()])
+    assert materialize_surviving_node_loss(ds) == "blocks" and ds.calls == 3
+    assert capsys.readouterr().err.count("a node left the cluster while reading") == 2
+    with pytest.raises(RuntimeError, match="deserialize"):  # three in a row: the last one is the user's
+        materialize_surviving_node_loss(Dataset([wrapped] * 3))
+    other = Dataset([ValueError("bad parquet")])
+    with pytest.raises(ValueError, match="bad parquet"):
+        materialize_surviving_node_loss(other)  # anything else at once
+    assert other.calls == 1
+    outer = RuntimeError("the read failed")
+    outer.__cause__ = ActorDiedError()
+    assert lost_a_node(outer) and not lost_a_node(ValueError("x"))  # found through the chain of causes

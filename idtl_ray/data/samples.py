@@ -182,7 +182,40 @@ def read_samples(target: PreparedTarget, part: str, rows: int = 1024, *, materia
                         fn_kwargs={"shape": target.image_shape, "encoding": m.image_encoding})
     # blocks of `rows`: Ray Data would merge the decoded batches into few large blocks, one per actor at most
     ds = ds.repartition(target_num_rows_per_block=max(1, rows))
-    return ds.materialize() if materialize else ds
+    return materialize_surviving_node_loss(ds) if materialize else ds
+
+
+# What Ray raises when a node (and the actors or objects on it) went away during a run. An autoscaler that
+# scales a node down, or a spot instance taken back, mid-read: Ray Data does not retry its file-listing actors.
+_NODE_LOSS = ("ActorDiedError", "NodeDiedError", "WorkerCrashedError", "ObjectLostError", "OwnerDiedError")
+
+
+def lost_a_node(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it wraps, or its text: Ray re-raises some as unserialisable) says a
+    node, or a worker on it, died."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__name__ in _NODE_LOSS or any(name in str(e) for name in _NODE_LOSS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def materialize_surviving_node_loss(ds: Any, attempts: int = 3) -> Any:
+    """``ds.materialize()``, run again (up to ``attempts`` in all) when a node died during the read."""
+    import sys
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return ds.materialize()
+        except Exception as e:
+            if attempt == attempts or not lost_a_node(e):
+                raise
+            print(f"  a node left the cluster while reading the dataset ({type(e).__name__}); reading it again "
+                  f"(attempt {attempt + 1} of {attempts})", file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
 
 
 def quiet_ray_data() -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data.samples import READ_CPUS, PreparedTarget, read_samples
+from ..data.samples import READ_CPUS, PreparedTarget, materialize_surviving_node_loss, read_samples
 from ..errors import DataError
 
 # Rows per decoded block: at most this many (a 224 px RGB block stays near 150 MB) ...
@@ -74,7 +74,7 @@ def read_rows(target: PreparedTarget, rows: Rows, block_rows: int = MAX_BLOCK_RO
     if shuffle_seed is not None:
         ds = ds.random_shuffle(seed=shuffle_seed)
     ds.context.execution_options.preserve_order = True  # blocks in shard order: a seed reproduces the epochs
-    ds = ds.materialize()
+    ds = materialize_surviving_node_loss(ds)
     if ds.count() != int(wanted.sum()):  # metadata only: the blocks stay in the object store
         raise DataError(f"{target.location}: {ds.count()} of the {int(wanted.sum())} wanted {rows.part} samples were "
                         f"read; prepare the dataset again (idtl-ray prepare)")  # fmt: skip
