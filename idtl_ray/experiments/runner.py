@@ -84,10 +84,11 @@ def _request_gpus(res: Resources, timeout_s: float = 900.0) -> None:
     if _cluster_address() is None:  # a local Ray has no autoscaler to bring GPUs
         raise ExperimentError(f"{res.workers} workers x {res.gpus_per_worker:g} GPUs need {need:g} GPUs but this Ray has "
                               f"{have:g}; pass --gpus 0 (or --gpus-per-worker 0) or submit the job to a GPU cluster")  # fmt: skip
-    request(res.bundles())  # at once; but Ray Data replaces it within 20 s on a cluster that has run a pipeline
+    bundles = res.bundles()
+    request(bundles)  # at once; but Ray Data replaces it within 20 s on a cluster that has run a pipeline
     # What the autoscaler must satisfy meanwhile: a placement group of the job's bundles, pending until the nodes
     # join, then removed at once (its reservation would keep the job's own workers off those GPUs)
-    pg = placement_group([{k: v for k, v in b.items() if v} for b in res.bundles()], name="idtl-ray-await-gpus")
+    pg = placement_group([{k: v for k, v in b.items() if v} for b in bundles], name="idtl-ray-await-gpus")
     try:
         _log(f"asked the autoscaler for {need:g} GPU(s); waiting for them to join the cluster (up to {timeout_s:.0f} s)")
         deadline = time.time() + timeout_s

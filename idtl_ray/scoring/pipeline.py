@@ -35,7 +35,7 @@ from ..storage import json_digest
 from .common import ArraySet, PipelineResult, Preprocess, _get, device_batch_size, setup_worker, unwrap_ray_error
 from .parts import RunParts
 from .prescore import Prescored, PrescoreWaiter, log, start_prescore
-from .session import drop_embedded_ray, joined_cluster
+from .session import drop_embedded_ray, joined_cluster, runs_embedded_ray
 
 PROGRESS_EVERY_S = 2.0
 
@@ -229,7 +229,8 @@ def _wind_down(parts: RunParts, pool: Pool, limit_s: float = 30.0) -> None:
 
     parts.settle()
     gc.collect()  # the interrupted pipeline's objects hold the actor handles
-    if drop_embedded_ray() or joined_cluster():  # a cluster: other work may hold its resources, nothing to wait for
+    # the embedded Ray is shut down by the caller (_score_todo); on a cluster other work may hold the resources
+    if runs_embedded_ray() or joined_cluster():
         return
     key, need = ("GPU", float(pool.actors)) if pool.gpu else ("CPU", pool.actors * pool.cpus)
     deadline = time.monotonic() + limit_s

@@ -19,7 +19,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     if ray.is_initialized():
         return
-    global _JOINED
+    global _JOINED, _EMBEDDED_GCS
     from ..cli_common import check_ray_address
 
     check_ray_address(address)  # an unreachable host:port fails in seconds, not after minutes of retries
@@ -34,7 +34,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         kwargs.update(local_ray_options(num_cpus))
     ray.init(**kwargs)
     _JOINED = kwargs.get("address") != "local"
-    global _EMBEDDED_GCS
     _EMBEDDED_GCS = None if _JOINED else ray.get_runtime_context().gcs_address
 
 
