@@ -63,8 +63,10 @@ def shared_roots() -> list[Path]:
 def is_shared(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a URI other than ``file://`` or lies under a declared shared mount."""
     text = str(path)
-    if "://" in text:
-        return not text.startswith("file://")
+    if text.startswith("file://"):  # a local path written as a URI: shared when under a declared mount
+        text = text[len("file://"):]
+    elif "://" in text:
+        return True
     p = Path(text).expanduser().resolve()
     return any(p == root or root in p.parents for root in shared_roots())
 
@@ -84,7 +86,7 @@ def check_shared_storage(paths: Mapping[str, str | os.PathLike[str] | None],
             continue
         where = (f"under {SHARED_ENV} ({os.pathsep.join(map(str, roots))})" if roots
                  else f"declared shared with {SHARED_ENV}=/mnt/cluster_storage (cluster.yaml sets it)")
-        uri = "" if option == "--out" else "s3://... or "  # outputs are written as files: a mount only
+        uri = "s3://... or " if option == "--dataset" else ""  # outputs, the cache and --data-dir are local paths
         raise InputError(f"{option} {path} is not on shared storage, and this cluster runs the work on other nodes: "
                          f"use {uri}a path on a mount every node has, {where}")
 

@@ -216,6 +216,7 @@ def _tune(base: FinetuneConfig, frozen: list[int], root: Path, max_concurrent: i
     import ray.tune
 
     from .data.cache import ensure_prepared
+    from .data.samples import open_target
 
     name = experiment_name(base, frozen)  # of the dataset as given: a rerun finds its experiment
     # prepared here, once, into the shared cache: a trial on a GPU node preparing it itself would hash that
@@ -224,6 +225,9 @@ def _tune(base: FinetuneConfig, frozen: list[int], root: Path, max_concurrent: i
                             say=lambda m: print(f"sweep: {m}", file=sys.stderr, flush=True))
     if "://" not in where:  # absolute: each trial runs in its own directory (a relative IDTL_CACHE_DIR)
         where = str(Path(where).expanduser().resolve())
+    # checked here once: the shards' hashes are stamped in the cache, so concurrent trials do not each stream
+    # and hash the whole dataset (from object storage, on every trial), and a damaged copy fails before Tune
+    open_target(where)
     # the dataset stays as given in each trial's config (its identity, checked on every rerun): only where
     # it is read from is passed apart, so a re-keyed cache copy does not make a resumed trial "another run"
     base_dict = replace(base, freeze=None, out=None).to_dict()

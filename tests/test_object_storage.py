@@ -158,3 +158,41 @@ def test_an_unreachable_endpoint_is_one_line(prepared: dict[str, str], monkeypat
     with pytest.raises(DataError, match="--out s3://idtl/other: cannot reach it") as e:
         P.prepare_dataset("digits", "s3://idtl/other", download=False)
     assert "\n" not in str(e.value)
+
+
+def test_storage_settings_that_must_be_local_refuse_a_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache and the raw files are written and read as local files: a URI would have become the local
+    folder ``s3:/b/c`` (Path collapses the double slash), silently."""
+    from idtl_ray.data.cache import cache_root
+
+    monkeypatch.setenv("IDTL_CACHE_DIR", "s3://idtl/cache")
+    with pytest.raises(DataError, match="IDTL_CACHE_DIR=s3://idtl/cache: the cache is written as files"):
+        cache_root()
+    monkeypatch.delenv("IDTL_CACHE_DIR")
+    with pytest.raises(DataError, match="--data-dir s3://idtl/raw: the raw dataset files are read as local files"):
+        load_dataset("cifar10", "s3://idtl/raw", download=False)
+    monkeypatch.setenv("IDTL_DATA_DIR", "s3://idtl/raw")
+    with pytest.raises(DataError, match="IDTL_DATA_DIR s3://idtl/raw"):
+        load_dataset("cifar10", download=False)
+
+
+def test_unreadable_shards_are_one_line_naming_the_uri(prepared: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:  # fmt: skip
+    """Access denied or throttling after the manifest was read: one line naming the location as given."""
+    from idtl_ray.data import samples, verify
+
+    monkeypatch.setenv("IDTL_CACHE_DIR", str(tmp_path))  # no stamps: every shard is hashed
+
+    def denied(*args, **kwargs):
+        raise OSError("AWS Error ACCESS_DENIED during GetObject operation: Access Denied")
+
+    monkeypatch.setattr(verify, "sha256_of", denied)
+    with pytest.raises(DataError, match=r"cannot read the shards of s3://idtl/digits: .*ACCESS_DENIED") as e:
+        samples.open_target(prepared["s3"])
+    assert "\n" not in str(e.value)
+    monkeypatch.undo()
+    monkeypatch.setenv("IDTL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(samples.pq, "read_table", denied)
+    with pytest.raises(DataError, match=r"s3://idtl/digits: cannot read the labels of shard train-00000.parquet") as e:
+        samples.open_target(prepared["s3"])
+    assert "\n" not in str(e.value)

@@ -53,6 +53,14 @@ def test_paths_off_shared_storage_are_refused_in_one_line_on_a_multi_node_cluste
     assert "--out" in msg and "not on shared storage" in msg and str(shared) in msg and "\n" not in msg
     with pytest.raises(InputError, match="file:///x"):
         R.check_shared_storage({"--dataset": "file:///x"})
+    R.check_shared_storage({"--dataset": f"file://{shared}/cifar"})  # a local path written as a URI, on the mount
+    # only --dataset may be a URI: the hint is not given where a URI would be refused next (outputs, the cache)
+    for option in ("--out", "IDTL_CACHE_DIR (the cache --dataset NAME is prepared into)", "--data-dir"):
+        with pytest.raises(InputError) as e:
+            R.check_shared_storage({option: tmp_path / "local"})
+        assert "s3://" not in str(e.value)
+    with pytest.raises(InputError, match="use s3://... or a path"):
+        R.check_shared_storage({"--dataset": tmp_path / "local"})
     monkeypatch.delenv(R.SHARED_ENV)
     with pytest.raises(InputError, match="IDTL_SHARED_STORAGE=/mnt/cluster_storage"):
         R.check_shared_storage({"--out": shared})

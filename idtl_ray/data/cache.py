@@ -29,6 +29,10 @@ from .readers import is_prepared_location, read_manifest
 def cache_root() -> Path:
     """``$IDTL_CACHE_DIR`` if set, else ``~/.cache/idtl-ray``."""
     env = os.environ.get("IDTL_CACHE_DIR")
+    if env and "://" in env:  # Path("s3://b/c") would silently become the local folder s3:/b/c
+        raise DataError(f"IDTL_CACHE_DIR={env}: the cache is written as files, so it must be a local path or a shared "
+                        "mount; to read a dataset from object storage, prepare it there (idtl-ray prepare --out s3://...) "
+                        "and pass that URI as --dataset")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "idtl-ray"
 
 
@@ -59,12 +63,12 @@ def _files_stamp(root: Path, limit: int = 200_000) -> list[list[object]]:
 
 def _source_stamp(name: str, data_dir: str | Path | None) -> dict[str, object]:
     """What identifies the source files of ``name`` (see the module docstring)."""
-    from .registry import DATASETS, default_data_dir, source_paths
+    from .registry import DATASETS, data_root, source_paths
 
     if name.startswith(("npz:", "folder:")):
         path = Path(name.split(":", 1)[1]).expanduser().resolve()
         return {"path": str(path), "files": _files_stamp(path) if path.exists() else []}
-    root = Path(data_dir).expanduser().resolve() if data_dir is not None else default_data_dir().resolve()
+    root = data_root(data_dir).resolve()
     if name in ("digits", "mnist-5k"):  # bundled with an installed package: its version identifies them
         from importlib.metadata import version
 

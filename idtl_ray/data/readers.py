@@ -204,7 +204,11 @@ def _check_split(m: Manifest, tables: dict[str, list[pa.Table]], data: TargetDat
 def _check_files(fs: pafs.FileSystem, base: str, shards: list[Shard], location: str, m: Manifest,
                  verify: bool) -> None:  # fmt: skip
     """Every shard exists with its recorded size (and, with ``verify``, its sha256: :mod:`.verify`)."""
-    infos = fs.get_file_info([f"{base}/{s.file}" for s in shards])
+    try:
+        infos = fs.get_file_info([f"{base}/{s.file}" for s in shards])
+    except OSError as e:  # S3 access denied or throttled, a mount gone stale: one line, not pyarrow's traceback
+        raise DataError(f"{location}: cannot list the shards ({_first_line(e)}); check that the location is "
+                        "mounted and readable (for s3://, the credentials)") from e  # fmt: skip
     for s, info in zip(shards, infos):
         if info.type == pafs.FileType.NotFound:
             raise DataError(f"{location}: shard {s.file} is missing; {_fix(location, m.source)}")
@@ -214,7 +218,7 @@ def _check_files(fs: pafs.FileSystem, base: str, shards: list[Shard], location: 
     if verify:
         from .verify import check_sha256
 
-        check_sha256(fs, base, m, shards, infos, lambda s: DataError(
+        check_sha256(fs, base, m, shards, infos, location, lambda s: DataError(
             f"{location}: shard {s.file} is damaged (sha256 differs from {MANIFEST}); {_fix(location, m.source)}"))
 
 

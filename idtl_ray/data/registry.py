@@ -31,8 +31,23 @@ FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 def default_data_dir() -> Path:
     """``$IDTL_DATA_DIR`` if set, else ``~/.cache/idtl-ray/data``."""
-    env = os.environ.get("IDTL_DATA_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "idtl-ray" / "data"
+    return data_root(None)
+
+
+def data_root(data_dir: str | os.PathLike[str] | None) -> Path:
+    """Where the registry's raw files live: ``data_dir``, else ``$IDTL_DATA_DIR``, else ``~/.cache/idtl-ray/data``.
+
+    A URI is refused in one line: the raw files are read as local files (``Path("s3://b/d")`` would be the
+    local folder ``s3:/b/d``); datasets on object storage are prepared there and given as ``--dataset``.
+    """
+    given, what = (data_dir, "--data-dir") if data_dir is not None else (os.environ.get("IDTL_DATA_DIR"), "IDTL_DATA_DIR")
+    if given is None or not str(given):
+        return Path.home() / ".cache" / "idtl-ray" / "data"
+    if "://" in str(given):
+        raise DataError(f"{what} {given}: the raw dataset files are read as local files, so it must be a local path or "
+                        "a shared mount; for object storage, prepare the dataset there (idtl-ray prepare --out s3://...) "
+                        "and pass that URI as --dataset")
+    return Path(given).expanduser()
 
 
 
@@ -370,7 +385,7 @@ def load_dataset(
         return load_prepared(name, image_size=image_size)
     if info is None:
         raise unknown_dataset(name)
-    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    root = data_root(data_dir)
     data = info.loader(root, download, image_size)
     if image_size is not None and data.image_shape[0] != image_size:
         data = resize_dataset(data, image_size)

@@ -126,7 +126,11 @@ def _labels(location: str, m: Manifest, splits: list[str], what: str) -> Labels:
     y = np.full(n, -1, dtype=np.int64)
     seen = np.zeros(n, dtype=bool)
     for s in shards:
-        t = pq.read_table(f"{base}/{s.file}", columns=["sample_id", "label"], filesystem=fs)
+        try:
+            t = pq.read_table(f"{base}/{s.file}", columns=["sample_id", "label"], filesystem=fs)
+        except OSError as e:  # S3 access denied or throttled mid-way: one line
+            raise DataError(f"{location}: cannot read the labels of shard {s.file} ({str(e).splitlines()[0]}); check "
+                            "that the location is readable (for s3://, the credentials)") from e  # fmt: skip
         ids = t.column("sample_id").to_numpy()
         if ids.size and (ids.min() < 0 or ids.max() >= n or seen[ids].any()):
             raise DataError(f"{location}: the {what} sample ids are not 0..{n - 1} once each; {_fix(location, m.source)}")

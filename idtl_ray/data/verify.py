@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,15 +35,19 @@ def sha256_of(fs: pafs.FileSystem, path: str) -> str:
 def _stamp_file(fs: pafs.FileSystem, base: str, m: Manifest) -> Path:
     from .cache import cache_root
 
-    return cache_root() / "verified" / f"{json_digest([fs.type_name, base, m.content_sha256], length=20)}.json"
+    key: list[object] = [fs.type_name, base, m.content_sha256]
+    if fs.type_name == "s3":  # the same bucket/prefix on another S3-compatible store is another copy
+        key.append(os.environ.get("AWS_ENDPOINT_URL"))
+    return cache_root() / "verified" / f"{json_digest(key, length=20)}.json"
 
 
 def check_sha256(fs: pafs.FileSystem, base: str, m: Manifest, shards: Sequence[Shard], infos: Sequence[pafs.FileInfo],
-                 damaged: Callable[[Shard], DataError]) -> None:  # fmt: skip
+                 location: str, damaged: Callable[[Shard], DataError]) -> None:  # fmt: skip
     """Raise ``damaged(shard)`` for the first shard whose bytes do not hash to the manifest's sha256.
 
-    ``infos``: the shards' :class:`pyarrow.fs.FileInfo`, in the order of ``shards``. Shards stamped with
-    their current size and modification time are not hashed again.
+    ``infos``: the shards' :class:`pyarrow.fs.FileInfo`, in the order of ``shards``; ``location``: the
+    directory or URI as the user gave it, for messages. Shards stamped with their current size and
+    modification time are not hashed again.
     """
     path = _stamp_file(fs, base, m)
     try:
@@ -57,7 +62,7 @@ def check_sha256(fs: pafs.FileSystem, base: str, m: Manifest, shards: Sequence[S
         with ThreadPoolExecutor(max_workers=min(4, len(todo))) as pool:  # hashlib and the reads release the GIL
             sums = list(pool.map(lambda t: sha256_of(fs, t[1].path), todo))
     except OSError as e:  # S3 access denied, a mount gone stale: one line, not pyarrow's traceback
-        raise DataError(f"cannot read the shards of {base}: {e}; check that the location is mounted and "
+        raise DataError(f"cannot read the shards of {location}: {e}; check that the location is mounted and "
                         "readable (for s3://, the credentials)") from e
     for (s, _), sha in zip(todo, sums):
         if sha != s.sha256:
