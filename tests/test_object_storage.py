@@ -8,7 +8,6 @@ inherit them from ``ray start``).
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
