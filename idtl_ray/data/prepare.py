@@ -169,7 +169,7 @@ def open_location(location: str) -> tuple[pafs.FileSystem, str]:
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
+    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__  # AWS errors name the cause late
 
 
 def write_atomic(fs: pafs.FileSystem, base: str, name: str, data: bytes | pa.Buffer) -> None:
