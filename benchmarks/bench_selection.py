@@ -56,6 +56,7 @@ from idtl_ray.selection import keep_least_harmful, keep_mask  # noqa: E402
 from idtl_ray.workflow import fit_head  # noqa: E402
 
 FRACTIONS = (0.1, 0.2)
+SAME_SIZE = ("loss", "cleanlab", "random0")  # baselines compared with the default at the budget it chose
 DEFAULT_CANDIDATES = (0.0, 0.05, 0.1, 0.2, 0.3)
 
 
@@ -133,6 +134,9 @@ def run_seed(target: str, seed: int, work: Path, recipe: TrainRecipe, candidates
     choice = choose_budget(model, t.x_train, t.y_train, harm["self"], t.x_val, t.y_val, t.mean, t.std,
                            candidates=candidates, recipe=recipe, seed=seed)
     keeps["default (auto)"] = keep_least_harmful(harm["self"], choice.k)
+    if choice.k not in (0, k20):  # the baselines at the size the default chose (at 0 or 20% they are run above)
+        for name in SAME_SIZE:
+            keeps[f"{name}@auto"] = keep_least_harmful(harm[name], choice.k)
     row["auto"] = choice.as_dict()
     row["pr"]["default (auto)"] = precision_recall(keeps["default (auto)"], fl)
     for name, keep in keeps.items():
@@ -170,6 +174,32 @@ def _key(row: dict[str, Any]) -> tuple[str, int, tuple[float, ...]]:
     return row["target"], int(row.get("epochs", 15)), tuple(row.get("candidates", DEFAULT_CANDIDATES))
 
 
+def _at_chosen_size(row: dict[str, Any], name: str) -> float | None:
+    """Test error of baseline ``name`` at the budget the default chose in ``row`` (None: not recorded)."""
+    k, errs = row["auto"]["k"], row["test_error"]
+    if k == 0:
+        return errs["all"]
+    if k == int(0.2 * row["n_train"]):
+        return errs.get(f"{name}@0.2")
+    return errs.get(f"{name}@auto")
+
+
+def _same_size_table(rs: list[dict[str, Any]]) -> list[str]:
+    """Per seed: the default's test error against each baseline dropping as many samples as it did."""
+    if not any(all(_at_chosen_size(r, n) is not None for n in SAME_SIZE) for r in rs):
+        return []  # rows recorded before the same-size arms were added
+    out = ["", "The default against the baselines at the budget it chose (test error %, per seed):", "",
+           "| seed | dropped | default (auto) | " + " | ".join(SAME_SIZE) + " |", "|---|---|---|" + "---|" * len(SAME_SIZE)]
+    for r in rs:
+        cells = [_at_chosen_size(r, n) for n in SAME_SIZE]
+        out.append(f"| {r['seed']} | {r['auto']['k']} | {r['test_error']['default (auto)']:.2f} | "
+                   + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
+    complete = [r for r in rs if all(_at_chosen_size(r, n) is not None for n in SAME_SIZE)]
+    means = [_ms([_at_chosen_size(r, n) for r in complete], True) for n in SAME_SIZE]
+    out.append(f"| mean (seeds with every arm) | | {_ms([r['test_error']['default (auto)'] for r in complete], True)} | " + " | ".join(means) + " |")
+    return out
+
+
 def render(rows: list[dict[str, Any]]) -> str:
     out = ["# Selection benchmark (benchmarks/bench_selection.py)", ""]
     for key in dict.fromkeys(_key(r) for r in rows):
@@ -191,7 +221,9 @@ def render(rows: list[dict[str, Any]]) -> str:
         out += ["", "Test error (%) after fine-tuning on each kept set (mean ± std over seeds):", "",
                 "| kept set | test error (%) |", "|---|---|"]
         for name in rs[0]["test_error"]:
-            out.append(f"| {name} | {_ms([r['test_error'][name] for r in rs], True)} |")
+            if not name.endswith("@auto"):
+                out.append(f"| {name} | {_ms([r['test_error'][name] for r in rs], True)} |")
+        out += _same_size_table(rs)
         out += ["", "Clean control (true labels): all data against the default rule:", "",
                 f"| all data | {_ms([r['clean']['all'] for r in rs], True)} |",
                 f"| default (auto), dropped {[r['clean']['auto']['k'] for r in rs]} | "
