@@ -21,6 +21,7 @@ import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from .errors import InputError
 
@@ -63,8 +64,11 @@ def shared_roots() -> list[Path]:
 def is_shared(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a URI other than ``file://`` or lies under a declared shared mount."""
     text = str(path)
-    if text.startswith("file://"):  # a local path written as a URI: shared when under a declared mount
-        text = text[len("file://"):]
+    if text.lower().startswith("file://"):  # a local path written as a URI: shared when under a declared mount
+        parts = urlsplit(text)
+        if parts.netloc not in ("", "localhost"):
+            return False
+        text = unquote(parts.path)
     elif "://" in text:
         return True
     p = Path(text).expanduser().resolve()

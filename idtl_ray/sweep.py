@@ -225,8 +225,9 @@ def _tune(base: FinetuneConfig, frozen: list[int], root: Path, max_concurrent: i
                             say=lambda m: print(f"sweep: {m}", file=sys.stderr, flush=True))
     if "://" not in where:  # absolute: each trial runs in its own directory (a relative IDTL_CACHE_DIR)
         where = str(Path(where).expanduser().resolve())
-    # checked here once: the shards' hashes are stamped in the cache, so concurrent trials do not each stream
-    # and hash the whole dataset (from object storage, on every trial), and a damaged copy fails before Tune
+    # checked here once, so a damaged copy fails before Tune, and the shards' hashes are stamped in this
+    # node's IDTL_CACHE_DIR: trials that share it (this node, or a shared cache) do not each stream and hash
+    # the whole dataset again; a trial on a node with a cache of its own still hashes it once
     open_target(where)
     # the dataset stays as given in each trial's config (its identity, checked on every rerun): only where
     # it is read from is passed apart, so a re-keyed cache copy does not make a resumed trial "another run"

@@ -9,6 +9,7 @@ inherit them from ``ray start``).
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,8 +34,9 @@ BUCKET = "idtl"
 # Starts moto's S3 server on a free port and prints the port: a subprocess, so that the server answers
 # while this process computes (a thread here would wait for the GIL).
 _SERVER = """
-import sys, time
+import logging, sys
 from moto.server import ThreadedMotoServer
+logging.getLogger("werkzeug").setLevel(logging.ERROR)  # not a line per request; errors still reach stderr
 server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
 server.start()
 print(server.get_host_and_port()[1], flush=True)
@@ -45,16 +47,18 @@ server.stop()
 
 def _s3_env(port: int) -> dict[str, str]:
     return {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+            "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}  # fmt: skip (a CI proxy must not take local requests)
 
 
 @pytest.fixture(scope="module")
 def bucket() -> Iterator[str]:
     """``s3://idtl`` on a local S3 server, with the environment pointing at it for this module (Ray included)."""
-    server = subprocess.Popen([sys.executable, "-c", _SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)  # fmt: skip (its stderr: a line per request)
+    server = subprocess.Popen([sys.executable, "-c", _SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        port = int(server.stdout.readline())
+        line = server.stdout.readline()
+        assert line.strip().isdigit(), f"the S3 server did not start (exit {server.poll()}); its stderr is above"
+        port = int(line)
         with pytest.MonkeyPatch.context() as mp:
             for key, value in _s3_env(port).items():
                 mp.setenv(key, value)
@@ -99,6 +103,13 @@ def s3_ray(bucket: str, ray_session):
 
     assert ray_session.get(ray_session.remote(endpoint).remote()) == os.environ["AWS_ENDPOINT_URL"]
     return ray_session
+
+
+def _closed_port() -> int:
+    """A port nothing listens on: bound by this process, then closed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _objects(uri: str) -> dict[str, int]:
@@ -150,7 +161,7 @@ def test_a_prefix_without_a_dataset_is_one_line(bucket: str) -> None:
 
 
 def test_an_unreachable_endpoint_is_one_line(prepared: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
     with pytest.raises(DataError, match="cannot read manifest.json") as e:
         read_manifest(prepared["s3"])
     assert "\n" not in str(e.value)
@@ -195,3 +206,37 @@ def test_unreadable_shards_are_one_line_naming_the_uri(prepared: dict[str, str],
     with pytest.raises(DataError, match=r"s3://idtl/digits: cannot read the labels of shard train-00000.parquet") as e:
         samples.open_target(prepared["s3"])
     assert "\n" not in str(e.value)
+
+
+def test_a_failed_shard_listing_is_one_line(prepared: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from idtl_ray.data import samples
+
+    _, base = P.open_location(prepared["s3"])
+
+    class Throttled:  # the location's file system, whose listing fails as S3 does under throttling
+        def get_file_info(self, paths):
+            raise OSError("AWS Error SLOW_DOWN during HeadObject operation: Please reduce your request rate.")
+
+    monkeypatch.setattr(samples, "open_location", lambda location: (Throttled(), base))
+    with pytest.raises(DataError, match=r"s3://idtl/digits: cannot list the shards \(OSError: AWS Error SLOW_DOWN") as e:
+        samples.open_target(prepared["s3"])
+    assert "\n" not in str(e.value)
+
+
+def test_hash_stamps_of_one_bucket_on_two_endpoints_are_apart(prepared: dict[str, str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A MinIO mirror of the same bucket and prefix is another copy: its shards are hashed on their own."""
+    from idtl_ray.data import verify
+
+    fs, base = P.open_location(prepared["s3"])
+    m = read_manifest(prepared["s3"])
+    here = verify._stamp_file(fs, base, m, prepared["s3"])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://mirror.example:9000")
+    assert verify._stamp_file(fs, base, m, prepared["s3"]) != here
+    monkeypatch.undo()
+    assert verify._stamp_file(fs, base, m, prepared["s3"]) == here
+    assert verify._stamp_file(fs, base, m, prepared["s3"] + "?endpoint_override=mirror.example:9000") != here
+    local_fs, local_base = P.open_location(prepared["local"])  # a local directory's key is unchanged by S3 settings
+    local = verify._stamp_file(local_fs, local_base, m, prepared["local"])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://mirror.example:9000")
+    assert verify._stamp_file(local_fs, local_base, m, prepared["local"]) == local

@@ -54,6 +54,9 @@ def test_paths_off_shared_storage_are_refused_in_one_line_on_a_multi_node_cluste
     with pytest.raises(InputError, match="file:///x"):
         R.check_shared_storage({"--dataset": "file:///x"})
     R.check_shared_storage({"--dataset": f"file://{shared}/cifar"})  # a local path written as a URI, on the mount
+    R.check_shared_storage({"--dataset": f"file://localhost{shared}/cifar"})
+    with pytest.raises(InputError, match="not on shared storage"):  # another host's file: not this node's mount
+        R.check_shared_storage({"--dataset": f"file://otherhost{shared}/cifar"})
     # only --dataset may be a URI: the hint is not given where a URI would be refused next (outputs, the cache)
     for option in ("--out", "IDTL_CACHE_DIR (the cache --dataset NAME is prepared into)", "--data-dir"):
         with pytest.raises(InputError) as e:

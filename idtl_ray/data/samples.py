@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..errors import DataError
-from .prepare import Manifest, open_location
+from .prepare import Manifest, _first_line, open_location
 from .readers import _check_files, _fix, decode_images, read_manifest
 
 # CPUs a read-and-decode task asks of Ray: small, so that reading never waits for a pool that holds
@@ -129,7 +129,7 @@ def _labels(location: str, m: Manifest, splits: list[str], what: str) -> Labels:
         try:
             t = pq.read_table(f"{base}/{s.file}", columns=["sample_id", "label"], filesystem=fs)
         except OSError as e:  # S3 access denied or throttled mid-way: one line
-            raise DataError(f"{location}: cannot read the labels of shard {s.file} ({str(e).splitlines()[0]}); check "
+            raise DataError(f"{location}: cannot read the labels of shard {s.file} ({_first_line(e)}); check "
                             "that the location is readable (for s3://, the credentials)") from e  # fmt: skip
         ids = t.column("sample_id").to_numpy()
         if ids.size and (ids.min() < 0 or ids.max() >= n or seen[ids].any()):

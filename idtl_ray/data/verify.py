@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 
 from ..errors import DataError, IdtlError
 from ..storage import json_digest, write_json_atomic
-from .prepare import Manifest, Shard
+from .prepare import Manifest, Shard, _first_line
 
 
 def sha256_of(fs: pafs.FileSystem, path: str) -> str:
@@ -32,12 +32,12 @@ def sha256_of(fs: pafs.FileSystem, path: str) -> str:
     return h.hexdigest()
 
 
-def _stamp_file(fs: pafs.FileSystem, base: str, m: Manifest) -> Path:
+def _stamp_file(fs: pafs.FileSystem, base: str, m: Manifest, location: str) -> Path:
     from .cache import cache_root
 
     key: list[object] = [fs.type_name, base, m.content_sha256]
     if fs.type_name == "s3":  # the same bucket/prefix on another S3-compatible store is another copy
-        key.append(os.environ.get("AWS_ENDPOINT_URL"))
+        key += [os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ENDPOINT_URL_S3"), location.partition("?")[2]]
     return cache_root() / "verified" / f"{json_digest(key, length=20)}.json"
 
 
@@ -49,7 +49,7 @@ def check_sha256(fs: pafs.FileSystem, base: str, m: Manifest, shards: Sequence[S
     directory or URI as the user gave it, for messages. Shards stamped with their current size and
     modification time are not hashed again.
     """
-    path = _stamp_file(fs, base, m)
+    path = _stamp_file(fs, base, m, location)
     try:
         stamps = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -62,7 +62,7 @@ def check_sha256(fs: pafs.FileSystem, base: str, m: Manifest, shards: Sequence[S
         with ThreadPoolExecutor(max_workers=min(4, len(todo))) as pool:  # hashlib and the reads release the GIL
             sums = list(pool.map(lambda t: sha256_of(fs, t[1].path), todo))
     except OSError as e:  # S3 access denied, a mount gone stale: one line, not pyarrow's traceback
-        raise DataError(f"cannot read the shards of {location}: {e}; check that the location is mounted and "
+        raise DataError(f"cannot read the shards of {location}: {_first_line(e)}; check that the location is mounted and "
                         "readable (for s3://, the credentials)") from e
     for (s, _), sha in zip(todo, sums):
         if sha != s.sha256:
