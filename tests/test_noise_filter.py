@@ -22,6 +22,8 @@ def test_known_lines_are_dropped_even_when_split_and_the_rest_passes_unchanged()
                    b"and max_restarts > 0. See ray#53727\n")
         os.write(2, relayed[:40]); time.sleep(0.3); os.write(2, relayed[40:])
         os.write(2, b"[2026 E 3 3] gcs_actor_scheduler.cc:538: Failed to kill actor, KillActor RPC failed for actor 1\n")
+        os.write(2, b"\x1b[33m(raylet)\x1b[0m WARNING: 8 PYTHON worker processes have been started on node: 71b8 with "
+                    b"address: 192.0.2.2, which is 4x the maximum expected startup concurrency (2). This could be\n")
         os.write(2, b"[2026 E 4 4] a real error\n")
         os.write(2, b"progress 50%\r"); time.sleep(0.3); os.write(2, b"progress 100%\n")
     ''')

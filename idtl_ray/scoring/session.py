@@ -95,7 +95,10 @@ def joined_cluster() -> bool:
 # Ray Train's PreemptionWatcher logs it too. The GCS logs a failed kill when it ends an actor whose
 # worker has already exited (a finished Train worker group, a drained pool): nothing is left to kill.
 KNOWN_RAY_NOISE = (b"has constructor arguments in the object store and max_restarts > 0",
-                   b"KillActor RPC failed for actor")
+                   b"KillActor RPC failed for actor",
+                   # the raylet's hint when many workers start: what our small-CPU read tasks and the idle
+                   # workers kept for them (local_ray_options) are meant to do; nothing a user can act on
+                   b"the maximum expected startup concurrency")
 _filtering = False
 
 
